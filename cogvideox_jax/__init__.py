@@ -1,0 +1,1 @@
+"""CogVideoX in JAX/Flax NNX."""

@@ -1,0 +1,40 @@
+"""Installs the `cogvideox_jax` model library.
+
+Training programs (`train/`), data pipelines (`data/`), configs and tools run from the repository
+root and are not installed. The `test` extra pulls the PyTorch numerical reference (install
+torch==2.13.0 first so pip takes the CPU build).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cogvideox_jax",
+    version="0.1.0",
+    description="CogVideoX training and inference in JAX/Flax NNX",
+    python_requires=">=3.11",
+    packages=find_packages(include=["cogvideox_jax", "cogvideox_jax.*"]),
+    install_requires=[
+        # Pinned: flax renamed its sharding metadata twice; orbax's API moves between minors.
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "numpy>=2",
+        "ml_dtypes",
+        "safetensors>=0.4",
+        "einops",
+        "ml-collections",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "torch==2.13.0",
+            "diffusers==0.42.1",
+            "transformers==5.23.0",
+            "pytest",
+        ],
+    },
+)
