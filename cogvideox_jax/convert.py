@@ -1,0 +1,437 @@
+"""Parameter mapping between diffusers checkpoints and our parameter trees, both ways, lossless.
+
+Each model part has one ordered table of `Rule`s: a diffusers tensor name (with `{layer}` for the
+index of a scanned block) <-> a path in our tree, and a pair of transforms that are pure
+reshapes/transposes (so no value or dtype ever changes). All PyTorch layout differences live
+here: torch Linear weights are (out, in), ours (in, out); attention weights are split per head;
+patch (un)flattening is channels-last (t, i, j, c) here and channel-major (c, t, i, j) there.
+
+Conversion is strict: every source tensor matches exactly one rule and is consumed once, every
+target leaf is written once, and every shape equals the model's (checked from file headers
+before any data is read). Tensors are streamed one target leaf at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cogvideox_jax import weights
+from cogvideox_jax.transformer import TransformerConfig
+
+Array = np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    theirs: str  # diffusers name; "{layer}" marks the index of a stacked (scanned) block
+    ours: str  # "/"-separated path in our parameter tree
+    to_ours: Callable[[Array], Array] = lambda x: x
+    to_theirs: Callable[[Array], Array] = lambda x: x
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.theirs
+
+    @property
+    def regex(self) -> re.Pattern:
+        parts = self.theirs.split("{layer}")
+        return re.compile(r"(?P<layer>\d+)".join(re.escape(p) for p in parts))
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: lists every offending tensor name."""
+
+
+def _linear(theirs: str, ours: str) -> list[Rule]:
+    """torch Linear (out, in) weight and bias <-> our (in, out) kernel and bias."""
+    return [
+        Rule(f"{theirs}.weight", f"{ours}/kernel", lambda w: w.T, lambda k: k.T),
+        Rule(f"{theirs}.bias", f"{ours}/bias"),
+    ]
+
+
+def _norm(theirs: str, ours: str) -> list[Rule]:
+    return [Rule(f"{theirs}.weight", f"{ours}/scale"), Rule(f"{theirs}.bias", f"{ours}/bias")]
+
+
+def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
+    """Rules for `CogVideoXTransformer3DModel` <-> `transformer.Transformer`."""
+    d, n, k = cfg.width, cfg.num_heads, cfg.head_dim
+    p, pt, c_in, c_out = cfg.patch_size, cfg.patch_size_t or 1, cfg.in_channels, cfg.out_channels
+    if cfg.patch_size_t is None:  # Conv2d (D, C, i, j) -> (i*j*C, D)
+        patch_in = lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c_in, d)  # noqa: E731
+        patch_back = lambda x: x.reshape(p, p, c_in, d).transpose(3, 2, 0, 1)  # noqa: E731
+    else:  # Linear (D, C*t*i*j) -> (t*i*j*C, D)
+        patch_in = lambda w: w.reshape(d, c_in, pt, p, p).transpose(2, 3, 4, 1, 0).reshape(-1, d)  # noqa: E731
+        patch_back = lambda x: x.reshape(pt, p, p, c_in, d).transpose(4, 3, 0, 1, 2).reshape(d, -1)  # noqa: E731
+    # proj_out rows (C, [t,] i, j) -> our columns ([t,] i, j, C).
+    out_w = lambda w: w.reshape(c_out, pt, p, p, d).transpose(1, 2, 3, 0, 4).reshape(-1, d).T  # noqa: E731
+    out_w_back = lambda x: x.T.reshape(pt, p, p, c_out, d).transpose(3, 0, 1, 2, 4).reshape(-1, d)  # noqa: E731
+    out_b = lambda b: b.reshape(c_out, pt, p, p).transpose(1, 2, 3, 0).reshape(-1)  # noqa: E731
+    out_b_back = lambda x: x.reshape(pt, p, p, c_out).transpose(3, 0, 1, 2).reshape(-1)  # noqa: E731
+    blk, ours_blk = "transformer_blocks.{layer}", "transformer_blocks"
+
+    rules = [
+        Rule("patch_embed.proj.weight", "patch_embed/proj/kernel", patch_in, patch_back),
+        Rule("patch_embed.proj.bias", "patch_embed/proj/bias"),
+        *_linear("patch_embed.text_proj", "patch_embed/text_proj"),
+        *_linear("time_embedding.linear_1", "time_embedding/linear_1"),
+        *_linear("time_embedding.linear_2", "time_embedding/linear_2"),
+    ]
+    if cfg.learned_posemb:
+        rules.append(Rule("patch_embed.pos_embedding", "patch_embed/pos_embedding"))
+    if cfg.ofs_embed_dim:
+        rules += _linear("ofs_embedding.linear_1", "ofs_embedding/linear_1")
+        rules += _linear("ofs_embedding.linear_2", "ofs_embedding/linear_2")
+    for norm in ("norm1", "norm2"):
+        rules += _linear(f"{blk}.{norm}.linear", f"{ours_blk}/{norm}/linear")
+        rules += _norm(f"{blk}.{norm}.norm", f"{ours_blk}/{norm}/norm")
+    for qkv in ("to_q", "to_k", "to_v"):
+        rules += [
+            Rule(f"{blk}.attn1.{qkv}.weight", f"{ours_blk}/attn1/{qkv}_kernel",
+                 lambda w: w.T.reshape(d, n, k), lambda x: x.reshape(d, n * k).T),
+            Rule(f"{blk}.attn1.{qkv}.bias", f"{ours_blk}/attn1/{qkv}_bias",
+                 lambda b: b.reshape(n, k), lambda x: x.reshape(n * k)),
+        ]  # fmt: skip
+    rules += [
+        Rule(f"{blk}.attn1.to_out.0.weight", f"{ours_blk}/attn1/to_out_kernel",
+             lambda w: w.T.reshape(n, k, d), lambda x: x.reshape(n * k, d).T),
+        Rule(f"{blk}.attn1.to_out.0.bias", f"{ours_blk}/attn1/to_out_bias"),
+        *_norm(f"{blk}.attn1.norm_q", f"{ours_blk}/attn1/norm_q"),
+        *_norm(f"{blk}.attn1.norm_k", f"{ours_blk}/attn1/norm_k"),
+        *_linear(f"{blk}.ff.net.0.proj", f"{ours_blk}/ff/proj"),
+        *_linear(f"{blk}.ff.net.2", f"{ours_blk}/ff/out"),
+        *_norm("norm_final", "norm_final"),
+        *_linear("norm_out.linear", "norm_out/linear"),
+        *_norm("norm_out.norm", "norm_out/norm"),
+        Rule("proj_out.weight", "proj_out/kernel", out_w, out_w_back),
+        Rule("proj_out.bias", "proj_out/bias", out_b, out_b_back),
+    ]  # fmt: skip
+    return rules
+
+
+@dataclasses.dataclass
+class Plan:
+    """Which source tensor(s) make each target leaf: `sources[path]` lists one name, or one
+    name per layer (in layer order) for stacked leaves."""
+
+    rules: dict[str, Rule]
+    sources: dict[str, list[str]]
+
+
+def plan_to_ours(
+    rules: list[Rule],
+    source_shapes: Mapping[str, tuple[int, ...]],
+    target_shapes: Mapping[str, tuple[int, ...]],
+    num_layers: int,
+) -> Plan:
+    """Match every source tensor to exactly one target leaf and check all shapes.
+
+    Raises ConversionError listing unmatched, ambiguous, missing, duplicated and mis-shaped
+    tensors, before any tensor data is read.
+    """
+    problems: list[str] = []
+    by_target: dict[str, dict[int | None, str]] = {r.ours: {} for r in rules}
+    rule_of = {r.ours: r for r in rules}
+    for name in source_shapes:
+        hits = [(r, m) for r in rules if (m := r.regex.fullmatch(name))]
+        if not hits:
+            problems.append(f"unexpected tensor {name!r} (matches no rule)")
+            continue
+        if len(hits) > 1:
+            problems.append(f"tensor {name!r} matches several rules: {[r.ours for r, _ in hits]}")
+            continue
+        rule, m = hits[0]
+        layer = int(m["layer"]) if rule.stacked else None
+        if rule.stacked and not 0 <= layer < num_layers:
+            problems.append(f"tensor {name!r}: layer {layer} outside 0..{num_layers - 1}")
+            continue
+        by_target[rule.ours][layer] = name
+
+    sources: dict[str, list[str]] = {}
+    for path, rule in rule_of.items():
+        got = by_target[path]
+        if path not in target_shapes:
+            problems += [f"tensor {n!r} maps to {path!r}, which the model does not have"
+                         for n in got.values()]  # fmt: skip
+            continue
+        want_layers = range(num_layers) if rule.stacked else [None]
+        missing = [rule.theirs.format(layer=i) for i in want_layers if i not in got]
+        problems += [f"missing tensor {n!r}" for n in missing]
+        if missing:
+            continue
+        names = [got[i] for i in want_layers]
+        shape = tuple(target_shapes[path][1:] if rule.stacked else target_shapes[path])
+        want = _source_shape(rule, shape)
+        for n in names:
+            if tuple(source_shapes[n]) != want:
+                problems.append(
+                    f"tensor {n!r} has shape {tuple(source_shapes[n])}, model expects {want}"
+                )
+        sources[path] = names
+    unmapped = sorted(set(target_shapes) - set(rule_of))
+    problems += [f"model parameter {p!r} has no rule" for p in unmapped]
+    if problems:
+        raise ConversionError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    return Plan(rules=rule_of, sources=sources)
+
+
+def _source_shape(rule: Rule, target_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The diffusers shape that maps to `target_shape` (by tracing the inverse transform)."""
+    spec = jax.ShapeDtypeStruct(target_shape, np.float32)
+    return tuple(jax.eval_shape(rule.to_theirs, spec).shape)
+
+
+def build_leaf(plan: Plan, path: str, read: Callable[[str], Array]) -> Array:
+    """Read and transform the source tensor(s) of one target leaf (stacking layers)."""
+    rule, names = plan.rules[path], plan.sources[path]
+    if not rule.stacked:
+        return np.asarray(rule.to_ours(read(names[0])))
+    first = np.asarray(rule.to_ours(read(names[0])))
+    out = np.empty((len(names), *first.shape), first.dtype)
+    out[0] = first
+    for i, name in enumerate(names[1:], start=1):
+        out[i] = rule.to_ours(read(name))
+    return out
+
+
+def split_leaf(rule: Rule, value: Array) -> Iterable[tuple[str, Array]]:
+    """Our leaf -> (diffusers name, tensor) pairs, one per layer for stacked leaves."""
+    if not rule.stacked:
+        yield rule.theirs, np.ascontiguousarray(rule.to_theirs(value))
+        return
+    for i in range(value.shape[0]):
+        yield rule.theirs.format(layer=i), np.ascontiguousarray(rule.to_theirs(value[i]))
+
+
+# Whole components and model folders.
+
+MARKER = "cogvideox_jax.json"  # present in every component folder written by `diffusers_to_orbax`
+PARAMS_DIR = "params"
+
+
+SUPPORTED_CLASSES = ("CogVideoXTransformer3DModel",)
+
+
+@dataclasses.dataclass
+class ComponentSpec:
+    kind: str  # "transformer"
+    rules: list[Rule]
+    target_shapes: dict[str, tuple[int, ...]]
+    num_layers: int
+    weights_basename: str  # diffusers' file name stem
+
+
+def component_spec(config: Mapping) -> ComponentSpec:
+    """Rules and model shapes for a component config.json, or ValueError if unsupported."""
+    cls = config.get("_class_name")
+    if cls == "CogVideoXTransformer3DModel":
+        from flax import nnx
+
+        from cogvideox_jax.transformer import Buffer, Transformer
+
+        cfg = TransformerConfig.from_diffusers(dict(config))
+        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))
+        shapes = {k: tuple(v.shape) for k, v in weights.flatten(state).items()}
+        return ComponentSpec("transformer", transformer_rules(cfg), shapes, cfg.num_layers,
+                             "diffusion_pytorch_model")  # fmt: skip
+    raise ValueError(f"unsupported component class {cls!r}")
+
+
+def _read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    return json.loads(cfg_path.read_text())
+
+
+def is_orbax_component(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def read_component(folder: str | os.PathLike, sharding=None) -> tuple[dict, dict[str, Array]]:
+    """(config.json dict, flat params in our layout) from a diffusers or Orbax component folder."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    spec = component_spec(config)
+    if is_orbax_component(folder):
+        meta = weights.param_metadata(folder / PARAMS_DIR)
+        _check_orbax_shapes(folder, meta, spec)
+        return config, weights.load_params(folder / PARAMS_DIR, list(meta), sharding)
+    reader = weights.SafetensorsReader(folder)
+    plan = plan_to_ours(spec.rules, reader.shapes, spec.target_shapes, spec.num_layers)
+    return config, {p: build_leaf(plan, p, reader.read) for p in plan.sources}
+
+
+def _check_orbax_shapes(folder, meta, spec: ComponentSpec):
+    problems = [f"missing parameter {p!r}" for p in spec.target_shapes if p not in meta]
+    problems += [f"unexpected parameter {p!r}" for p in meta if p not in spec.target_shapes]
+    problems += [f"parameter {p!r} has shape {meta[p][0]}, model expects {s}"
+                 for p, s in spec.target_shapes.items() if p in meta and meta[p][0] != s]  # fmt: skip
+    if problems:
+        raise ConversionError(f"{folder}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def _staging(dst: Path, overwrite: bool) -> Path:
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists (pass overwrite to replace it)")
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Replace dst by the finished staging folder (a crash before this leaves dst untouched)."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(dst)
+
+
+def _component_to_orbax(src: Path, out: Path) -> None:
+    config = _read_config(src)
+    spec = component_spec(config)
+    reader = weights.SafetensorsReader(src)
+    plan = plan_to_ours(spec.rules, reader.shapes, spec.target_shapes, spec.num_layers)
+    weights.save_params(out / PARAMS_DIR,
+                        ((p, build_leaf(plan, p, reader.read)) for p in plan.sources))  # fmt: skip
+    shutil.copy2(src / "config.json", out / "config.json")
+    marker = {"format": 1, "component": spec.kind, "safetensors_layout": reader.layout()}
+    (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def _component_to_diffusers(src: Path, out: Path) -> None:
+    config = _read_config(src)
+    spec = component_spec(config)
+    meta = weights.param_metadata(src / PARAMS_DIR)
+    _check_orbax_shapes(src, meta, spec)
+    rules = {r.ours: r for r in spec.rules}
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for path, (shape, dtype) in meta.items():
+        rule = rules[path]
+        one = shape[1:] if rule.stacked else shape
+        theirs = _source_shape(rule, one)
+        for i in range(shape[0]) if rule.stacked else [None]:
+            specs[rule.theirs.format(layer=i)] = (theirs, dtype)
+    marker = json.loads((src / MARKER).read_text())
+    layout = marker.get("safetensors_layout")
+    if layout is None or set(layout["weight_map"]) != set(specs):
+        layout = weights.default_layout(specs, spec.weights_basename)
+
+    def tensors():
+        for group in _groups(meta):
+            for path, value in weights.load_params(src / PARAMS_DIR, group).items():
+                yield from split_leaf(rules[path], np.asarray(value))
+
+    weights.write_safetensors(out, specs, tensors(), layout)
+    shutil.copy2(src / "config.json", out / "config.json")
+
+
+def _groups(meta, group_bytes: int = 2**30):
+    """Leaf names in groups of about group_bytes, so reading stays bounded."""
+    group, size = [], 0
+    for path, (shape, dtype) in meta.items():
+        group.append(path)
+        size += int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if size >= group_bytes:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def convert(direction: str, src: str | os.PathLike, dst: str | os.PathLike, *,
+            overwrite: bool = False) -> list[str]:  # fmt: skip
+    """Convert a component folder or a whole diffusers model folder; returns a report.
+
+    direction: "diffusers-to-orbax" or "orbax-to-diffusers". A model folder (with
+    model_index.json) has each supported component converted and everything else copied.
+    The result appears at dst only once complete.
+    """
+    if direction not in ("diffusers-to-orbax", "orbax-to-diffusers"):
+        raise ValueError(f"unknown direction {direction!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: not a folder")
+    tmp = _staging(dst, overwrite)
+    try:
+        report = _convert_tree(direction, src, tmp)
+        _commit(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _convert_tree(direction: str, src: Path, out: Path) -> list[str]:
+    one = _component_to_orbax if direction == "diffusers-to-orbax" else _component_to_diffusers
+    if not (src / "model_index.json").is_file():
+        one(src, out)
+        return [f"converted {src.name}"]
+    report = []
+    for entry in sorted(src.iterdir()):
+        target = out / entry.name
+        if entry.is_dir() and _convertible(direction, entry):
+            target.mkdir()
+            one(entry, target)
+            report.append(f"converted {entry.name}/")
+        elif entry.is_dir():
+            shutil.copytree(entry, target)
+            report.append(f"copied {entry.name}/")
+        else:
+            shutil.copy2(entry, target)
+            report.append(f"copied {entry.name}")
+    return report
+
+
+def _convertible(direction: str, folder: Path) -> bool:
+    if direction == "orbax-to-diffusers":
+        return is_orbax_component(folder)
+    if not (folder / "config.json").is_file():
+        return False
+    return _read_config(folder).get("_class_name") in SUPPORTED_CLASSES
+
+
+def component_folder(path: str | os.PathLike, name: str) -> Path:
+    """A component folder itself, or the `name` subfolder of a whole model folder."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        path = path / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder")
+    return path
+
+
+def load_transformer(path: str | os.PathLike, *, dtype=None):
+    """The transformer of a diffusers folder or of its Orbax conversion, as an NNX module.
+
+    `dtype` sets parameter and compute dtype; None keeps the dtype the weights are stored in.
+    """
+    from flax import nnx
+
+    from cogvideox_jax.transformer import Buffer, Transformer
+
+    config, params = read_component(component_folder(path, "transformer"))
+    cfg = TransformerConfig.from_diffusers(config)
+    dtype = np.dtype(dtype or params["patch_embed/proj/kernel"].dtype)
+    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, (nnx.Param, Buffer))
+    nnx.replace_by_pure_dict(
+        state, weights.nest({k: jax.numpy.asarray(v, dtype) for k, v in params.items()})
+    )
+    nnx.update(model, state)
+    return model

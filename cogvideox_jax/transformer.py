@@ -1,0 +1,515 @@
+"""The CogVideoX expert transformer (arXiv 2408.06072, section 2.2) in Flax NNX.
+
+Must match diffusers 0.42.1 `models/transformers/cogvideox_transformer_3d.py`
+(`CogVideoXTransformer3DModel`) for all released variants; see VARIANTS.
+
+Text and video tokens run through the blocks as one joint sequence [text; video] (text first,
+`join`/`split` below), so every block is a per-token computation plus full attention. The expert
+adaptive LayerNorm picks the text or the video modulation per token. Holding one sequence also
+means context parallelism shards a single length axis, and RoPE tables simply carry the identity
+rotation on text rows.
+
+Shape letters: B batch, T latent frames, H/W latent height/width, C channels, S text tokens,
+L video tokens, D width, N heads, K head dim, F MLP hidden, E time-embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from cogvideox_jax import attention, posemb, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    num_layers: int
+    num_heads: int
+    head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    text_embed_dim: int = 4096
+    time_embed_dim: int = 512
+    ofs_embed_dim: int | None = None  # 1.5-I2V: embedding of the "ofs" scalar added to temb
+    patch_size: int = 2
+    patch_size_t: int | None = None  # 1.5: 2 latent frames per token, Linear patch embedding
+    rope: bool = True  # 3D RoPE; otherwise the fixed 3D sin-cos table (2B)
+    learned_posemb: bool = False  # 5B-I2V: a learned table on top of RoPE, fixed to sample size
+    sample_height: int = 60  # latent size the model was trained at: sets the RoPE grid
+    sample_width: int = 90
+    sample_frames: int = 49  # pixel frames (diffusers' convention): 49 -> 13 latent frames
+    max_text_len: int = 226
+    temporal_compression_ratio: int = 4
+    norm_eps: float = 1e-5
+    spatial_interpolation_scale: float = 1.875
+    temporal_interpolation_scale: float = 1.0
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def patch_features(self) -> int:
+        return (self.patch_size_t or 1) * self.patch_size**2 * self.in_channels
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> TransformerConfig:
+        """Build from a diffusers `CogVideoXTransformer3DModel` config.json dict."""
+        fixed = {
+            "activation_fn": "gelu-approximate",
+            "timestep_activation_fn": "silu",
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "norm_elementwise_affine": True,
+            "attention_bias": True,
+            "dropout": 0.0,
+        }
+        for key, want in fixed.items():
+            if key in config and config[key] != want:
+                raise ValueError(f"config.json: {key}={config[key]!r} is not supported (only {want!r})")
+        if config.get("patch_size_t") is None and config.get("patch_bias", True) is not True:
+            raise ValueError("config.json: patch_bias=False is only supported with patch_size_t")
+        if config.get("use_learned_positional_embeddings") and not config.get(
+            "use_rotary_positional_embeddings"
+        ):
+            raise ValueError("config.json: learned positional embeddings require rotary embeddings")
+        c = dict(config)
+        default = cls(num_layers=0, num_heads=0)
+        return cls(
+            num_layers=c.get("num_layers", 30),
+            num_heads=c.get("num_attention_heads", 30),
+            head_dim=c.get("attention_head_dim", 64),
+            in_channels=c.get("in_channels", 16),
+            out_channels=c.get("out_channels") or 16,
+            text_embed_dim=c.get("text_embed_dim", 4096),
+            time_embed_dim=c.get("time_embed_dim", 512),
+            ofs_embed_dim=c.get("ofs_embed_dim") or None,
+            patch_size=c.get("patch_size", 2),
+            patch_size_t=c.get("patch_size_t"),
+            rope=bool(c.get("use_rotary_positional_embeddings", False)),
+            learned_posemb=bool(c.get("use_learned_positional_embeddings", False)),
+            sample_height=c.get("sample_height", 60),
+            sample_width=c.get("sample_width", 90),
+            sample_frames=c.get("sample_frames", 49),
+            max_text_len=c.get("max_text_seq_length", 226),
+            temporal_compression_ratio=c.get("temporal_compression_ratio", 4),
+            norm_eps=c.get("norm_eps", default.norm_eps),
+            spatial_interpolation_scale=c.get("spatial_interpolation_scale", 1.875),
+            temporal_interpolation_scale=c.get("temporal_interpolation_scale", 1.0),
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The equivalent diffusers config.json dict."""
+        return {
+            "_class_name": "CogVideoXTransformer3DModel",
+            "activation_fn": "gelu-approximate",
+            "attention_bias": True,
+            "attention_head_dim": self.head_dim,
+            "dropout": 0.0,
+            "flip_sin_to_cos": True,
+            "freq_shift": 0,
+            "in_channels": self.in_channels,
+            "max_text_seq_length": self.max_text_len,
+            "norm_elementwise_affine": True,
+            "norm_eps": self.norm_eps,
+            "num_attention_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "ofs_embed_dim": self.ofs_embed_dim,
+            "out_channels": self.out_channels,
+            "patch_bias": self.patch_size_t is None,  # 1.5's Linear has a bias regardless
+            "patch_size": self.patch_size,
+            "patch_size_t": self.patch_size_t,
+            "sample_frames": self.sample_frames,
+            "sample_height": self.sample_height,
+            "sample_width": self.sample_width,
+            "spatial_interpolation_scale": self.spatial_interpolation_scale,
+            "temporal_compression_ratio": self.temporal_compression_ratio,
+            "temporal_interpolation_scale": self.temporal_interpolation_scale,
+            "text_embed_dim": self.text_embed_dim,
+            "time_embed_dim": self.time_embed_dim,
+            "timestep_activation_fn": "silu",
+            "use_learned_positional_embeddings": self.learned_posemb,
+            "use_rotary_positional_embeddings": self.rope,
+        }
+
+
+# Source: diffusers scripts/convert_cogvideox_to_diffusers.py (per-version arguments) and the
+# SAT configs; checked by tests/test_transformer.py against the published parameter counts.
+_V10 = dict(patch_size=2, patch_size_t=None, sample_height=60, sample_width=90, sample_frames=49)
+_V15 = dict(patch_size=2, patch_size_t=2, sample_height=300, sample_width=300, sample_frames=81)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "2b": dict(num_layers=30, num_heads=30, rope=False, **_V10),
+    "5b": dict(num_layers=42, num_heads=48, rope=True, **_V10),
+    "5b-i2v": dict(num_layers=42, num_heads=48, rope=True, learned_posemb=True, in_channels=32,
+                   **_V10),  # fmt: skip
+    "1.5-5b": dict(num_layers=42, num_heads=48, rope=True, **_V15),
+    "1.5-5b-i2v": dict(num_layers=42, num_heads=48, rope=True, in_channels=32, ofs_embed_dim=512,
+                       **_V15),  # fmt: skip
+}
+
+
+def transformer_config(variant: str, **overrides) -> TransformerConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown transformer variant {variant!r}; known: {sorted(VARIANTS)}")
+    return TransformerConfig(**{**VARIANTS[variant], **overrides})
+
+
+class Buffer(nnx.Variable):
+    """A stored, non-trained tensor (diffusers' persistent buffers, e.g. 5B-I2V's position table)."""
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def join(ctx: jax.Array, x: jax.Array) -> jax.Array:
+    """(B, S, D), (B, L, D) -> the joint sequence (B, S + L, D), text first."""
+    return jnp.concatenate([ctx, x], axis=1)
+
+
+def split(h: jax.Array, text_len: int) -> tuple[jax.Array, jax.Array]:
+    """(B, S + L, D) -> text (B, S, D), video (B, L, D)."""
+    return h[:, :text_len], h[:, text_len:]
+
+
+def _kernel_init(in_axes, out_axes):
+    return jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axes, out_axes)
+
+
+class Linear(nnx.Module):
+    def __init__(self, din, dout, names, *, zero_init=False, dtype, param_dtype, rngs):
+        init = jax.nn.initializers.zeros if zero_init else _kernel_init(0, 1)
+        self.kernel = sharding.param(init(rngs.params(), (din, dout), param_dtype), names)
+        self.bias = sharding.param(jnp.zeros((dout,), param_dtype), names[1:])
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Affine LayerNorm; statistics (two-pass variance) and affine in float32, cast back."""
+
+    def __init__(self, dim, eps, *, dtype, param_dtype):
+        self.scale = sharding.param(jnp.ones((dim,), param_dtype), (None,))
+        self.bias = sharding.param(jnp.zeros((dim,), param_dtype), (None,))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class TimestepEmbedding(nnx.Module):
+    """Linear -> SiLU -> Linear (no activation after: every consumer applies its own SiLU)."""
+
+    def __init__(self, din, dout, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = Linear(din, dout, ("embed", None), **kw)
+        self.linear_2 = Linear(dout, dout, (None, None), **kw)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class ExpertAdaLN(nnx.Module):
+    """LayerNorm with separate text and video modulation (diffusers' CogVideoXLayerNormZero).
+
+    One linear gives 6 chunks in the order shift, scale, gate (video), then shift, scale, gate
+    (text); the LayerNorm itself is shared by both modalities.
+    """
+
+    def __init__(self, time_embed_dim, dim, eps, *, dtype, param_dtype, rngs):
+        self.linear = Linear(time_embed_dim, 6 * dim, (None, "embed"), zero_init=True,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, h, temb, is_text):
+        """h (B, S + L, D), temb (B, E), is_text (S + L,) bool -> (modulated h, per-token gate)."""
+        mod = self.linear(jax.nn.silu(temb))  # (B, 6D)
+        shift, scale, gate, t_shift, t_scale, t_gate = jnp.split(mod, 6, axis=-1)
+        mask = is_text[None, :, None]
+
+        def pick(text, video):  # (B, D) x 2 -> (B, S + L, D)
+            return jnp.where(mask, text[:, None, :], video[:, None, :])
+
+        h = self.norm(h) * (1 + pick(t_scale, scale)) + pick(t_shift, shift)
+        return h, pick(t_gate, gate)
+
+
+class Attention(nnx.Module):
+    """Joint self-attention with per-head q/k LayerNorm and RoPE on video tokens only."""
+
+    def __init__(self, dim, num_heads, head_dim, *, impl, dtype, param_dtype, rngs):
+        def proj():
+            k = _kernel_init(0, (1, 2))(rngs.params(), (dim, num_heads, head_dim), param_dtype)
+            b = jnp.zeros((num_heads, head_dim), param_dtype)
+            return (
+                sharding.param(k, ("embed", "heads", "kv")),
+                sharding.param(b, ("heads", "kv")),
+            )
+
+        self.to_q_kernel, self.to_q_bias = proj()
+        self.to_k_kernel, self.to_k_bias = proj()
+        self.to_v_kernel, self.to_v_bias = proj()
+        out = _kernel_init((0, 1), 2)(rngs.params(), (num_heads, head_dim, dim), param_dtype)
+        self.to_out_kernel = sharding.param(out, ("heads", "kv", "embed"))
+        self.to_out_bias = sharding.param(jnp.zeros((dim,), param_dtype), ("embed",))
+        self.norm_q = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
+        self.norm_k = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
+        self.impl, self.dtype = impl, dtype
+
+    def _project(self, h, kernel, bias):
+        y = jnp.einsum("BLD,DNK->BLNK", h, kernel[...].astype(self.dtype))
+        y = y + bias[...].astype(self.dtype)
+        return sharding.constrain(y, ("batch", "length", "act_heads", None))
+
+    def __call__(self, h, cos, sin):
+        """h (B, S + L, D); cos/sin (S + L, K) with identity rows for text -> (B, S + L, D)."""
+        q = self.norm_q(self._project(h, self.to_q_kernel, self.to_q_bias))  # (B, S+L, N, K)
+        k = self.norm_k(self._project(h, self.to_k_kernel, self.to_k_bias))
+        v = self._project(h, self.to_v_kernel, self.to_v_bias)
+        q, k = posemb.apply_rope(q, cos, sin), posemb.apply_rope(k, cos, sin)
+        o = attention.dot_product_attention(q, k, v, impl=self.impl)  # (B, S+L, N, K)
+        o = checkpoint_name(o, "attn_out")
+        y = jnp.einsum("BLNK,NKD->BLD", o, self.to_out_kernel[...].astype(self.dtype))
+        return y + self.to_out_bias[...].astype(self.dtype)
+
+
+class FeedForward(nnx.Module):
+    """Linear -> GELU (tanh approximation) -> Linear (diffusers' ff.net.0.proj and ff.net.2)."""
+
+    def __init__(self, dim, hidden, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = Linear(dim, hidden, ("embed", "mlp"), **kw)
+        self.out = Linear(hidden, dim, ("mlp", "embed"), **kw)
+
+    def __call__(self, h):
+        a = jax.nn.gelu(self.proj(h), approximate=True)
+        return self.out(sharding.constrain(a, ("batch", "length", "act_mlp")))
+
+
+class Block(nnx.Module):
+    """One expert-transformer block on the joint sequence [text; video].
+
+    `is_text` marks the text tokens; they take the text half of each modulation (diffusers' enc_*
+    chunks), video tokens the video half. Residual updates are gated per token the same way.
+    """
+
+    def __init__(self, dim, num_heads, head_dim, time_embed_dim, eps, *, attention_impl, dtype,
+                 param_dtype, rngs):  # fmt: skip
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
+        self.attn1 = Attention(dim, num_heads, head_dim, impl=attention_impl, **kw)
+        self.norm2 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
+        self.ff = FeedForward(dim, 4 * dim, **kw)
+
+    def __call__(self, h, temb, cos, sin, is_text):
+        n, gate = self.norm1(h, temb, is_text)
+        h = h + gate * self.attn1(n, cos, sin)
+        n, gate = self.norm2(h, temb, is_text)
+        h = h + gate * self.ff(n)
+        return sharding.constrain(h, ("batch", "length", "act_embed"))
+
+
+class PatchEmbed(nnx.Module):
+    """Video patches and text embeddings to width D; the 5B-I2V learned position table."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = Linear(cfg.patch_features, cfg.width, (None, "embed"), **kw)
+        self.text_proj = Linear(cfg.text_embed_dim, cfg.width, (None, "embed"), **kw)
+        if cfg.learned_posemb:
+            # Initialised as diffusers does: the sin-cos table at the sample size, zero text rows.
+            table = _sincos_table(cfg, *_sample_grid(cfg))
+            self.pos_embedding = Buffer(jnp.asarray(table[None], param_dtype),
+                                        logical_axes=(None, None, "embed"))  # fmt: skip
+
+    def __call__(self, patches, text):
+        return join(self.text_proj(text), self.proj(patches))
+
+
+def _sample_grid(cfg: TransformerConfig) -> tuple[int, int, int]:
+    """(T, H, W) token grid at the sample size (diffusers' pos_embedding buffer size)."""
+    t = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+    return t, cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+
+
+def _sincos_table(cfg: TransformerConfig, t: int, h: int, w: int) -> np.ndarray:
+    """(S + t*h*w, D) float64: zero text rows, then the 3D sin-cos video rows."""
+    video = posemb.sincos_3d(cfg.width, t, h, w, cfg.spatial_interpolation_scale,
+                             cfg.temporal_interpolation_scale)  # fmt: skip
+    return np.concatenate([np.zeros((cfg.max_text_len, cfg.width)), video], axis=0)
+
+
+class Transformer(nnx.Module):
+    """`CogVideoXTransformer3DModel`: (B, T, H, W, C) latents + (B, S, text) -> (B, T, H, W, C_out)."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):  # fmt: skip
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        if attention_impl not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be one of {attention.IMPLEMENTATIONS}")
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d = cfg.width
+        self.patch_embed = PatchEmbed(cfg, **kw)
+        self.time_embedding = TimestepEmbedding(d, cfg.time_embed_dim, **kw)
+        if cfg.ofs_embed_dim:
+            self.ofs_embedding = TimestepEmbedding(cfg.ofs_embed_dim, cfg.ofs_embed_dim, **kw)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(d, cfg.num_heads, cfg.head_dim, cfg.time_embed_dim, cfg.norm_eps,
+                         attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)  # fmt: skip
+
+        self.transformer_blocks = make_blocks(rngs)
+        sharding.add_layer_axis(self.transformer_blocks)
+        self.norm_final = LayerNorm(d, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm_out = _OutputNorm(cfg.time_embed_dim, d, cfg.norm_eps, **kw)
+        out = (cfg.patch_size_t or 1) * cfg.patch_size**2 * cfg.out_channels
+        self.proj_out = Linear(d, out, ("embed", None), zero_init=True, **kw)
+
+    def __call__(self, latents: jax.Array, text_embeds: jax.Array, timesteps: jax.Array, *,
+                 ofs: jax.Array | float | None = None) -> jax.Array:  # fmt: skip
+        cfg = self.cfg
+        b, t, h, w, _ = latents.shape
+        self._check_inputs(latents, text_embeds, ofs)
+        s = text_embeds.shape[1]
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        temb = self.time_embedding(posemb.timestep_sinusoid(timesteps, cfg.width).astype(self.dtype))
+        if cfg.ofs_embed_dim:
+            ofs = jnp.broadcast_to(jnp.asarray(ofs, jnp.float32).reshape(-1), (b,))
+            temb = temb + self.ofs_embedding(
+                posemb.timestep_sinusoid(ofs, cfg.ofs_embed_dim).astype(self.dtype)
+            )
+
+        hh = self.patch_embed(self._patchify(latents), text_embeds)  # (B, S + L, D)
+        grid = ((t + (cfg.patch_size_t or 1) - 1) // (cfg.patch_size_t or 1),
+                h // cfg.patch_size, w // cfg.patch_size)  # fmt: skip
+        pos = self._absolute_posemb(*grid, text_len=s)
+        if pos is not None:
+            hh = hh + pos.astype(self.dtype)
+        cos, sin = self._rope_tables(*grid, text_len=s)
+        is_text = np.arange(hh.shape[1]) < s
+        hh = sharding.constrain(hh, ("batch", "length", "act_embed"))
+
+        hh = self._run_blocks(hh, temb, cos, sin, is_text)
+
+        _, x = split(hh, s)
+        x = self.norm_out(self.norm_final(x), temb)
+        return self._unpatchify(self.proj_out(x), t, h, w)
+
+    def _check_inputs(self, latents, text_embeds, ofs):
+        cfg = self.cfg
+        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+            raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
+        b, t, h, w, _ = latents.shape
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(f"latent height/width {h}x{w} must be multiples of patch_size {cfg.patch_size}")
+        if cfg.patch_size_t and t % cfg.patch_size_t:
+            raise ValueError(
+                f"{t} latent frames: must be a multiple of patch_size_t={cfg.patch_size_t} "
+                "(pad the latents at the front, as the CogVideoX 1.5 pipelines do)"
+            )
+        if text_embeds.ndim != 3 or text_embeds.shape[0] != b or text_embeds.shape[2] != cfg.text_embed_dim:
+            raise ValueError(f"text_embeds must be ({b}, S, {cfg.text_embed_dim}), got {text_embeds.shape}")
+        if (not cfg.rope or cfg.learned_posemb) and text_embeds.shape[1] != cfg.max_text_len:
+            raise ValueError(
+                f"this model adds an absolute position table: text length must be "
+                f"{cfg.max_text_len}, got {text_embeds.shape[1]}"
+            )
+        if cfg.learned_posemb and (h, w) != (cfg.sample_height, cfg.sample_width):
+            raise ValueError(
+                f"the learned position table only covers {cfg.sample_height}x{cfg.sample_width} "
+                f"latents, got {h}x{w}"
+            )
+        if cfg.ofs_embed_dim and ofs is None:
+            raise ValueError("this model has an ofs embedding: pass ofs (the pipelines use 2.0)")
+
+    def _patchify(self, latents):
+        """(B, T, H, W, C) -> (B, L, [pt,] p, p, C) flattened; tokens in (t, h, w) order."""
+        p, pt = self.cfg.patch_size, self.cfg.patch_size_t or 1
+        b, t, h, w, c = latents.shape
+        x = latents.reshape(b, t // pt, pt, h // p, p, w // p, p, c)
+        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T/pt, H/p, W/p, pt, p, p, C)
+        return x.reshape(b, (t // pt) * (h // p) * (w // p), pt * p * p * c)
+
+    def _unpatchify(self, x, t, h, w):
+        """(B, L, [pt,] p, p, C_out) flattened -> (B, T, H, W, C_out)."""
+        p, pt = self.cfg.patch_size, self.cfg.patch_size_t or 1
+        b, c = x.shape[0], self.cfg.out_channels
+        x = x.reshape(b, t // pt, h // p, w // p, pt, p, p, c)
+        x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # (B, T/pt, pt, H/p, p, W/p, p, C)
+        return x.reshape(b, t, h, w, c)
+
+    def _absolute_posemb(self, t, h, w, *, text_len):
+        """The table added to [text; video] embeddings, or None (RoPE-only models)."""
+        cfg = self.cfg
+        if cfg.rope and not cfg.learned_posemb:
+            return None
+        if cfg.learned_posemb and (t, h, w) == _sample_grid(cfg):
+            return self.patch_embed.pos_embedding[...][0]
+        # Other sizes (and 5B-I2V at other frame counts) use the fixed table, as diffusers does.
+        return jnp.asarray(_sincos_table(cfg, t, h, w))
+
+    def _rope_tables(self, t, h, w, *, text_len):
+        """(S + L, K) cos/sin float32 tables; text rows are the identity rotation."""
+        cfg = self.cfg
+        k = cfg.head_dim
+        if not cfg.rope:
+            cos, sin = np.ones((t * h * w, k), np.float32), np.zeros((t * h * w, k), np.float32)
+        elif cfg.patch_size_t is None:
+            base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+            cos, sin = posemb.rope_3d(k, *posemb.rope_grid_linspace(t, h, w, base_h, base_w))
+        else:
+            max_h, max_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+            cos, sin = posemb.rope_3d(k, *posemb.rope_grid_arange(t, h, w, max_h, max_w))
+        cos = np.concatenate([np.ones((text_len, k), np.float32), cos])
+        sin = np.concatenate([np.zeros((text_len, k), np.float32), sin])
+        return jnp.asarray(cos), jnp.asarray(sin)
+
+    def _run_blocks(self, h, temb, cos, sin, is_text):
+        def body(h, block):
+            return block(h, temb, cos, sin, is_text)
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = nnx.remat(body, policy=policy, prevent_cse=False)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, block):
+            return body(h, block)
+
+        return run(h, self.transformer_blocks)
+
+
+class _OutputNorm(nnx.Module):
+    """diffusers' AdaLayerNorm(chunk_dim=1): LN(x) * (1 + scale) + shift, shift chunk first."""
+
+    def __init__(self, time_embed_dim, dim, eps, *, dtype, param_dtype, rngs):
+        self.linear = Linear(time_embed_dim, 2 * dim, (None, "embed"), zero_init=True,
+                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, temb):
+        shift, scale = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)
+        return self.norm(x) * (1 + scale[:, None, :]) + shift[:, None, :]

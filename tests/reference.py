@@ -1,0 +1,82 @@
+"""Tiny random diffusers models and reference forwards, shared by the parity tests.
+
+Every parameter and persistent buffer is perturbed (LayerNorm weights and biases included), so a
+mapping or formula mistake anywhere shows up in the outputs.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+
+_BASE = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             num_layers=2, text_embed_dim=16, time_embed_dim=16, max_text_seq_length=7,
+             patch_size=2)  # fmt: skip
+_V10 = dict(sample_height=6, sample_width=8, sample_frames=9)  # 3 latent frames, 3x4 patches
+_V15 = dict(patch_size_t=2, patch_bias=False, sample_height=20, sample_width=20, sample_frames=13)
+
+# Tiny stand-ins with the structure of every released variant.
+TINY_TRANSFORMERS = {
+    "2b": dict(**_BASE, **_V10),
+    "5b": dict(**_BASE, **_V10, use_rotary_positional_embeddings=True),
+    "5b-i2v": dict(**{**_BASE, "in_channels": 8}, **_V10, use_rotary_positional_embeddings=True,
+                   use_learned_positional_embeddings=True),
+    "1.5-5b": dict(**_BASE, **_V15, use_rotary_positional_embeddings=True),
+    "1.5-5b-i2v": dict(**{**_BASE, "in_channels": 8}, **_V15, use_rotary_positional_embeddings=True,
+                       ofs_embed_dim=16),
+}  # fmt: skip
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # state_dict(): parameters and persistent buffers, i.e. everything a checkpoint holds.
+        for t in module.state_dict().values():
+            if t.is_floating_point():
+                t.add_(scale * torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
+
+
+def diffusers_transformer(variant: str, seed: int = 0, **overrides):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(**{**TINY_TRANSFORMERS[variant], **overrides}).eval()
+    perturb_(model, seed)
+    return model
+
+
+def rotary_tables(model, latent_frames: int, latent_h: int, latent_w: int):
+    """RoPE tables exactly as the diffusers pipelines build them (None without RoPE)."""
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+
+    if not model.config.use_rotary_positional_embeddings:
+        return None
+    fake = types.SimpleNamespace(vae_scale_factor_spatial=8, transformer=model)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(
+        fake, latent_h * 8, latent_w * 8, latent_frames, torch.device("cpu")
+    )
+
+
+def transformer_forward(model, latents, text, timesteps, ofs=None) -> np.ndarray:
+    """diffusers forward on channels-last numpy inputs; channels-last float32 output."""
+    dtype = next(model.parameters()).dtype
+    x = torch.from_numpy(np.asarray(latents, np.float32)).permute(0, 1, 4, 2, 3).to(dtype)
+    b, f, _, h, w = x.shape
+    rope = rotary_tables(model, f, h, w)
+    with torch.no_grad():
+        out = model(
+            hidden_states=x,
+            encoder_hidden_states=torch.from_numpy(np.asarray(text, np.float32)).to(dtype),
+            timestep=torch.from_numpy(np.asarray(timesteps)),
+            ofs=None if ofs is None else torch.full((1,), float(ofs), dtype=dtype),
+            image_rotary_emb=rope,
+            return_dict=False,
+        )[0]
+    return out.float().permute(0, 1, 3, 4, 2).numpy()
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
