@@ -215,6 +215,8 @@ def split_leaf(rule: Rule, value: Array) -> Iterable[tuple[str, Array]]:
 
 # Whole components and model folders.
 
+# Host memory per conversion step: leaves are read and written in groups of about this size.
+STREAM_GROUP_BYTES = 2**30
 MARKER = "cogvideox_jax.json"  # present in every component folder written by `diffusers_to_orbax`
 PARAMS_DIR = "params"
 
@@ -307,8 +309,8 @@ def _component_to_orbax(src: Path, out: Path) -> None:
     spec = component_spec(config)
     reader = weights.SafetensorsReader(src)
     plan = plan_to_ours(spec.rules, reader.shapes, spec.target_shapes, spec.num_layers)
-    weights.save_params(out / PARAMS_DIR,
-                        ((p, build_leaf(plan, p, reader.read)) for p in plan.sources))  # fmt: skip
+    leaves = ((p, build_leaf(plan, p, reader.read)) for p in plan.sources)
+    weights.save_params(out / PARAMS_DIR, leaves, group_bytes=STREAM_GROUP_BYTES)
     shutil.copy2(src / "config.json", out / "config.json")
     marker = {"format": 1, "component": spec.kind, "safetensors_layout": reader.layout()}
     (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
@@ -341,9 +343,9 @@ def _component_to_diffusers(src: Path, out: Path) -> None:
     shutil.copy2(src / "config.json", out / "config.json")
 
 
-def _groups(meta, group_bytes: int = 2**30):
-    """Leaf names in groups of about group_bytes, so reading stays bounded."""
-    group, size = [], 0
+def _groups(meta):
+    """Leaf names in groups of about STREAM_GROUP_BYTES, so reading stays bounded."""
+    group, size, group_bytes = [], 0, STREAM_GROUP_BYTES
     for path, (shape, dtype) in meta.items():
         group.append(path)
         size += int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -435,3 +437,23 @@ def load_transformer(path: str | os.PathLike, *, dtype=None):
     )
     nnx.update(model, state)
     return model
+
+
+def save_transformer(model, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write a transformer as an Orbax component folder (exportable with `orbax-to-diffusers`)."""
+    from flax import nnx
+
+    from cogvideox_jax.transformer import Buffer
+
+    folder = Path(folder)
+    tmp = _staging(folder, overwrite)
+    try:
+        state = weights.flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer))))
+        weights.save_params(tmp / PARAMS_DIR, ((k, np.asarray(v)) for k, v in state.items()),
+                            group_bytes=STREAM_GROUP_BYTES)  # fmt: skip
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_diffusers(), indent=2) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"format": 1, "component": "transformer"}) + "\n")
+        _commit(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

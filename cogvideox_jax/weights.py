@@ -210,6 +210,7 @@ def save_params(path: Path, leaves: Iterable[tuple[str, np.ndarray]], group_byte
     """Write (path, array) leaves to an Orbax checkpoint at `path`, a group of leaves at a time."""
     from orbax.checkpoint import v1 as ocp
 
+    path = Path(path).resolve()  # Orbax requires absolute paths
     group: dict[str, np.ndarray] = {}
     size = 0
     started = False
@@ -228,7 +229,7 @@ def param_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Flat path -> (shape, dtype) of an Orbax parameter checkpoint, without reading data."""
     from orbax.checkpoint import v1 as ocp
 
-    meta = ocp.pytree_metadata(path).metadata
+    meta = ocp.metadata(Path(path).resolve()).metadata
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(meta).items()}
 
 
@@ -242,4 +243,4 @@ def load_params(path: Path, names: Iterable[str], sharding=None) -> dict[str, ja
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        return flatten(ocp.load_pytree(path, nest(abstract)))
+        return flatten(ocp.load(Path(path).resolve(), nest(abstract)))

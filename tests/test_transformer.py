@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 import cogvideox_jax as cj
-from cogvideox_jax import posemb, sharding, transformer
+from cogvideox_jax import convert, posemb, sharding, transformer
 
 # (latent frames, latent height, latent width) per variant: native size, then another
 # resolution, aspect ratio and frame count (1.5 needs an even frame count).
@@ -65,7 +65,7 @@ def test_bf16_close_to_fp32_reference(pair):
 
 def test_orbax_and_diffusers_folders_give_identical_outputs(pair, tmp_path):
     variant, _, folder, ours = pair
-    cj.convert("diffusers-to-orbax", folder, tmp_path / "orbax")
+    convert.convert("diffusers-to-orbax", folder, tmp_path / "orbax")
     reloaded = cj.load_transformer(tmp_path / "orbax")
     lat, txt, t, ofs = _inputs(ours.cfg, *SIZES[variant][-1], seed=3)
     np.testing.assert_array_equal(np.asarray(reloaded(lat, txt, t, ofs=ofs)),
