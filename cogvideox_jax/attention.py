@@ -2,7 +2,8 @@
 
 Layout (B, L, N, K): batch, tokens, heads, head dim. Scale 1/sqrt(K), no mask: CogVideoX attends
 over the whole [text; video] sequence, text padding included (diffusers' CogVideoXAttnProcessor2_0).
-Logits and softmax run in float32 whatever the input dtype (jax.nn.dot_product_attention's XLA path).
+Logits and softmax run in float32 whatever the input dtype (jax.nn.dot_product_attention's XLA
+path).
 """
 
 from __future__ import annotations

@@ -68,16 +68,16 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
     d, n, k = cfg.width, cfg.num_heads, cfg.head_dim
     p, pt, c_in, c_out = cfg.patch_size, cfg.patch_size_t or 1, cfg.in_channels, cfg.out_channels
     if cfg.patch_size_t is None:  # Conv2d (D, C, i, j) -> (i*j*C, D)
-        patch_in = lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c_in, d)  # noqa: E731
-        patch_back = lambda x: x.reshape(p, p, c_in, d).transpose(3, 2, 0, 1)  # noqa: E731
+        patch_in = lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * c_in, d)
+        patch_back = lambda x: x.reshape(p, p, c_in, d).transpose(3, 2, 0, 1)
     else:  # Linear (D, C*t*i*j) -> (t*i*j*C, D)
-        patch_in = lambda w: w.reshape(d, c_in, pt, p, p).transpose(2, 3, 4, 1, 0).reshape(-1, d)  # noqa: E731
-        patch_back = lambda x: x.reshape(pt, p, p, c_in, d).transpose(4, 3, 0, 1, 2).reshape(d, -1)  # noqa: E731
+        patch_in = lambda w: w.reshape(d, c_in, pt, p, p).transpose(2, 3, 4, 1, 0).reshape(-1, d)
+        patch_back = lambda x: x.reshape(pt, p, p, c_in, d).transpose(4, 3, 0, 1, 2).reshape(d, -1)
     # proj_out rows (C, [t,] i, j) -> our columns ([t,] i, j, C).
-    out_w = lambda w: w.reshape(c_out, pt, p, p, d).transpose(1, 2, 3, 0, 4).reshape(-1, d).T  # noqa: E731
-    out_w_back = lambda x: x.T.reshape(pt, p, p, c_out, d).transpose(3, 0, 1, 2, 4).reshape(-1, d)  # noqa: E731
-    out_b = lambda b: b.reshape(c_out, pt, p, p).transpose(1, 2, 3, 0).reshape(-1)  # noqa: E731
-    out_b_back = lambda x: x.reshape(pt, p, p, c_out).transpose(3, 0, 1, 2).reshape(-1)  # noqa: E731
+    out_w = lambda w: w.reshape(c_out, pt, p, p, d).transpose(1, 2, 3, 0, 4).reshape(-1, d).T
+    out_w_back = lambda x: x.T.reshape(pt, p, p, c_out, d).transpose(3, 0, 1, 2, 4).reshape(-1, d)
+    out_b = lambda b: b.reshape(c_out, pt, p, p).transpose(1, 2, 3, 0).reshape(-1)
+    out_b_back = lambda x: x.reshape(pt, p, p, c_out).transpose(3, 0, 1, 2).reshape(-1)
     blk, ours_blk = "transformer_blocks.{layer}", "transformer_blocks"
 
     rules = [
@@ -97,14 +97,26 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
         rules += _norm(f"{blk}.{norm}.norm", f"{ours_blk}/{norm}/norm")
     for qkv in ("to_q", "to_k", "to_v"):
         rules += [
-            Rule(f"{blk}.attn1.{qkv}.weight", f"{ours_blk}/attn1/{qkv}_kernel",
-                 lambda w: w.T.reshape(d, n, k), lambda x: x.reshape(d, n * k).T),
-            Rule(f"{blk}.attn1.{qkv}.bias", f"{ours_blk}/attn1/{qkv}_bias",
-                 lambda b: b.reshape(n, k), lambda x: x.reshape(n * k)),
-        ]  # fmt: skip
+            Rule(
+                f"{blk}.attn1.{qkv}.weight",
+                f"{ours_blk}/attn1/{qkv}_kernel",
+                lambda w: w.T.reshape(d, n, k),
+                lambda x: x.reshape(d, n * k).T,
+            ),
+            Rule(
+                f"{blk}.attn1.{qkv}.bias",
+                f"{ours_blk}/attn1/{qkv}_bias",
+                lambda b: b.reshape(n, k),
+                lambda x: x.reshape(n * k),
+            ),
+        ]
     rules += [
-        Rule(f"{blk}.attn1.to_out.0.weight", f"{ours_blk}/attn1/to_out_kernel",
-             lambda w: w.T.reshape(n, k, d), lambda x: x.reshape(n * k, d).T),
+        Rule(
+            f"{blk}.attn1.to_out.0.weight",
+            f"{ours_blk}/attn1/to_out_kernel",
+            lambda w: w.T.reshape(n, k, d),
+            lambda x: x.reshape(n * k, d).T,
+        ),
         Rule(f"{blk}.attn1.to_out.0.bias", f"{ours_blk}/attn1/to_out_bias"),
         *_norm(f"{blk}.attn1.norm_q", f"{ours_blk}/attn1/norm_q"),
         *_norm(f"{blk}.attn1.norm_k", f"{ours_blk}/attn1/norm_k"),
@@ -115,7 +127,7 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
         *_norm("norm_out.norm", "norm_out/norm"),
         Rule("proj_out.weight", "proj_out/kernel", out_w, out_w_back),
         Rule("proj_out.bias", "proj_out/bias", out_b, out_b_back),
-    ]  # fmt: skip
+    ]
     return rules
 
 
@@ -161,8 +173,10 @@ def plan_to_ours(
     for path, rule in rule_of.items():
         got = by_target[path]
         if path not in target_shapes:
-            problems += [f"tensor {n!r} maps to {path!r}, which the model does not have"
-                         for n in got.values()]  # fmt: skip
+            problems += [
+                f"tensor {n!r} maps to {path!r}, which the model does not have"
+                for n in got.values()
+            ]
             continue
         want_layers = range(num_layers) if rule.stacked else [None]
         missing = [rule.theirs.format(layer=i) for i in want_layers if i not in got]
@@ -245,8 +259,9 @@ def component_spec(config: Mapping) -> ComponentSpec:
         model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
         state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))
         shapes = {k: tuple(v.shape) for k, v in weights.flatten(state).items()}
-        return ComponentSpec("transformer", transformer_rules(cfg), shapes, cfg.num_layers,
-                             "diffusion_pytorch_model")  # fmt: skip
+        return ComponentSpec(
+            "transformer", transformer_rules(cfg), shapes, cfg.num_layers, "diffusion_pytorch_model"
+        )
     raise ValueError(f"unsupported component class {cls!r}")
 
 
@@ -261,27 +276,47 @@ def is_orbax_component(folder: Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 
 
-def read_component(folder: str | os.PathLike, sharding=None) -> tuple[dict, dict[str, Array]]:
-    """(config.json dict, flat params in our layout) from a diffusers or Orbax component folder."""
+def read_component(folder: str | os.PathLike, sharding=None):
+    """(config.json dict, stored dtype, iterator of (path, array) in our layout) from a diffusers
+    or Orbax component folder. Leaves are read lazily, one (group) at a time."""
     folder = Path(folder)
     config = _read_config(folder)
     spec = component_spec(config)
     if is_orbax_component(folder):
         meta = weights.param_metadata(folder / PARAMS_DIR)
         _check_orbax_shapes(folder, meta, spec)
-        return config, weights.load_params(folder / PARAMS_DIR, list(meta), sharding)
+
+        def orbax_leaves():
+            for group in _groups(meta):
+                yield from weights.load_params(folder / PARAMS_DIR, group, sharding).items()
+
+        return config, _main_dtype(d for _, d in meta.values()), orbax_leaves()
     reader = weights.SafetensorsReader(folder)
     plan = plan_to_ours(spec.rules, reader.shapes, spec.target_shapes, spec.num_layers)
-    return config, {p: build_leaf(plan, p, reader.read) for p in plan.sources}
+    leaves = ((p, build_leaf(plan, p, reader.read)) for p in plan.sources)
+    return config, _main_dtype(weights.st_dtype(d) for d in reader.dtypes.values()), leaves
+
+
+def _main_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
+    """The dtype most tensors are stored in (checkpoints may keep a few in float32)."""
+    counts: dict[np.dtype, int] = {}
+    for d in dtypes:
+        counts[np.dtype(d)] = counts.get(np.dtype(d), 0) + 1
+    return max(counts, key=counts.get)
 
 
 def _check_orbax_shapes(folder, meta, spec: ComponentSpec):
     problems = [f"missing parameter {p!r}" for p in spec.target_shapes if p not in meta]
     problems += [f"unexpected parameter {p!r}" for p in meta if p not in spec.target_shapes]
-    problems += [f"parameter {p!r} has shape {meta[p][0]}, model expects {s}"
-                 for p, s in spec.target_shapes.items() if p in meta and meta[p][0] != s]  # fmt: skip
+    problems += [
+        f"parameter {p!r} has shape {meta[p][0]}, model expects {s}"
+        for p, s in spec.target_shapes.items()
+        if p in meta and meta[p][0] != s
+    ]
     if problems:
-        raise ConversionError(f"{folder}: checkpoint does not match the model:\n  " + "\n  ".join(problems))
+        raise ConversionError(
+            f"{folder}: checkpoint does not match the model:\n  " + "\n  ".join(problems)
+        )
 
 
 def _staging(dst: Path, overwrite: bool) -> Path:
@@ -356,8 +391,9 @@ def _groups(meta):
         yield group
 
 
-def convert(direction: str, src: str | os.PathLike, dst: str | os.PathLike, *,
-            overwrite: bool = False) -> list[str]:  # fmt: skip
+def convert(
+    direction: str, src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False
+) -> list[str]:
     """Convert a component folder or a whole diffusers model folder; returns a report.
 
     direction: "diffusers-to-orbax" or "orbax-to-diffusers". A model folder (with
@@ -427,14 +463,16 @@ def load_transformer(path: str | os.PathLike, *, dtype=None):
 
     from cogvideox_jax.transformer import Buffer, Transformer
 
-    config, params = read_component(component_folder(path, "transformer"))
+    config, stored, leaves = read_component(component_folder(path, "transformer"))
     cfg = TransformerConfig.from_diffusers(config)
-    dtype = np.dtype(dtype or params["patch_embed/proj/kernel"].dtype)
-    model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, (nnx.Param, Buffer))
-    nnx.replace_by_pure_dict(
-        state, weights.nest({k: jax.numpy.asarray(v, dtype) for k, v in params.items()})
+    dtype = np.dtype(dtype or stored)
+    model = nnx.eval_shape(
+        lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     )
+    state = nnx.state(model, (nnx.Param, Buffer))
+    # One leaf at a time to device arrays: host memory never holds a second copy of the model.
+    params = {k: jax.numpy.asarray(v, dtype) for k, v in leaves}
+    nnx.replace_by_pure_dict(state, weights.nest(params))
     nnx.update(model, state)
     return model
 
@@ -449,8 +487,11 @@ def save_transformer(model, folder: str | os.PathLike, *, overwrite: bool = Fals
     tmp = _staging(folder, overwrite)
     try:
         state = weights.flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer))))
-        weights.save_params(tmp / PARAMS_DIR, ((k, np.asarray(v)) for k, v in state.items()),
-                            group_bytes=STREAM_GROUP_BYTES)  # fmt: skip
+        weights.save_params(
+            tmp / PARAMS_DIR,
+            ((k, np.asarray(v)) for k, v in state.items()),
+            group_bytes=STREAM_GROUP_BYTES,
+        )
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_diffusers(), indent=2) + "\n")
         (tmp / MARKER).write_text(json.dumps({"format": 1, "component": "transformer"}) + "\n")
         _commit(tmp, folder)

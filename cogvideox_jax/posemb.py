@@ -2,7 +2,8 @@
 
 Must match diffusers 0.42.1 `models/embeddings.py` (`get_timestep_embedding`,
 `get_3d_sincos_pos_embed`, `get_3d_rotary_pos_embed`, `apply_rotary_emb`) and the grids the
-CogVideoX pipelines build (`get_resize_crop_region_for_grid`, `_prepare_rotary_positional_embeddings`).
+CogVideoX pipelines build (`get_resize_crop_region_for_grid`,
+`_prepare_rotary_positional_embeddings`).
 Tables that depend only on shapes are built in numpy at trace time (they are constants of the
 compiled program); only the timestep sinusoid and the rotation itself run in JAX.
 

@@ -72,7 +72,9 @@ class TransformerConfig:
         }
         for key, want in fixed.items():
             if key in config and config[key] != want:
-                raise ValueError(f"config.json: {key}={config[key]!r} is not supported (only {want!r})")
+                raise ValueError(
+                    f"config.json: {key}={config[key]!r} is not supported (only {want!r})"
+                )
         if config.get("patch_size_t") is None and config.get("patch_bias", True) is not True:
             raise ValueError("config.json: patch_bias=False is only supported with patch_size_t")
         if config.get("use_learned_positional_embeddings") and not config.get(
@@ -80,7 +82,6 @@ class TransformerConfig:
         ):
             raise ValueError("config.json: learned positional embeddings require rotary embeddings")
         c = dict(config)
-        default = cls(num_layers=0, num_heads=0)
         return cls(
             num_layers=c.get("num_layers", 30),
             num_heads=c.get("num_attention_heads", 30),
@@ -99,7 +100,7 @@ class TransformerConfig:
             sample_frames=c.get("sample_frames", 49),
             max_text_len=c.get("max_text_seq_length", 226),
             temporal_compression_ratio=c.get("temporal_compression_ratio", 4),
-            norm_eps=c.get("norm_eps", default.norm_eps),
+            norm_eps=c.get("norm_eps", 1e-5),
             spatial_interpolation_scale=c.get("spatial_interpolation_scale", 1.875),
             temporal_interpolation_scale=c.get("temporal_interpolation_scale", 1.0),
         )
@@ -146,11 +147,13 @@ _V15 = dict(patch_size=2, patch_size_t=2, sample_height=300, sample_width=300, s
 VARIANTS: dict[str, dict[str, Any]] = {
     "2b": dict(num_layers=30, num_heads=30, rope=False, **_V10),
     "5b": dict(num_layers=42, num_heads=48, rope=True, **_V10),
-    "5b-i2v": dict(num_layers=42, num_heads=48, rope=True, learned_posemb=True, in_channels=32,
-                   **_V10),  # fmt: skip
+    "5b-i2v": dict(
+        num_layers=42, num_heads=48, rope=True, learned_posemb=True, in_channels=32, **_V10
+    ),
     "1.5-5b": dict(num_layers=42, num_heads=48, rope=True, **_V15),
-    "1.5-5b-i2v": dict(num_layers=42, num_heads=48, rope=True, in_channels=32, ofs_embed_dim=512,
-                       **_V15),  # fmt: skip
+    "1.5-5b-i2v": dict(
+        num_layers=42, num_heads=48, rope=True, in_channels=32, ofs_embed_dim=512, **_V15
+    ),
 }
 
 
@@ -161,7 +164,7 @@ def transformer_config(variant: str, **overrides) -> TransformerConfig:
 
 
 class Buffer(nnx.Variable):
-    """A stored, non-trained tensor (diffusers' persistent buffers, e.g. 5B-I2V's position table)."""
+    """A stored, non-trained tensor (diffusers' persistent buffers: 5B-I2V's position table)."""
 
 
 REMAT_POLICIES = {
@@ -183,7 +186,9 @@ def split(h: jax.Array, text_len: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _kernel_init(in_axes, out_axes):
-    return jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axes, out_axes)
+    return jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axes, out_axes
+    )
 
 
 class Linear(nnx.Module):
@@ -235,8 +240,15 @@ class ExpertAdaLN(nnx.Module):
     """
 
     def __init__(self, time_embed_dim, dim, eps, *, dtype, param_dtype, rngs):
-        self.linear = Linear(time_embed_dim, 6 * dim, (None, "embed"), zero_init=True,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.linear = Linear(
+            time_embed_dim,
+            6 * dim,
+            (None, "embed"),
+            zero_init=True,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, h, temb, is_text):
@@ -311,8 +323,19 @@ class Block(nnx.Module):
     chunks), video tokens the video half. Residual updates are gated per token the same way.
     """
 
-    def __init__(self, dim, num_heads, head_dim, time_embed_dim, eps, *, attention_impl, dtype,
-                 param_dtype, rngs):  # fmt: skip
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        head_dim,
+        time_embed_dim,
+        eps,
+        *,
+        attention_impl,
+        dtype,
+        param_dtype,
+        rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
         self.attn1 = Attention(dim, num_heads, head_dim, impl=attention_impl, **kw)
@@ -337,8 +360,9 @@ class PatchEmbed(nnx.Module):
         if cfg.learned_posemb:
             # Initialised as diffusers does: the sin-cos table at the sample size, zero text rows.
             table = _sincos_table(cfg, *_sample_grid(cfg))
-            self.pos_embedding = Buffer(jnp.asarray(table[None], param_dtype),
-                                        logical_axes=(None, None, "embed"))  # fmt: skip
+            self.pos_embedding = Buffer(
+                jnp.asarray(table[None], param_dtype), logical_axes=(None, None, "embed")
+            )
 
     def __call__(self, patches, text):
         return join(self.text_proj(text), self.proj(patches))
@@ -352,16 +376,26 @@ def _sample_grid(cfg: TransformerConfig) -> tuple[int, int, int]:
 
 def _sincos_table(cfg: TransformerConfig, t: int, h: int, w: int) -> np.ndarray:
     """(S + t*h*w, D) float64: zero text rows, then the 3D sin-cos video rows."""
-    video = posemb.sincos_3d(cfg.width, t, h, w, cfg.spatial_interpolation_scale,
-                             cfg.temporal_interpolation_scale)  # fmt: skip
+    video = posemb.sincos_3d(
+        cfg.width, t, h, w, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+    )
     return np.concatenate([np.zeros((cfg.max_text_len, cfg.width)), video], axis=0)
 
 
 class Transformer(nnx.Module):
-    """`CogVideoXTransformer3DModel`: (B, T, H, W, C) latents + (B, S, text) -> (B, T, H, W, C_out)."""
+    """`CogVideoXTransformer3DModel`: latents (B, T, H, W, C), text (B, S, text_embed_dim) and
+    timesteps (B,) -> v-prediction (B, T, H, W, out_channels)."""
 
-    def __init__(self, cfg: TransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):  # fmt: skip
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        attention_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         if attention_impl not in attention.IMPLEMENTATIONS:
@@ -377,9 +411,17 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make_blocks(rngs):
-            return Block(d, cfg.num_heads, cfg.head_dim, cfg.time_embed_dim, cfg.norm_eps,
-                         attention_impl=attention_impl, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)  # fmt: skip
+            return Block(
+                d,
+                cfg.num_heads,
+                cfg.head_dim,
+                cfg.time_embed_dim,
+                cfg.norm_eps,
+                attention_impl=attention_impl,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
 
         self.transformer_blocks = make_blocks(rngs)
         sharding.add_layer_axis(self.transformer_blocks)
@@ -388,14 +430,22 @@ class Transformer(nnx.Module):
         out = (cfg.patch_size_t or 1) * cfg.patch_size**2 * cfg.out_channels
         self.proj_out = Linear(d, out, ("embed", None), zero_init=True, **kw)
 
-    def __call__(self, latents: jax.Array, text_embeds: jax.Array, timesteps: jax.Array, *,
-                 ofs: jax.Array | float | None = None) -> jax.Array:  # fmt: skip
+    def __call__(
+        self,
+        latents: jax.Array,
+        text_embeds: jax.Array,
+        timesteps: jax.Array,
+        *,
+        ofs: jax.Array | float | None = None,
+    ) -> jax.Array:
         cfg = self.cfg
         b, t, h, w, _ = latents.shape
         self._check_inputs(latents, text_embeds, ofs)
         s = text_embeds.shape[1]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-        temb = self.time_embedding(posemb.timestep_sinusoid(timesteps, cfg.width).astype(self.dtype))
+        temb = self.time_embedding(
+            posemb.timestep_sinusoid(timesteps, cfg.width).astype(self.dtype)
+        )
         if cfg.ofs_embed_dim:
             ofs = jnp.broadcast_to(jnp.asarray(ofs, jnp.float32).reshape(-1), (b,))
             temb = temb + self.ofs_embedding(
@@ -403,11 +453,14 @@ class Transformer(nnx.Module):
             )
 
         hh = self.patch_embed(self._patchify(latents), text_embeds)  # (B, S + L, D)
-        grid = ((t + (cfg.patch_size_t or 1) - 1) // (cfg.patch_size_t or 1),
-                h // cfg.patch_size, w // cfg.patch_size)  # fmt: skip
-        pos = self._absolute_posemb(*grid, text_len=s)
+        grid = (
+            (t + (cfg.patch_size_t or 1) - 1) // (cfg.patch_size_t or 1),
+            h // cfg.patch_size,
+            w // cfg.patch_size,
+        )
+        pos = self._absolute_posemb(*grid)
         if pos is not None:
-            hh = hh + pos.astype(self.dtype)
+            hh = hh + pos
         cos, sin = self._rope_tables(*grid, text_len=s)
         is_text = np.arange(hh.shape[1]) < s
         hh = sharding.constrain(hh, ("batch", "length", "act_embed"))
@@ -421,17 +474,27 @@ class Transformer(nnx.Module):
     def _check_inputs(self, latents, text_embeds, ofs):
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-            raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
+            raise ValueError(
+                f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}"
+            )
         b, t, h, w, _ = latents.shape
         if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"latent height/width {h}x{w} must be multiples of patch_size {cfg.patch_size}")
+            raise ValueError(
+                f"latent height/width {h}x{w} must be multiples of patch_size {cfg.patch_size}"
+            )
         if cfg.patch_size_t and t % cfg.patch_size_t:
             raise ValueError(
                 f"{t} latent frames: must be a multiple of patch_size_t={cfg.patch_size_t} "
                 "(pad the latents at the front, as the CogVideoX 1.5 pipelines do)"
             )
-        if text_embeds.ndim != 3 or text_embeds.shape[0] != b or text_embeds.shape[2] != cfg.text_embed_dim:
-            raise ValueError(f"text_embeds must be ({b}, S, {cfg.text_embed_dim}), got {text_embeds.shape}")
+        if (
+            text_embeds.ndim != 3
+            or text_embeds.shape[0] != b
+            or text_embeds.shape[2] != cfg.text_embed_dim
+        ):
+            raise ValueError(
+                f"text_embeds must be ({b}, S, {cfg.text_embed_dim}), got {text_embeds.shape}"
+            )
         if (not cfg.rope or cfg.learned_posemb) and text_embeds.shape[1] != cfg.max_text_len:
             raise ValueError(
                 f"this model adds an absolute position table: text length must be "
@@ -461,15 +524,16 @@ class Transformer(nnx.Module):
         x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # (B, T/pt, pt, H/p, p, W/p, p, C)
         return x.reshape(b, t, h, w, c)
 
-    def _absolute_posemb(self, t, h, w, *, text_len):
-        """The table added to [text; video] embeddings, or None (RoPE-only models)."""
+    def _absolute_posemb(self, t, h, w):
+        """The (S + L, D) table added to [text; video] embeddings, or None (RoPE-only models)."""
         cfg = self.cfg
         if cfg.rope and not cfg.learned_posemb:
             return None
         if cfg.learned_posemb and (t, h, w) == _sample_grid(cfg):
-            return self.patch_embed.pos_embedding[...][0]
-        # Other sizes (and 5B-I2V at other frame counts) use the fixed table, as diffusers does.
-        return jnp.asarray(_sincos_table(cfg, t, h, w))
+            return self.patch_embed.pos_embedding[...][0].astype(self.dtype)
+        # Other sizes (and 5B-I2V at other frame counts) use the fixed table, as diffusers does;
+        # rounded once from float64 to the compute dtype, like torch's `.to(embeds.dtype)`.
+        return jnp.asarray(_sincos_table(cfg, t, h, w).astype(self.dtype))
 
     def _rope_tables(self, t, h, w, *, text_len):
         """(S + L, K) cos/sin float32 tables; text rows are the identity rotation."""
@@ -506,8 +570,15 @@ class _OutputNorm(nnx.Module):
     """diffusers' AdaLayerNorm(chunk_dim=1): LN(x) * (1 + scale) + shift, shift chunk first."""
 
     def __init__(self, time_embed_dim, dim, eps, *, dtype, param_dtype, rngs):
-        self.linear = Linear(time_embed_dim, 2 * dim, (None, "embed"), zero_init=True,
-                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)  # fmt: skip
+        self.linear = Linear(
+            time_embed_dim,
+            2 * dim,
+            (None, "embed"),
+            zero_init=True,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x, temb):

@@ -22,11 +22,25 @@ from safetensors import safe_open
 INDEX_SUFFIX = ".safetensors.index.json"
 
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}  # fmt: skip
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def st_dtype(name: str) -> np.dtype:
+    """numpy dtype of a safetensors dtype name ("BF16", "F32", ...)."""
+    return np.dtype(_ST_DTYPES[name])
 
 
 def safetensors_files(folder: Path) -> tuple[list[Path], dict | None]:
@@ -64,15 +78,20 @@ class SafetensorsReader:
                 self.file_metadata[path.name] = f.metadata()
                 for name in f.keys():
                     if name in self.file_of:
-                        raise ValueError(f"tensor {name!r} is stored twice ({self.file_of[name]}, {path})")
+                        raise ValueError(
+                            f"tensor {name!r} is stored twice ({self.file_of[name]}, {path})"
+                        )
                     sl = f.get_slice(name)
                     self.file_of[name] = path
                     self.shapes[name] = tuple(sl.get_shape())
                     self.dtypes[name] = sl.get_dtype()
         if self.index is not None:
             listed = self.index["weight_map"]
-            wrong = sorted(n for n in set(listed) | set(self.file_of)
-                           if listed.get(n) != getattr(self.file_of.get(n), "name", None))  # fmt: skip
+            wrong = sorted(
+                n
+                for n in set(listed) | set(self.file_of)
+                if listed.get(n) != getattr(self.file_of.get(n), "name", None)
+            )
             if wrong:
                 raise ValueError(f"{self.folder}: index and files disagree on tensors {wrong}")
 
@@ -137,7 +156,9 @@ def write_safetensors(
     weight_map = layout["weight_map"]
     if set(weight_map) != set(specs):
         extra, missing = sorted(set(weight_map) - set(specs)), sorted(set(specs) - set(weight_map))
-        raise ValueError(f"file layout does not match the tensors: extra {extra}, missing {missing}")
+        raise ValueError(
+            f"file layout does not match the tensors: extra {extra}, missing {missing}"
+        )
     handles, offsets = {}, {}
     try:
         for fname in sorted(set(weight_map.values())):
@@ -149,8 +170,11 @@ def write_safetensors(
             for n in names:
                 shape, dtype = specs[n]
                 nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                header[n] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
-                             "data_offsets": [pos, pos + nbytes]}  # fmt: skip
+                header[n] = {
+                    "dtype": _ST_NAMES[np.dtype(dtype)],
+                    "shape": list(shape),
+                    "data_offsets": [pos, pos + nbytes],
+                }
                 pos += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -176,7 +200,10 @@ def write_safetensors(
         for f in handles.values():
             f.close()
     if layout.get("index_name"):
-        index = {"metadata": layout.get("index_metadata") or {}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": layout.get("index_metadata") or {},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         if "total_size" not in index["metadata"] and layout.get("index_metadata") is None:
             index["metadata"]["total_size"] = sum(
                 int(np.prod(s)) * np.dtype(d).itemsize for s, d in specs.values()

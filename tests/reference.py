@@ -11,9 +11,17 @@ import types
 import numpy as np
 import torch
 
-_BASE = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-             num_layers=2, text_embed_dim=16, time_embed_dim=16, max_text_seq_length=7,
-             patch_size=2)  # fmt: skip
+_BASE = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    text_embed_dim=16,
+    time_embed_dim=16,
+    max_text_seq_length=7,
+    patch_size=2,
+)
 _V10 = dict(sample_height=6, sample_width=8, sample_frames=9)  # 3 latent frames, 3x4 patches
 _V15 = dict(patch_size_t=2, patch_bias=False, sample_height=20, sample_width=20, sample_frames=13)
 
@@ -21,12 +29,20 @@ _V15 = dict(patch_size_t=2, patch_bias=False, sample_height=20, sample_width=20,
 TINY_TRANSFORMERS = {
     "2b": dict(**_BASE, **_V10),
     "5b": dict(**_BASE, **_V10, use_rotary_positional_embeddings=True),
-    "5b-i2v": dict(**{**_BASE, "in_channels": 8}, **_V10, use_rotary_positional_embeddings=True,
-                   use_learned_positional_embeddings=True),
+    "5b-i2v": dict(
+        **{**_BASE, "in_channels": 8},
+        **_V10,
+        use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=True,
+    ),
     "1.5-5b": dict(**_BASE, **_V15, use_rotary_positional_embeddings=True),
-    "1.5-5b-i2v": dict(**{**_BASE, "in_channels": 8}, **_V15, use_rotary_positional_embeddings=True,
-                       ofs_embed_dim=16),
-}  # fmt: skip
+    "1.5-5b-i2v": dict(
+        **{**_BASE, "in_channels": 8},
+        **_V15,
+        use_rotary_positional_embeddings=True,
+        ofs_embed_dim=16,
+    ),
+}
 
 
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:

@@ -5,7 +5,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "cogvideox_jax": {"train", "data", "configs", "tools", "torch", "optax", "diffusers", "transformers"},
+    "cogvideox_jax": {
+        "train",
+        "data",
+        "configs",
+        "tools",
+        "torch",
+        "optax",
+        "diffusers",
+        "transformers",
+    },
     "data": {"cogvideox_jax", "train", "tools", "torch"},
     "configs": {"cogvideox_jax", "train", "data", "tools", "jax", "torch"},
     "train": {"tools", "torch", "diffusers"},
@@ -25,7 +34,9 @@ def test_dependency_directions():
     bad = []
     for folder, forbidden in FORBIDDEN.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
-            bad += [f"{path.relative_to(ROOT)} imports {m}" for m in _imports(path) if m in forbidden]
+            bad += [
+                f"{path.relative_to(ROOT)} imports {m}" for m in _imports(path) if m in forbidden
+            ]
     assert not bad, bad
     assert list((ROOT / "cogvideox_jax").rglob("*.py")), "scan found no files"
 

@@ -68,8 +68,9 @@ def test_orbax_and_diffusers_folders_give_identical_outputs(pair, tmp_path):
     convert.convert("diffusers-to-orbax", folder, tmp_path / "orbax")
     reloaded = cj.load_transformer(tmp_path / "orbax")
     lat, txt, t, ofs = _inputs(ours.cfg, *SIZES[variant][-1], seed=3)
-    np.testing.assert_array_equal(np.asarray(reloaded(lat, txt, t, ofs=ofs)),
-                                  np.asarray(ours(lat, txt, t, ofs=ofs)))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(reloaded(lat, txt, t, ofs=ofs)), np.asarray(ours(lat, txt, t, ofs=ofs))
+    )
 
 
 # Published parameter counts (diffusers `num_parameters()`; persistent buffers excluded).
@@ -103,7 +104,9 @@ def _perturbed(cfg, **kw):
     model = cj.Transformer(cfg, rngs=nnx.Rngs(0), **kw)
     state = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-    nnx.update(model, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), state))
+    nnx.update(
+        model, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), state)
+    )
     return model
 
 
@@ -119,12 +122,14 @@ def test_remat_policies_give_same_outputs_and_gradients(remat):
 
     (l0, g0), (l1, g1) = (nnx.value_and_grad(loss)(m) for m in (base, other))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=False):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_every_parameter_has_logical_axes_of_its_rank():
-    model = nnx.eval_shape(lambda: cj.Transformer(cj.transformer_config("5b-i2v"), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: cj.Transformer(cj.transformer_config("5b-i2v"), rngs=nnx.Rngs(0))
+    )
     for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, transformer.Buffer))):
         names = sharding.logical_axes(var)
         assert len(names) == len(var.shape), path
@@ -151,8 +156,10 @@ def test_bad_inputs_fail_with_the_rule():
         cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS["5b"] | {"activation_fn": "gelu"})
 
 
-@pytest.mark.parametrize("start,end,steps", [(0, 12.0, 13), (2, 26.4375, 24), (3, 5 * 7 / 8, 8),
-                                              (0, 0.0, 1), (1, 44.1, 45)])  # fmt: skip
+@pytest.mark.parametrize(
+    "start,end,steps",
+    [(0, 12.0, 13), (2, 26.4375, 24), (3, 5 * 7 / 8, 8), (0, 0.0, 1), (1, 44.1, 45)],
+)
 def test_linspace_matches_torch(start, end, steps):
     # Equal up to the last bits of torch's SIMD-width-dependent vectorised kernel.
     want = torch.linspace(start, end, steps, dtype=torch.float32).numpy()
@@ -168,6 +175,6 @@ def test_rope_tables_match_diffusers(grid):
     crops = get_resize_crop_region_for_grid((h, w), 45, 30)
     want = get_3d_rotary_pos_embed(64, crops, (h, w), t)
     got = posemb.rope_3d(64, *posemb.rope_grid_linspace(t, h, w, 30, 45))
-    for g, wnt in zip(got, want):
+    for g, wnt in zip(got, want, strict=False):
         # Positions agree to the last bit of float32 (see test above), angles up to ~45 rad.
         np.testing.assert_allclose(g, wnt.numpy(), atol=5e-6, rtol=0)

@@ -17,8 +17,11 @@ from cogvideox_jax import convert
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("direction", choices=["diffusers-to-orbax", "orbax-to-diffusers"])
     parser.add_argument("src")
     parser.add_argument("dst")

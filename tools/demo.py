@@ -31,14 +31,24 @@ def main(argv=None) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    cfg = cj.transformer_config("5b", num_layers=2, num_heads=4, head_dim=32, text_embed_dim=64,
-                                max_text_len=16, sample_height=12, sample_width=16)  # fmt: skip
+    cfg = cj.transformer_config(
+        "5b",
+        num_layers=2,
+        num_heads=4,
+        head_dim=32,
+        text_embed_dim=64,
+        max_text_len=16,
+        sample_height=12,
+        sample_width=16,
+    )
     model = cj.Transformer(cfg, rngs=nnx.Rngs(0))
     # Fresh models start as identity maps (zero-initialised modulation and output layers), so
     # give every parameter some random signal before comparing outputs.
     state = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-    nnx.update(model, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), state))
+    nnx.update(
+        model, jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), state)
+    )
     n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"built a {cfg.num_layers}-layer transformer, width {cfg.width}, {n:,} parameters")
 
@@ -48,8 +58,10 @@ def main(argv=None) -> None:
         print(line, "->", work / "diffusers")
     for line in convert.convert("diffusers-to-orbax", work / "diffusers", work / "orbax2"):
         print(line, "->", work / "orbax2")
-    print(f"converted both ways in {time.time() - t0:.1f}s; files:",
-          sorted(p.name for p in (work / "diffusers").iterdir()))  # fmt: skip
+    print(
+        f"converted both ways in {time.time() - t0:.1f}s; files:",
+        sorted(p.name for p in (work / "diffusers").iterdir()),
+    )
 
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 3, 12, 16, cfg.in_channels)).astype(np.float32)
@@ -62,8 +74,10 @@ def main(argv=None) -> None:
         outs[name] = np.asarray(forward(cj.load_transformer(work / name), latents, text, timesteps))
     for name, out in outs.items():
         same = np.array_equal(out, ref)
-        print(f"{name:>9}: prediction {out.shape}, |v| mean {np.abs(out).mean():.4f}, "
-              f"identical to the original model: {same}")
+        print(
+            f"{name:>9}: prediction {out.shape}, |v| mean {np.abs(out).mean():.4f}, "
+            f"identical to the original model: {same}"
+        )
         if not same:
             raise SystemExit(f"{name}: outputs differ")
     print("ok")
