@@ -230,7 +230,7 @@ def split_leaf(rule: Rule, value: Array) -> Iterable[tuple[str, Array]]:
 # Whole components and model folders.
 
 # Host memory per conversion step: leaves are read and written in groups of about this size.
-STREAM_GROUP_BYTES = 2**30
+STREAM_GROUP_BYTES = 268435456
 MARKER = "cogvideox_jax.json"  # present in every component folder written by `diffusers_to_orbax`
 PARAMS_DIR = "params"
 

@@ -238,18 +238,23 @@ def save_params(path: Path, leaves: Iterable[tuple[str, np.ndarray]], group_byte
     from orbax.checkpoint import v1 as ocp
 
     path = Path(path).resolve()  # Orbax requires absolute paths
+    ctx = ocp.Context()
+    # Orbax copies host arrays before writing, in case the caller mutates them meanwhile; ours
+    # are never touched again, and the copy would double peak memory.
+    ctx.memory.deepcopy_host_arrays = False
     group: dict[str, np.ndarray] = {}
     size = 0
     started = False
-    for name, arr in leaves:
-        group[name] = arr
-        size += arr.nbytes
-        if size >= group_bytes:
+    with ctx:
+        for name, arr in leaves:
+            group[name] = arr
+            size += arr.nbytes
+            if size >= group_bytes:
+                ocp.partial.save(path, nest(group))
+                started, group, size = True, {}, 0
+        if group or not started:
             ocp.partial.save(path, nest(group))
-            started, group, size = True, {}, 0
-    if group or not started:
-        ocp.partial.save(path, nest(group))
-    ocp.partial.finalize(path)
+        ocp.partial.finalize(path)
 
 
 def param_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
