@@ -28,12 +28,14 @@ setup(
         "ml-collections",
         "absl-py",
         "tqdm",
+        # The T5 tokenizer (transformers' T5Tokenizer; sentencepiece reads `spiece.model`).
+        "transformers==5.23.0",
+        "sentencepiece",
     ],
     extras_require={
         "test": [
             "torch==2.13.0",
             "diffusers==0.42.1",
-            "transformers==5.23.0",
             "pytest",
         ],
     },

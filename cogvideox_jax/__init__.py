@@ -1,12 +1,16 @@
 """CogVideoX in JAX/Flax NNX: models, conversion to and from diffusers, loading."""
 
-from cogvideox_jax.convert import load_transformer, save_transformer
+from cogvideox_jax.convert import load_text_encoder, load_transformer, save_transformer
+from cogvideox_jax.t5 import T5Config, T5Encoder
 from cogvideox_jax.transformer import VARIANTS, Transformer, TransformerConfig, transformer_config
 
 __all__ = [
     "VARIANTS",
+    "T5Config",
+    "T5Encoder",
     "Transformer",
     "TransformerConfig",
+    "load_text_encoder",
     "load_transformer",
     "save_transformer",
     "transformer_config",

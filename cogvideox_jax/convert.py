@@ -131,6 +131,48 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
     return rules
 
 
+def t5_rules(cfg) -> list[Rule]:
+    """Rules for transformers' `T5EncoderModel` <-> `t5.T5Encoder`."""
+    d, n, k = cfg.d_model, cfg.num_heads, cfg.d_kv
+    blk, ours = "encoder.block.{layer}.layer", "encoder/block/layer"
+    rules = [
+        Rule("shared.weight", "shared/embedding"),
+        # transformers keeps the bucket table in layer 0 only; every layer uses it.
+        Rule(
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "encoder/relative_attention_bias/embedding",
+        ),
+        Rule("encoder.final_layer_norm.weight", "encoder/final_layer_norm/scale"),
+        Rule(f"{blk}.0.layer_norm.weight", f"{ours}/0/layer_norm/scale"),
+        Rule(f"{blk}.1.layer_norm.weight", f"{ours}/1/layer_norm/scale"),
+        Rule(
+            f"{blk}.0.SelfAttention.o.weight",
+            f"{ours}/0/SelfAttention/o/kernel",
+            lambda w: w.T.reshape(n, k, d),
+            lambda x: x.reshape(n * k, d).T,
+        ),
+    ]
+    for q in ("q", "k", "v"):
+        rules.append(
+            Rule(
+                f"{blk}.0.SelfAttention.{q}.weight",
+                f"{ours}/0/SelfAttention/{q}/kernel",
+                lambda w: w.T.reshape(d, n, k),
+                lambda x: x.reshape(d, n * k).T,
+            )
+        )
+    for w in ("wi_0", "wi_1", "wo"):
+        rules.append(
+            Rule(
+                f"{blk}.1.DenseReluDense.{w}.weight",
+                f"{ours}/1/DenseReluDense/{w}/kernel",
+                lambda x: x.T,
+                lambda x: x.T,
+            )
+        )
+    return rules
+
+
 @dataclasses.dataclass
 class Plan:
     """Which source tensor(s) make each target leaf: `sources[path]` lists one name, or one
@@ -235,34 +277,83 @@ MARKER = "cogvideox_jax.json"  # present in every component folder written by `d
 PARAMS_DIR = "params"
 
 
-SUPPORTED_CLASSES = ("CogVideoXTransformer3DModel",)
-
-
 @dataclasses.dataclass
 class ComponentSpec:
-    kind: str  # "transformer"
+    kind: str  # "transformer" | "text_encoder"
     rules: list[Rule]
     target_shapes: dict[str, tuple[int, ...]]
     num_layers: int
-    weights_basename: str  # diffusers' file name stem
+    weights_basename: str  # the file name stem diffusers / transformers use
+    # Tensors some checkpoints store twice (tied weights): alias -> the name the rules read.
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def component_kind(config: Mapping) -> str | None:
+    """Which supported component a config.json describes, or None."""
+    if config.get("_class_name") == "CogVideoXTransformer3DModel":
+        return "transformer"
+    if config.get("model_type") == "t5" and "T5EncoderModel" in config.get("architectures", []):
+        return "text_encoder"
+    return None
+
+
+def _abstract_shapes(build) -> dict[str, tuple[int, ...]]:
+    from flax import nnx
+
+    from cogvideox_jax.transformer import Buffer
+
+    model = nnx.eval_shape(build)
+    state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))
+    return {k: tuple(v.shape) for k, v in weights.flatten(state).items()}
 
 
 def component_spec(config: Mapping) -> ComponentSpec:
     """Rules and model shapes for a component config.json, or ValueError if unsupported."""
-    cls = config.get("_class_name")
-    if cls == "CogVideoXTransformer3DModel":
-        from flax import nnx
+    from flax import nnx
 
-        from cogvideox_jax.transformer import Buffer, Transformer
+    kind = component_kind(config)
+    if kind == "transformer":
+        from cogvideox_jax.transformer import Transformer
 
         cfg = TransformerConfig.from_diffusers(dict(config))
-        model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-        state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))
-        shapes = {k: tuple(v.shape) for k, v in weights.flatten(state).items()}
+        shapes = _abstract_shapes(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
         return ComponentSpec(
-            "transformer", transformer_rules(cfg), shapes, cfg.num_layers, "diffusion_pytorch_model"
+            kind, transformer_rules(cfg), shapes, cfg.num_layers, "diffusion_pytorch_model"
         )
-    raise ValueError(f"unsupported component class {cls!r}")
+    if kind == "text_encoder":
+        from cogvideox_jax.t5 import T5Config, T5Encoder
+
+        cfg = T5Config.from_transformers(dict(config))
+        shapes = _abstract_shapes(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
+        return ComponentSpec(
+            kind,
+            t5_rules(cfg),
+            shapes,
+            cfg.num_layers,
+            "model",
+            aliases={"encoder.embed_tokens.weight": "shared.weight"},
+        )
+    raise ValueError(
+        f"unsupported component (_class_name={config.get('_class_name')!r}, "
+        f"model_type={config.get('model_type')!r})"
+    )
+
+
+def _source_plan(folder: Path, spec: ComponentSpec) -> tuple[weights.SafetensorsReader, Plan, list]:
+    """Read headers, drop verified duplicates of tied tensors, and plan the conversion."""
+    reader = weights.SafetensorsReader(folder)
+    shapes = dict(reader.shapes)
+    present = []
+    for alias, name in spec.aliases.items():
+        if alias in shapes and name in shapes:
+            a, b = reader.read(alias), reader.read(name)
+            if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+                raise ConversionError(
+                    f"tensor {alias!r} should be a copy of {name!r} (tied) but differs"
+                )
+            del shapes[alias]
+            present.append(alias)
+    return reader, plan_to_ours(spec.rules, shapes, spec.target_shapes, spec.num_layers), present
 
 
 def _read_config(folder: Path) -> dict:
@@ -291,8 +382,7 @@ def read_component(folder: str | os.PathLike, sharding=None):
                 yield from weights.load_params(folder / PARAMS_DIR, group, sharding).items()
 
         return config, _main_dtype(d for _, d in meta.values()), orbax_leaves()
-    reader = weights.SafetensorsReader(folder)
-    plan = plan_to_ours(spec.rules, reader.shapes, spec.target_shapes, spec.num_layers)
+    reader, plan, _ = _source_plan(folder, spec)
     leaves = ((p, build_leaf(plan, p, reader.read)) for p in plan.sources)
     return config, _main_dtype(weights.st_dtype(d) for d in reader.dtypes.values()), leaves
 
@@ -342,12 +432,16 @@ def _commit(tmp: Path, dst: Path) -> None:
 def _component_to_orbax(src: Path, out: Path) -> None:
     config = _read_config(src)
     spec = component_spec(config)
-    reader = weights.SafetensorsReader(src)
-    plan = plan_to_ours(spec.rules, reader.shapes, spec.target_shapes, spec.num_layers)
+    reader, plan, aliases = _source_plan(src, spec)
     leaves = ((p, build_leaf(plan, p, reader.read)) for p in plan.sources)
     weights.save_params(out / PARAMS_DIR, leaves, group_bytes=STREAM_GROUP_BYTES)
     shutil.copy2(src / "config.json", out / "config.json")
-    marker = {"format": 1, "component": spec.kind, "safetensors_layout": reader.layout()}
+    marker = {
+        "format": 1,
+        "component": spec.kind,
+        "safetensors_layout": reader.layout(),
+        "aliases": aliases,
+    }
     (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
@@ -365,6 +459,9 @@ def _component_to_diffusers(src: Path, out: Path) -> None:
         for i in range(shape[0]) if rule.stacked else [None]:
             specs[rule.theirs.format(layer=i)] = (theirs, dtype)
     marker = json.loads((src / MARKER).read_text())
+    aliases = {a: spec.aliases[a] for a in marker.get("aliases", [])}
+    for alias, name in aliases.items():
+        specs[alias] = specs[name]
     layout = marker.get("safetensors_layout")
     if layout is None or set(layout["weight_map"]) != set(specs):
         layout = weights.default_layout(specs, spec.weights_basename)
@@ -372,7 +469,9 @@ def _component_to_diffusers(src: Path, out: Path) -> None:
     def tensors():
         for group in _groups(meta):
             for path, value in weights.load_params(src / PARAMS_DIR, group).items():
-                yield from split_leaf(rules[path], np.asarray(value))
+                for name, tensor in split_leaf(rules[path], np.asarray(value)):
+                    yield name, tensor
+                    yield from ((a, tensor) for a, n in aliases.items() if n == name)
 
     weights.write_safetensors(out, specs, tensors(), layout)
     shutil.copy2(src / "config.json", out / "config.json")
@@ -441,7 +540,7 @@ def _convertible(direction: str, folder: Path) -> bool:
         return is_orbax_component(folder)
     if not (folder / "config.json").is_file():
         return False
-    return _read_config(folder).get("_class_name") in SUPPORTED_CLASSES
+    return component_kind(_read_config(folder)) is not None
 
 
 def component_folder(path: str | os.PathLike, name: str) -> Path:
@@ -454,27 +553,64 @@ def component_folder(path: str | os.PathLike, name: str) -> Path:
     return path
 
 
+def _load_module(folder: Path, build):
+    """Build a module abstractly and fill it leaf by leaf from a component folder."""
+    from flax import nnx
+
+    from cogvideox_jax.transformer import Buffer
+
+    config, stored, leaves = read_component(folder)
+    model = nnx.eval_shape(lambda: build(config, stored))
+    state = nnx.state(model, (nnx.Param, Buffer))
+    dtypes = {k: v.dtype for k, v in weights.flatten(nnx.to_pure_dict(state)).items()}
+    # One leaf at a time to device arrays: host memory never holds a second copy of the model.
+    params = {k: jax.numpy.asarray(v, dtypes[k]) for k, v in leaves}
+    nnx.replace_by_pure_dict(state, _int_keys(weights.nest(params)))
+    nnx.update(model, state)
+    return model
+
+
+def _int_keys(tree):
+    """Orbax and our flat paths spell list indices as strings; NNX lists want ints."""
+    if not isinstance(tree, dict):
+        return tree
+    return {
+        int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()
+    }
+
+
 def load_transformer(path: str | os.PathLike, *, dtype=None):
     """The transformer of a diffusers folder or of its Orbax conversion, as an NNX module.
 
+    `path` is the component folder or a whole model folder (its `transformer/` is used).
     `dtype` sets parameter and compute dtype; None keeps the dtype the weights are stored in.
     """
     from flax import nnx
 
-    from cogvideox_jax.transformer import Buffer, Transformer
+    from cogvideox_jax.transformer import Transformer
 
-    config, stored, leaves = read_component(component_folder(path, "transformer"))
-    cfg = TransformerConfig.from_diffusers(config)
-    dtype = np.dtype(dtype or stored)
-    model = nnx.eval_shape(
-        lambda: Transformer(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
-    )
-    state = nnx.state(model, (nnx.Param, Buffer))
-    # One leaf at a time to device arrays: host memory never holds a second copy of the model.
-    params = {k: jax.numpy.asarray(v, dtype) for k, v in leaves}
-    nnx.replace_by_pure_dict(state, weights.nest(params))
-    nnx.update(model, state)
-    return model
+    def build(config, stored):
+        cfg = TransformerConfig.from_diffusers(config)
+        dt = np.dtype(dtype or stored)
+        return Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
+
+    return _load_module(component_folder(path, "transformer"), build)
+
+
+def load_text_encoder(path: str | os.PathLike, *, dtype=None):
+    """The T5 encoder of a transformers `T5EncoderModel` folder (a model folder's
+    `text_encoder/`) or of its Orbax conversion. `dtype` as in `load_transformer`."""
+    from flax import nnx
+
+    from cogvideox_jax.t5 import T5Config, T5Encoder
+
+    def build(config, stored):
+        dt = np.dtype(dtype or stored)
+        return T5Encoder(
+            T5Config.from_transformers(config), dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)
+        )
+
+    return _load_module(component_folder(path, "text_encoder"), build)
 
 
 def save_transformer(model, folder: str | os.PathLike, *, overwrite: bool = False) -> None:

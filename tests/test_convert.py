@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import reference as ref
 import safetensors.torch
@@ -195,3 +196,54 @@ def test_streaming_reads_one_leaf_group_at_a_time(tmp_path, monkeypatch):
     convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert len(seen) > 5 and max(map(len, seen)) < 10
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
+
+
+def _t5(dtype=torch.float32):
+    import transformers
+
+    from cogvideox_jax import t5
+
+    cfg = t5.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
+    model = transformers.T5EncoderModel(transformers.T5Config(**cfg.to_transformers())).eval()
+    ref.perturb_(model, 0, scale=0.1)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,shard", [(torch.float32, None), (torch.bfloat16, "4KB")])
+def test_t5_round_trip_is_byte_exact(tmp_path, dtype, shard):
+    model = _t5(dtype)
+    model.save_pretrained(tmp_path / "src", **({} if shard is None else {"max_shard_size": shard}))
+    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
+    assert cj.load_text_encoder(tmp_path / "orbax").shared.embedding[...].dtype == (
+        np.float32 if dtype == torch.float32 else "bfloat16"
+    )
+
+
+def test_t5_tied_embedding_copy_is_checked_and_kept(tmp_path):
+    _t5().save_pretrained(tmp_path / "src")
+    path = tmp_path / "src/model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"].clone()
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
+
+    tensors["encoder.embed_tokens.weight"][0, 0] += 1
+    safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(convert.ConversionError, match="encoder.embed_tokens.weight"):
+        convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax2")
+
+
+def test_model_folder_converts_text_encoder_and_transformer(tmp_path):
+    src = tmp_path / "model"
+    ref.diffusers_transformer("5b").save_pretrained(src / "transformer")
+    _t5().save_pretrained(src / "text_encoder")
+    (src / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    report = convert.convert("diffusers-to-orbax", src, tmp_path / "orbax")
+    assert "converted text_encoder/" in report and "converted transformer/" in report
+    assert cj.load_text_encoder(tmp_path / "orbax").cfg.d_model == 16
+    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    assert _tensors(tmp_path / "back/text_encoder") == _tensors(src / "text_encoder")
