@@ -173,6 +173,41 @@ def t5_rules(cfg) -> list[Rule]:
     return rules
 
 
+def vae_rules(target_shapes: Mapping[str, tuple[int, ...]]) -> list[Rule]:
+    """Rules for `AutoencoderKLCogVideoX` <-> `vae.AutoencoderKL`, read off the model tree.
+
+    The trees match name for name; only the leaf names (`weight` -> `kernel` for convolutions,
+    `scale` for norms) and the kernel layouts differ: torch (O, I, k...) vs ours (k..., I, O).
+    """
+    rules = []
+    for path, shape in target_shapes.items():
+        *module, leaf = path.split("/")
+        theirs = ".".join(module) + (".bias" if leaf == "bias" else ".weight")
+        if leaf == "kernel" and len(shape) == 5:  # Conv3d
+            rules.append(
+                Rule(
+                    theirs,
+                    path,
+                    lambda w: w.transpose(2, 3, 4, 1, 0),
+                    lambda x: x.transpose(4, 3, 0, 1, 2),
+                )
+            )
+        elif leaf == "kernel" and len(shape) == 4:  # Conv2d
+            rules.append(
+                Rule(
+                    theirs,
+                    path,
+                    lambda w: w.transpose(2, 3, 1, 0),
+                    lambda x: x.transpose(3, 2, 0, 1),
+                )
+            )
+        elif leaf in ("scale", "bias"):
+            rules.append(Rule(theirs, path))
+        else:
+            raise ValueError(f"VAE parameter {path!r} {shape} has no conversion rule")
+    return rules
+
+
 @dataclasses.dataclass
 class Plan:
     """Which source tensor(s) make each target leaf: `sources[path]` lists one name, or one
@@ -279,7 +314,7 @@ PARAMS_DIR = "params"
 
 @dataclasses.dataclass
 class ComponentSpec:
-    kind: str  # "transformer" | "text_encoder"
+    kind: str  # "transformer" | "vae" | "text_encoder"
     rules: list[Rule]
     target_shapes: dict[str, tuple[int, ...]]
     num_layers: int
@@ -292,6 +327,8 @@ def component_kind(config: Mapping) -> str | None:
     """Which supported component a config.json describes, or None."""
     if config.get("_class_name") == "CogVideoXTransformer3DModel":
         return "transformer"
+    if config.get("_class_name") == "AutoencoderKLCogVideoX":
+        return "vae"
     if config.get("model_type") == "t5" and "T5EncoderModel" in config.get("architectures", []):
         return "text_encoder"
     return None
@@ -320,6 +357,12 @@ def component_spec(config: Mapping) -> ComponentSpec:
         return ComponentSpec(
             kind, transformer_rules(cfg), shapes, cfg.num_layers, "diffusion_pytorch_model"
         )
+    if kind == "vae":
+        from cogvideox_jax.vae import AutoencoderKL, VaeConfig
+
+        cfg = VaeConfig.from_diffusers(dict(config))
+        shapes = _abstract_shapes(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+        return ComponentSpec(kind, vae_rules(shapes), shapes, 0, "diffusion_pytorch_model")
     if kind == "text_encoder":
         from cogvideox_jax.t5 import T5Config, T5Encoder
 
@@ -595,6 +638,25 @@ def load_transformer(path: str | os.PathLike, *, dtype=None):
         return Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
 
     return _load_module(component_folder(path, "transformer"), build)
+
+
+def load_vae(path: str | os.PathLike, *, dtype=np.float32):
+    """The VAE of a diffusers `vae` folder (or a model folder's) or of its Orbax conversion.
+
+    Parameters and compute default to float32, whatever the stored dtype (diffusers likewise
+    upcasts the CogVideoX VAE: `force_upcast`).
+    """
+    from flax import nnx
+
+    from cogvideox_jax.vae import AutoencoderKL, VaeConfig
+
+    def build(config, stored):
+        dt = np.dtype(dtype or stored)
+        return AutoencoderKL(
+            VaeConfig.from_diffusers(config), dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)
+        )
+
+    return _load_module(component_folder(path, "vae"), build)
 
 
 def load_text_encoder(path: str | os.PathLike, *, dtype=None):

@@ -247,3 +247,41 @@ def test_model_folder_converts_text_encoder_and_transformer(tmp_path):
     assert cj.load_text_encoder(tmp_path / "orbax").cfg.d_model == 16
     convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back/text_encoder") == _tensors(src / "text_encoder")
+
+
+def _tiny_vae(dtype=torch.float32):
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_jax import vae
+
+    torch.manual_seed(0)
+    model = AutoencoderKLCogVideoX(**vae.vae_config("tiny").to_diffusers()).eval()
+    ref.perturb_(model, 0)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,shard", [(torch.float32, None), (torch.bfloat16, "20KB")])
+def test_vae_round_trip_is_byte_exact(tmp_path, dtype, shard):
+    _tiny_vae(dtype).save_pretrained(
+        tmp_path / "src", **({} if shard is None else {"max_shard_size": shard})
+    )
+    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
+    assert json.loads((tmp_path / "back/config.json").read_text()) == json.loads(
+        (tmp_path / "src/config.json").read_text()
+    )
+    # load_vae computes in float32 by default, whatever the stored dtype.
+    assert cj.load_vae(tmp_path / "orbax").encoder.conv_in.conv.kernel[...].dtype == np.float32
+
+
+def test_vae_strictness_names_the_tensor(tmp_path):
+    _tiny_vae().save_pretrained(tmp_path / "src")
+    _edit_checkpoint(
+        tmp_path / "src", lambda t: t.pop("decoder.up_blocks.0.resnets.0.norm1.conv_y.conv.bias")
+    )
+    with pytest.raises(
+        convert.ConversionError,
+        match="missing tensor 'decoder.up_blocks.0.resnets.0.norm1.conv_y.conv.bias'",
+    ):
+        convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "out")
