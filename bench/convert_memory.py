@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import cogvideox_jax as cj
@@ -37,8 +36,12 @@ def _peak_mb(cmd: list[str]) -> float:
         body = "from tools import convert; convert.main(sys.argv[1:])"
     else:
         body = "import cogvideox_jax.convert"
-    out = subprocess.run([sys.executable, "-c", code.format(argv=cmd, body=body)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code.format(argv=cmd, body=body)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return float(out.rsplit("PEAK", 1)[1])
 
 
@@ -50,7 +53,9 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     dtype = jnp.dtype(args.dtype)
-    cfg = cj.transformer_config("5b", num_layers=args.layers, num_heads=args.heads, text_embed_dim=512)
+    cfg = cj.transformer_config(
+        "5b", num_layers=args.layers, num_heads=args.heads, text_embed_dim=512
+    )
     model = nnx.eval_shape(lambda: cj.Transformer(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), state))
@@ -66,7 +71,8 @@ def main(argv=None):
         to_orbax = _peak_mb(["convert", "diffusers-to-orbax", str(d / "hf"), str(d / "orbax2")])
     result = {
         "config": {"layers": args.layers, "width": cfg.width, "dtype": args.dtype},
-        "model_mib": round(model_mb), "largest_stacked_leaf_mib": round(largest_mb),
+        "model_mib": round(model_mb),
+        "largest_stacked_leaf_mib": round(largest_mb),
         "baseline_process_mib": round(base),
         "orbax_to_diffusers_peak_mib": round(to_diffusers),
         "diffusers_to_orbax_peak_mib": round(to_orbax),

@@ -1,0 +1,98 @@
+r"""VAE encode and decode, ours against diffusers' AutoencoderKLCogVideoX, same weights and clip.
+
+  python -m bench.vae [--frames 9 --height 96 --width 160 --repeats 3] [--out result.json]
+
+Both run the full-size CogVideoX VAE architecture (random weights, 216M parameters) in fp32 on
+the CPU, with diffusers' default frame batching (the mode that reproduces its outputs).
+Runs alternate between the two implementations after one warm-up each; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+
+import cogvideox_jax as cj
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.vae")
+    parser.add_argument("--frames", type=int, default=9)
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    theirs = AutoencoderKLCogVideoX().eval()
+    with tempfile.TemporaryDirectory() as d:
+        theirs.save_pretrained(d)
+        ours = cj.load_vae(d)
+    rng = np.random.default_rng(0)
+    video = rng.uniform(-1, 1, (1, args.frames, args.height, args.width, 3)).astype(np.float32)
+    tvideo = torch.from_numpy(video).permute(0, 4, 1, 2, 3).contiguous()
+    encode = jax.jit(lambda v: ours.encode(v)[0])
+    decode = jax.jit(lambda z: ours.decode(z))
+    z = np.asarray(encode(video))
+    tz = torch.from_numpy(z).permute(0, 4, 1, 2, 3).contiguous()
+
+    def run_theirs_encode():
+        with torch.no_grad():
+            return theirs.encode(tvideo).latent_dist.mean
+
+    def run_theirs_decode():
+        with torch.no_grad():
+            return theirs.decode(tz).sample
+
+    results = {}
+    for name, fn_ours, fn_theirs in [
+        ("encode", lambda: encode(video).block_until_ready(), run_theirs_encode),
+        ("decode", lambda: decode(z).block_until_ready(), run_theirs_decode),
+    ]:
+        fn_ours(), fn_theirs()  # warm-up (compilation for ours)
+        t_ours, t_theirs = [], []
+        for _ in range(args.repeats):  # alternate so load drifts hit both equally
+            t_ours.append(_seconds(fn_ours))
+            t_theirs.append(_seconds(fn_theirs))
+        mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
+        results[name] = {
+            "ours_s": round(mo, 3),
+            "diffusers_s": round(mt, 3),
+            "ratio": round(mo / mt, 3),
+        }
+    want = run_theirs_encode().permute(0, 2, 3, 4, 1).numpy()
+    err = float(np.linalg.norm(np.asarray(encode(video)) - want) / np.linalg.norm(want))
+    result = {
+        "clip": [args.frames, args.height, args.width],
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "encode_rel_l2_vs_diffusers": err,
+        **results,
+    }
+    print(f"{'':8}{'ours (s)':>10}{'diffusers (s)':>15}{'ratio':>8}")
+    for name in ("encode", "decode"):
+        r = results[name]
+        print(f"{name:8}{r['ours_s']:>10}{r['diffusers_s']:>15}{r['ratio']:>8}")
+    print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
