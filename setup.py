@@ -31,6 +31,9 @@ setup(
         # The T5 tokenizer (transformers' T5Tokenizer; sentencepiece reads `spiece.model`).
         "transformers==5.23.0",
         "sentencepiece",
+        # Video files (PyAV bundles FFmpeg with libx264) and image inputs.
+        "av",
+        "Pillow",
     ],
     extras_require={
         "test": [

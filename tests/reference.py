@@ -96,3 +96,32 @@ def transformer_forward(model, latents, text, timesteps, ofs=None) -> np.ndarray
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+PROMPTS = [
+    "a red fox jumps over a sleeping dog in the snow",
+    "the camera pans slowly across a misty forest at dawn",
+    "a panda plays an acoustic guitar in a bamboo grove",
+    "waves crash on the rocky shore under a purple evening sky",
+]
+
+
+def build_tokenizer(folder) -> None:
+    """A tiny T5 tokenizer (SentencePiece unigram trained here: the real one is not on PyPI) saved
+    with transformers' T5Tokenizer to `folder`, plus its `spiece.model` in folder's parent."""
+    import sentencepiece as spm
+    import transformers
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(PROMPTS * 10),
+        model_prefix=str(folder.parent / "spiece"),
+        vocab_size=60,
+        hard_vocab_limit=False,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    # T5's layout: pad 0, eos 1, unk 2, then 100 sentinel tokens at the end of the vocabulary.
+    transformers.T5Tokenizer.from_pretrained(folder.parent, extra_ids=100).save_pretrained(folder)

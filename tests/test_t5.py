@@ -1,6 +1,7 @@
 """The T5 v1.1 encoder against transformers' T5EncoderModel; the CogVideoX tokenizer call."""
 
 import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,29 +226,8 @@ def test_config_round_trips_and_rejects_other_t5_flavours():
 
 
 def test_tokenize_matches_the_pipelines_call(tmp_path):
-    import sentencepiece as spm
-
-    lines = [
-        "a red fox jumps over a sleeping dog in the snow",
-        "the camera pans slowly across a misty forest at dawn",
-        "a panda plays an acoustic guitar in a bamboo grove",
-        "waves crash on the rocky shore under a purple evening sky",
-    ]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines * 10),
-        model_prefix=str(tmp_path / "spiece"),
-        vocab_size=60,
-        hard_vocab_limit=False,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    # T5's layout: pad 0, eos 1, unk 2, then 100 sentinel tokens at the end of the vocabulary.
-    transformers.T5Tokenizer.from_pretrained(tmp_path, extra_ids=100).save_pretrained(
-        tmp_path / "tokenizer"
-    )
+    ref.build_tokenizer(tmp_path / "tokenizer")
+    lines = ref.PROMPTS
     prompts = [lines[0], "short", " ".join(lines * 20)]  # the last one is truncated
 
     for folder in (tmp_path / "tokenizer", tmp_path):  # tokenizer.json, and spiece.model only

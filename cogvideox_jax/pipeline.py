@@ -1,0 +1,325 @@
+"""Text- and image-to-video sampling, as diffusers' CogVideoXPipeline and
+CogVideoXImageToVideoPipeline (0.42.1, `pipelines/cogvideo/`) do it.
+
+One call: encode prompts (T5, 226 tokens, no mask; the negative prompt "" is encoded too), draw
+the initial noise, run the whole denoising loop as one compiled `lax.fori_loop` (both CFG
+branches in one batched forward), then decode with the VAE. CogVideoX 1.5 pads the latent frames
+to a multiple of patch_size_t at the front and drops the padding before decoding; 1.5-I2V passes
+ofs = 2.0. Latents are channels-last (B, T, H, W, C) throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cogvideox_jax import convert, diffusion, t5
+from cogvideox_jax.vae import sample_latents
+
+SCHEDULERS = ("ddim", "dpm")
+
+
+class Pipeline:
+    """transformer + vae (+ text encoder and tokenizer) + the noise schedule."""
+
+    def __init__(
+        self,
+        transformer,
+        vae,
+        schedule: diffusion.ScheduleConfig,
+        *,
+        text_encoder=None,
+        tokenizer=None,
+    ):
+        self.transformer, self.vae, self.schedule = transformer, vae, schedule
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.alphas_cumprod = diffusion.alphas_cumprod(schedule)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None) -> Pipeline:
+        """A diffusers-layout model folder (model_index.json with transformer/, vae/,
+        text_encoder/, tokenizer/, scheduler/) or its Orbax conversion. `dtype` applies to the
+        transformer and text encoder (None: as stored); the VAE runs in float32."""
+        path = Path(path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{path}: no model_index.json (not a model folder)")
+        sched = path / "scheduler" / "scheduler_config.json"
+        if not sched.is_file():
+            raise FileNotFoundError(f"{sched}: missing")
+        schedule = diffusion.ScheduleConfig.from_diffusers(json.loads(sched.read_text()))
+        text_encoder = tokenizer = None
+        if (path / "text_encoder").is_dir():
+            text_encoder = convert.load_text_encoder(path, dtype=dtype)
+        if (path / "tokenizer").is_dir():
+            tokenizer = t5.load_tokenizer(path / "tokenizer")
+        return cls(
+            convert.load_transformer(path, dtype=dtype),
+            convert.load_vae(path),
+            schedule,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+
+    @property
+    def fps(self) -> int:
+        """Native frame rate: 8 for CogVideoX 1.0, 16 for 1.5."""
+        return 16 if self.transformer.cfg.patch_size_t else 8
+
+    def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
+        """(B, 226, text_embed_dim) T5 states, in the transformer's dtype."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds")
+        ids = t5.tokenize(self.tokenizer, prompts, self.transformer.cfg.max_text_len)
+        return _encode_text(self.text_encoder, ids).astype(self.transformer.dtype)
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        image=None,
+        *,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        scheduler: str = "ddim",
+        seed: int = 0,
+        latents=None,
+        image_latents=None,
+        output_type: str = "np",
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Sample videos; the arguments are diffusers' (see its CogVideoX pipelines).
+
+        `image` (I2V models): PIL image(s) or uint8 (B, H, W, 3) array, resized to the output
+        size. `image_latents` (B, 1, h, w, C) replaces encoding the image and sampling its
+        posterior (unscaled, like the VAE's output). `latents` is the initial noise
+        (B, T, h, w, C). Returns frames (B, F, H, W, 3) in [0, 1] (`output_type="np"`), or the
+        final latents before the padding frames are dropped (`"latent"`).
+        """
+        cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
+        height = height or cfg.sample_height * vae_cfg.spatial_compression
+        width = width or cfg.sample_width * vae_cfg.spatial_compression
+        num_frames = num_frames or cfg.sample_frames
+        _check_args(
+            cfg, vae_cfg, height, width, num_frames, scheduler, output_type, image, image_latents
+        )
+        i2v = cfg.in_channels == 2 * vae_cfg.latent_channels
+        do_cfg = guidance_scale > 1.0
+
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt or prompt_embeds")
+            prompt_embeds = self.encode_prompt(prompt)
+        prompt_embeds = jnp.asarray(prompt_embeds, self.transformer.dtype)
+        batch = prompt_embeds.shape[0]
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                neg = negative_prompt or ""
+                neg = [neg] * batch if isinstance(neg, str) else list(neg)
+                negative_prompt_embeds = self.encode_prompt(neg)
+            negative_prompt_embeds = jnp.asarray(negative_prompt_embeds, self.transformer.dtype)
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds {negative_prompt_embeds.shape} must match "
+                    f"prompt_embeds {prompt_embeds.shape}"
+                )
+            embeds = jnp.concatenate([negative_prompt_embeds, prompt_embeds])  # (2B, S, D)
+        else:
+            embeds = prompt_embeds
+
+        # 1.5 pads the latent frames to a multiple of patch_size_t (at the front).
+        ratio = vae_cfg.temporal_compression_ratio
+        frames = (num_frames - 1) // ratio + 1
+        extra = (-frames) % (cfg.patch_size_t or 1)
+        frames += extra
+        h, w = height // vae_cfg.spatial_compression, width // vae_cfg.spatial_compression
+        shape = (batch, frames, h, w, vae_cfg.latent_channels)
+        key = jax.random.key(seed)
+        k_noise, k_image, k_loop = jax.random.split(key, 3)
+        if latents is None:
+            latents = jax.random.normal(k_noise, shape, jnp.float32)
+        latents = jnp.asarray(latents, self.transformer.dtype)
+        if latents.shape != shape:
+            raise ValueError(f"latents must have shape {shape}, got {latents.shape}")
+
+        cond = None
+        if i2v:
+            if image_latents is None:
+                if image is None:
+                    raise ValueError("this is an image-to-video model: pass image")
+                pixels = preprocess_image(image, height, width, batch)  # (B, 1, H, W, 3)
+                mean, logvar = _encode_image(self.vae, pixels)
+                image_latents = sample_latents(k_image, mean, logvar)
+            z = jnp.asarray(image_latents, jnp.float32)
+            if z.shape != (batch, 1, h, w, vae_cfg.latent_channels):
+                raise ValueError(
+                    f"image_latents must be {(batch, 1, h, w, vae_cfg.latent_channels)}"
+                )
+            z = (
+                z / vae_cfg.scaling_factor
+                if vae_cfg.invert_scale_latents
+                else z * vae_cfg.scaling_factor
+            )
+            pad = jnp.zeros((batch, frames - 1, h, w, z.shape[-1]), z.dtype)
+            cond = jnp.concatenate([z, pad], axis=1).astype(self.transformer.dtype)  # image first
+
+        ab = self.alphas_cumprod
+        table = (diffusion.ddim_table if scheduler == "ddim" else diffusion.dpm_table)(
+            ab, num_inference_steps
+        )
+        scales = (
+            diffusion.dynamic_cfg_scales(guidance_scale, num_inference_steps)
+            if use_dynamic_cfg
+            else np.full(num_inference_steps, guidance_scale)
+        )
+        ofs = 2.0 if cfg.ofs_embed_dim else None
+        bar = _ProgressBar(num_inference_steps) if progress else contextlib.nullcontext()
+        with bar:
+            out = _denoise(
+                self.transformer,
+                latents,
+                embeds,
+                cond,
+                table,
+                jnp.asarray(scales, jnp.float32),
+                k_loop,
+                ofs=ofs,
+                sampler=scheduler,
+                do_cfg=do_cfg,
+                progress=progress,
+            )
+            out.block_until_ready()
+        if output_type == "latent":
+            return np.asarray(out)
+        video = _decode(self.vae, out[:, extra:].astype(jnp.float32) / vae_cfg.scaling_factor)
+        return np.asarray(jnp.clip(video / 2 + 0.5, 0.0, 1.0))
+
+
+def _check_args(cfg, vae_cfg, height, width, num_frames, scheduler, output_type, image, img_lat):
+    step = vae_cfg.spatial_compression * cfg.patch_size
+    if height % step or width % step:
+        raise ValueError(f"height and width must be multiples of {step}, got {height}x{width}")
+    ratio = vae_cfg.temporal_compression_ratio
+    if num_frames < 1 or (num_frames - 1) % ratio:
+        raise ValueError(f"num_frames must be 1 + a multiple of {ratio}, got {num_frames}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if output_type not in ("np", "latent"):
+        raise ValueError(f"output_type must be 'np' or 'latent', got {output_type!r}")
+    i2v = cfg.in_channels == 2 * vae_cfg.latent_channels
+    if not i2v and (image is not None or img_lat is not None):
+        raise ValueError("image given, but this is a text-to-video model")
+
+
+def preprocess_image(image, height: int, width: int, batch: int) -> jax.Array:
+    """PIL image(s) or uint8 (H, W, 3) / (B, H, W, 3) arrays -> (B, 1, H, W, 3) in [-1, 1].
+
+    Resized to exactly (height, width) with Lanczos and no crop, as diffusers' VideoProcessor."""
+    from PIL import Image
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if isinstance(image, np.ndarray):
+        images = list(image) if image.ndim == 4 else [image]
+    pil = [
+        im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8))
+        for im in images
+    ]
+    arrays = [
+        np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS), np.float32)
+        for im in pil
+    ]
+    x = np.stack(arrays) / 255.0 * 2.0 - 1.0  # (B, H, W, 3)
+    if len(x) == 1 and batch > 1:
+        x = np.repeat(x, batch, axis=0)
+    if len(x) != batch:
+        raise ValueError(f"{len(x)} images for a batch of {batch}")
+    return jnp.asarray(x[:, None], jnp.float32)
+
+
+@nnx.jit
+def _encode_text(encoder, ids):
+    return encoder(ids)
+
+
+@nnx.jit
+def _encode_image(vae, pixels):
+    return vae.encode(pixels)
+
+
+@nnx.jit
+def _decode(vae, z):
+    return vae.decode(z)
+
+
+class _ProgressBar:
+    """A console bar the compiled loop advances through a host callback (`_tick`)."""
+
+    active = None
+
+    def __init__(self, total):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="denoising", unit="step")
+
+    def __enter__(self):
+        _ProgressBar.active = self.bar
+        return self
+
+    def __exit__(self, *exc):
+        _ProgressBar.active = None
+        self.bar.close()
+
+
+def _tick():
+    if _ProgressBar.active is not None:
+        _ProgressBar.active.update(1)
+
+
+@functools.partial(nnx.jit, static_argnames=("ofs", "sampler", "do_cfg", "progress"))
+def _denoise(model, x, embeds, cond, table, scales, key, *, ofs, sampler, do_cfg, progress):
+    """The whole sampling loop, compiled once: x (B, T, h, w, C) noise -> final latents."""
+    dtype = x.dtype
+    table = {k: jnp.asarray(v) for k, v in table.items()}
+    # The weights ride in the loop carry: NNX transforms inside the model (the block scan) only
+    # accept variables created at the current trace level.
+    graphdef, state = nnx.split(model)
+
+    def body(i, carry):
+        x, old_x0, state = carry
+        inp = jnp.concatenate([x, x]) if do_cfg else x  # (2B, ...) uncond first
+        if cond is not None:
+            c = jnp.concatenate([cond, cond]) if do_cfg else cond
+            inp = jnp.concatenate([inp, c], axis=-1)  # noisy latents first, image second
+        t = jnp.broadcast_to(table["t"][i], (inp.shape[0],))
+        v = nnx.merge(graphdef, state)(inp, embeds, t, ofs=ofs).astype(jnp.float32)
+        if do_cfg:
+            uncond, text = jnp.split(v, 2)
+            v = uncond + scales[i] * (text - uncond)
+        row = {k: c[i] for k, c in table.items()}
+        xf = x.astype(jnp.float32)
+        if sampler == "ddim":
+            x, x0 = diffusion.ddim_step(row, v, xf)
+        else:
+            noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+            x, x0 = diffusion.dpm_step(row, v, xf, old_x0, noise)
+        if progress:
+            jax.debug.callback(_tick, ordered=True)
+        return x.astype(dtype), x0, state
+
+    old = jnp.zeros(x.shape, jnp.float32)
+    x, _, _ = jax.lax.fori_loop(0, len(scales), body, (x, old, state))
+    return x

@@ -1,0 +1,1 @@
+"""Input pipelines and video files (numpy, PyAV, Grain); nothing here imports the model."""

@@ -1,0 +1,306 @@
+"""Sampling end to end against diffusers' CogVideoXPipeline and CogVideoXImageToVideoPipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXImageToVideoPipeline,
+    CogVideoXPipeline,
+)
+from diffusers.pipelines.cogvideo import pipeline_cogvideox_image2video
+
+import cogvideox_jax as cj
+from cogvideox_jax import pipeline, vae
+
+SIZES = {
+    "5b": (48, 64, 9),
+    "2b": (48, 64, 9),
+    "1.5-5b": (48, 64, 9),
+    "5b-i2v": (48, 64, 9),
+    "1.5-5b-i2v": (32, 48, 5),
+}
+SCHED = dict(
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    timestep_spacing="trailing",
+    clip_sample=False,
+)
+
+
+def _components(variant, tmp_path, shift=3.0):
+    """Tiny random diffusers components saved as a model folder, and loaded back by ours."""
+    transformer = ref.diffusers_transformer(variant)
+    cfg = vae.vae_config(
+        "tiny", latent_channels=4, invert_scale_latents="1.5" in variant, scaling_factor=0.7
+    )
+    torch.manual_seed(1)
+    autoencoder = AutoencoderKLCogVideoX(**cfg.to_diffusers()).eval()
+    ref.perturb_(autoencoder, 1, scale=0.05)
+    folder = tmp_path / "model"
+    transformer.save_pretrained(folder / "transformer")
+    autoencoder.save_pretrained(folder / "vae")
+    scheduler = CogVideoXDDIMScheduler(**SCHED, snr_shift_scale=shift)
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    return transformer, autoencoder, scheduler, pipeline.Pipeline.from_pretrained(folder)
+
+
+def _inputs(ours, batch=2, seed=0):
+    cfg = ours.transformer.cfg
+    h, w, f = SIZES[_variant_of(cfg)]
+    rng = np.random.default_rng(seed)
+    frames = (f - 1) // 4 + 1
+    frames += (-frames) % (cfg.patch_size_t or 1)
+    noise = rng.standard_normal((batch, frames, h // 8, w // 8, 4)).astype(np.float32)
+    text = rng.standard_normal((batch, cfg.max_text_len, cfg.text_embed_dim)).astype(np.float32)
+    neg = rng.standard_normal(text.shape).astype(np.float32)
+    return (h, w, f), noise, text, neg
+
+
+def _variant_of(cfg):
+    for name, kw in ref.TINY_TRANSFORMERS.items():
+        if cj.TransformerConfig.from_diffusers(kw) == cfg:
+            return name
+    raise KeyError(cfg)
+
+
+def _t(x):
+    return torch.from_numpy(np.asarray(x))
+
+
+@pytest.mark.parametrize(
+    "variant,dynamic,steps",
+    [("5b", False, 4), ("5b", True, 5), ("2b", True, 4), ("1.5-5b", False, 3)],
+)
+def test_text_to_video_matches_diffusers(tmp_path, variant, dynamic, steps):
+    transformer, autoencoder, scheduler, ours = _components(variant, tmp_path)
+    (h, w, f), noise, text, neg = _inputs(ours)
+    theirs = CogVideoXPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=autoencoder,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    kw = dict(
+        height=h,
+        width=w,
+        num_frames=f,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        use_dynamic_cfg=dynamic,
+    )
+    for output_type in ("latent", "np"):
+        want = theirs(
+            prompt_embeds=_t(text),
+            negative_prompt_embeds=_t(neg),
+            latents=_t(noise).permute(0, 1, 4, 2, 3),
+            output_type=output_type,
+            **kw,
+        ).frames
+        got = ours(
+            prompt_embeds=text,
+            negative_prompt_embeds=neg,
+            latents=noise,
+            output_type=output_type,
+            **kw,
+        )
+        want = want.permute(0, 1, 3, 4, 2).numpy() if output_type == "latent" else np.asarray(want)
+        assert got.shape == want.shape, (got.shape, want.shape)
+        assert ref.rel_l2(got, want) <= 1e-4, (output_type, ref.rel_l2(got, want))
+
+
+@pytest.mark.parametrize("variant", ["5b-i2v", "1.5-5b-i2v"])
+def test_image_to_video_matches_diffusers(tmp_path, variant, monkeypatch):
+    transformer, autoencoder, scheduler, ours = _components(variant, tmp_path, shift=1.0)
+    (h, w, f), noise, text, neg = _inputs(ours)
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((2, 1, h // 8, w // 8, 4)).astype(np.float32)  # the posterior sample
+    images = rng.integers(0, 256, (2, h, w, 3), np.uint8)
+    # Inject the same image latents into diffusers (instead of its own torch-RNG posterior draw).
+    draws = iter(_t(z).permute(0, 4, 1, 2, 3))
+    monkeypatch.setattr(
+        pipeline_cogvideox_image2video, "retrieve_latents", lambda *a, **k: next(draws)[None]
+    )
+    theirs = CogVideoXImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=autoencoder,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    from PIL import Image
+
+    kw = dict(
+        height=h,
+        width=w,
+        num_frames=f,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        use_dynamic_cfg=True,
+    )
+    want = theirs(
+        image=[Image.fromarray(i) for i in images],
+        prompt_embeds=_t(text),
+        negative_prompt_embeds=_t(neg),
+        latents=_t(noise).permute(0, 1, 4, 2, 3),
+        output_type="latent",
+        **kw,
+    ).frames
+    got = ours(
+        image=images,
+        prompt_embeds=text,
+        negative_prompt_embeds=neg,
+        latents=noise,
+        image_latents=z,
+        output_type="latent",
+        **kw,
+    )
+    want = want.permute(0, 1, 3, 4, 2).numpy()
+    assert ref.rel_l2(got, want) <= 1e-4, ref.rel_l2(got, want)
+
+
+def test_dpm_sampler_runs_and_is_seeded(tmp_path):
+    *_, ours = _components("5b", tmp_path)
+    (h, w, f), _, text, neg = _inputs(ours)
+    kw = dict(
+        prompt_embeds=text,
+        negative_prompt_embeds=neg,
+        height=h,
+        width=w,
+        num_frames=f,
+        num_inference_steps=3,
+        scheduler="dpm",
+        output_type="latent",
+    )
+    a, b, c = ours(seed=1, **kw), ours(seed=1, **kw), ours(seed=2, **kw)
+    assert np.isfinite(a).all() and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_bad_arguments(tmp_path):
+    *_, ours = _components("5b", tmp_path)
+    (h, w, f), _, text, _ = _inputs(ours)
+    with pytest.raises(ValueError, match="num_frames must be 1 \\+ a multiple of 4"):
+        ours(prompt_embeds=text, height=h, width=w, num_frames=10, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ours(prompt_embeds=text, height=40, width=w, num_frames=f, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        ours(prompt_embeds=text, height=h, width=w, num_frames=f, scheduler="euler")
+    with pytest.raises(ValueError, match="no text encoder"):
+        ours(prompt="a cat", height=h, width=w, num_frames=f)
+
+
+def test_image_preprocessing_equals_diffusers():
+    from diffusers.video_processor import VideoProcessor
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 37, 53, 3), np.uint8)
+    want = VideoProcessor(vae_scale_factor=8).preprocess(
+        [Image.fromarray(i) for i in images], 48, 64
+    )
+    got = pipeline.preprocess_image(images, 48, 64, batch=2)
+    np.testing.assert_allclose(got[:, 0], want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_image_to_video_encodes_the_image(tmp_path):
+    *_, ours = _components("5b-i2v", tmp_path)
+    (h, w, f), noise, text, _ = _inputs(ours, batch=1)
+    rng = np.random.default_rng(0)
+    kw = dict(
+        prompt_embeds=text,
+        height=h,
+        width=w,
+        num_frames=f,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        latents=noise,
+    )
+    a = ours(image=rng.integers(0, 256, (h, w, 3), np.uint8), **kw)
+    b = ours(image=rng.integers(0, 256, (h, w, 3), np.uint8), **kw)
+    assert a.shape == (1, f, h, w, 3) and 0 <= a.min() and a.max() <= 1
+    assert not np.allclose(a, b)  # the condition reaches the output
+
+
+def _full_model(tmp_path):
+    """A complete model folder: tiny T5 text encoder and tokenizer included."""
+    import transformers
+
+    from cogvideox_jax import t5
+
+    transformer, autoencoder, scheduler, _ = _components("5b", tmp_path)
+    ref.build_tokenizer(tmp_path / "model" / "tokenizer")
+    cfg = t5.T5Config(vocab_size=200, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
+    torch.manual_seed(2)
+    encoder = transformers.T5EncoderModel(transformers.T5Config(**cfg.to_transformers())).eval()
+    ref.perturb_(encoder, 2, scale=0.1)
+    encoder.save_pretrained(tmp_path / "model" / "text_encoder")
+    tokenizer = transformers.T5Tokenizer.from_pretrained(tmp_path / "model" / "tokenizer")
+    theirs = CogVideoXPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=autoencoder,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    return theirs, pipeline.Pipeline.from_pretrained(tmp_path / "model")
+
+
+def test_prompt_to_video_matches_diffusers(tmp_path):
+    theirs, ours = _full_model(tmp_path)
+    (h, w, f), noise, _, _ = _inputs(ours)
+    kw = dict(
+        height=h,
+        width=w,
+        num_frames=f,
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        max_sequence_length=ours.transformer.cfg.max_text_len,
+    )
+    prompts = ref.PROMPTS[:2]
+    want = (
+        theirs(prompt=prompts, latents=_t(noise).permute(0, 1, 4, 2, 3), output_type="latent", **kw)
+        .frames.permute(0, 1, 3, 4, 2)
+        .numpy()
+    )
+    kw.pop("max_sequence_length")
+    got = ours(prompts, latents=noise, output_type="latent", **kw)
+    assert ref.rel_l2(got, want) <= 1e-4, ref.rel_l2(got, want)
+
+
+def test_sample_cli_writes_an_mp4(tmp_path):
+    from data.video import read_mp4
+    from tools import sample
+
+    _full_model(tmp_path)
+    out = tmp_path / "video.mp4"
+    rc = sample.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--prompt",
+            "a panda plays a guitar",
+            "--out",
+            str(out),
+            "--height",
+            "48",
+            "--width",
+            "64",
+            "--num-frames",
+            "9",
+            "--steps",
+            "2",
+            "--scheduler",
+            "dpm",
+        ]
+    )
+    assert rc == 0
+    frames, fps = read_mp4(out)
+    assert frames.shape == (9, 48, 64, 3) and fps == 8
