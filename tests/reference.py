@@ -45,6 +45,17 @@ TINY_TRANSFORMERS = {
 }
 
 
+# The scheduler config the CogVideoX checkpoints ship (DDIM and DPM read the same keys).
+SCHEDULER_CONFIG = dict(
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    timestep_spacing="trailing",
+    clip_sample=False,
+)
+
+
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

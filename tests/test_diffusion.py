@@ -2,20 +2,14 @@
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 from diffusers.schedulers import scheduling_dpm_cogvideox
 
 from cogvideox_jax import diffusion
 
-CONFIG = dict(
-    beta_schedule="scaled_linear",
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    set_alpha_to_one=True,
-    timestep_spacing="trailing",
-    clip_sample=False,
-)
+CONFIG = ref.SCHEDULER_CONFIG
 
 
 def _scheduler(cls, shift):

@@ -24,14 +24,7 @@ SIZES = {
     "5b-i2v": (48, 64, 9),
     "1.5-5b-i2v": (32, 48, 5),
 }
-SCHED = dict(
-    beta_schedule="scaled_linear",
-    prediction_type="v_prediction",
-    rescale_betas_zero_snr=True,
-    set_alpha_to_one=True,
-    timestep_spacing="trailing",
-    clip_sample=False,
-)
+SCHED = ref.SCHEDULER_CONFIG
 
 
 def _components(variant, tmp_path, shift=3.0):
