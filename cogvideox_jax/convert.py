@@ -307,7 +307,7 @@ def split_leaf(rule: Rule, value: Array) -> Iterable[tuple[str, Array]]:
 # Whole components and model folders.
 
 # Host memory per conversion step: leaves are read and written in groups of about this size.
-STREAM_GROUP_BYTES = 268435456
+STREAM_GROUP_BYTES = 64 * 2**20  # a larger leaf goes alone
 MARKER = "cogvideox_jax.json"  # present in every component folder written by `diffusers_to_orbax`
 PARAMS_DIR = "params"
 
@@ -521,14 +521,15 @@ def _component_to_diffusers(src: Path, out: Path) -> None:
 
 
 def _groups(meta):
-    """Leaf names in groups of about STREAM_GROUP_BYTES, so reading stays bounded."""
-    group, size, group_bytes = [], 0, STREAM_GROUP_BYTES
+    """Leaf names in groups of at most STREAM_GROUP_BYTES (a larger leaf alone), in order."""
+    group, size = [], 0
     for path, (shape, dtype) in meta.items():
-        group.append(path)
-        size += int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if size >= group_bytes:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if group and size + nbytes > STREAM_GROUP_BYTES:
             yield group
             group, size = [], 0
+        group.append(path)
+        size += nbytes
     if group:
         yield group
 

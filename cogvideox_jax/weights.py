@@ -234,7 +234,8 @@ def flatten(tree: Mapping, prefix: str = "") -> dict:
 
 
 def save_params(path: Path, leaves: Iterable[tuple[str, np.ndarray]], group_bytes: int = 2**30):
-    """Write (path, array) leaves to an Orbax checkpoint at `path`, a group of leaves at a time."""
+    """Write (path, array) leaves to an Orbax checkpoint at `path`, in groups of at most
+    `group_bytes` (a larger leaf alone), so only one group is held at a time."""
     from orbax.checkpoint import v1 as ocp
 
     path = Path(path).resolve()  # Orbax requires absolute paths
@@ -247,11 +248,11 @@ def save_params(path: Path, leaves: Iterable[tuple[str, np.ndarray]], group_byte
     started = False
     with ctx:
         for name, arr in leaves:
-            group[name] = arr
-            size += arr.nbytes
-            if size >= group_bytes:
+            if group and size + arr.nbytes > group_bytes:  # a larger leaf is saved alone
                 ocp.partial.save(path, nest(group))
                 started, group, size = True, {}, 0
+            group[name] = arr
+            size += arr.nbytes
         if group or not started:
             ocp.partial.save(path, nest(group))
         ocp.partial.finalize(path)
