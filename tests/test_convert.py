@@ -216,9 +216,14 @@ def test_t5_round_trip_is_byte_exact(tmp_path, dtype, shard):
     convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
     convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
-    assert cj.load_text_encoder(tmp_path / "orbax").shared.embedding[...].dtype == (
-        np.float32 if dtype == torch.float32 else "bfloat16"
+    want = np.float32 if dtype == torch.float32 else "bfloat16"
+    direct, converted = (
+        cj.load_text_encoder(tmp_path / "src"),
+        cj.load_text_encoder(tmp_path / "orbax"),
     )
+    assert converted.shared.embedding[...].dtype == want
+    ids = np.arange(2 * 9).reshape(2, 9) % 64
+    np.testing.assert_array_equal(np.asarray(direct(ids)), np.asarray(converted(ids)))
 
 
 def test_t5_tied_embedding_copy_is_checked_and_kept(tmp_path):
