@@ -34,6 +34,8 @@ setup(
         # Video files (PyAV bundles FFmpeg with libx264) and image inputs.
         "av",
         "Pillow",
+        # Training logs (TensorBoard event files without TensorFlow).
+        "tensorboardX",
     ],
     extras_require={
         "test": [

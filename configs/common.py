@@ -1,0 +1,150 @@
+"""Argument parsing and the shared section builder for the experiment configs.
+
+`parse_arg` reads the string after the colon in `--config configs/x.py:sft,runlocal,res=256x384`
+(bare words are booleans, or the value of `mode` when they name one of `modes`; `key=value`
+pairs are typed by the default). `dit_config` fills the fixed sections of a transformer
+experiment from the few facts a config file states.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("pretrain", "sft")
+
+
+def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
+    """'sft,runlocal,frames=49' -> ConfigDict(mode='sft', runlocal=True, frames=49, ...)."""
+    out = ml_collections.ConfigDict(spec)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, value = item.partition("=")
+        if not eq and key in MODES:
+            out.mode = key
+        elif not eq:
+            if not isinstance(spec.get(key), bool):
+                raise ValueError(
+                    f"config argument {key!r} is unknown or not a flag; known: {sorted(spec)}"
+                )
+            out[key] = True
+        elif key not in spec:
+            raise ValueError(f"config argument {key!r} is unknown; known: {sorted(spec)}")
+        else:
+            default = spec[key]
+            out[key] = type(default)(value) if default is not None else value
+    if out.get("mode") not in (None, *MODES):
+        raise ValueError(f"mode must be one of {MODES}, got {out.mode!r}")
+    return out
+
+
+def parse_res(res: str) -> tuple[int, int]:
+    """'480x720' -> (480, 720) pixels."""
+    h, _, w = res.partition("x")
+    return int(h), int(w)
+
+
+def dit_config(
+    arg: ml_collections.ConfigDict,
+    *,
+    variant: str,
+    scaling_factor: float,
+    snr_shift_scale: float,
+    text_len: int,
+    i2v: bool,
+    ofs: float | None = None,
+    eus_groups: int = 1,
+) -> ml_collections.ConfigDict:
+    """The sections of a transformer run (STYLE 9.4); the caller states the checkpoint facts."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "dit"
+    c.mode = "train"  # or "eval": evaluate the latest checkpoint of the workdir
+    c.seed = 0
+    pretrain = arg.mode == "pretrain"
+    c.total_steps = 100_000 if pretrain else 1000
+    c.batch_size = 1024 if pretrain else 16
+    c.grad_accum_steps = 1
+
+    c.model = dict(
+        variant=variant,
+        overrides={},  # TransformerConfig fields, e.g. {"num_layers": 2}
+        dtype="bfloat16",
+        param_dtype="float32",
+        remat="full",
+        attention_impl="xla",
+    )
+    # Frozen VAE, used only to encode the I2V conditioning frame (latents are precomputed).
+    c.vae = dict(checkpoint="", variant="cogvideox")
+    c.diffusion = dict(
+        snr_shift_scale=snr_shift_scale,
+        scaling_factor=scaling_factor,
+        eus_groups=eus_groups,  # Explicit Uniform Sampling bands (1: plain uniform)
+        text_dropout=0.1,
+        image_dropout=0.05,
+        image_noise_log_mean=-3.0,
+        image_noise_log_std=0.5,
+        ofs=ofs if ofs is not None else -1.0,  # 1.5-I2V: the constant ofs input; -1: none
+    )
+    h, w = parse_res(arg.res)
+    c.input = dict(
+        source="synthetic",
+        i2v=i2v,
+        num_frames=arg.frames,
+        height=h,
+        width=w,
+        latent_channels=16,
+        text_len=text_len,
+        text_dim=4096,
+        num_examples=4096,
+        eval_examples=64,
+    )
+    c.optim = dict(
+        lr=1e-4 if pretrain else 1e-5,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=1e-4,
+        schedule="cosine" if pretrain else "linear",
+        warmup_steps=1000 if pretrain else 10,
+        end_lr_factor=0.0,
+        grad_clip=1.0 if pretrain else 0.1,
+        ema_decay=0.0 if pretrain else 0.9999,  # 0: no EMA
+    )
+    c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1, num_devices=0)  # 0: every device
+    c.sharding_rules = ()  # empty: cogvideox_jax.sharding.DEFAULT_RULES
+    c.ckpt = dict(every_steps=500, keep=3, async_save=True)
+    c.log = dict(every_steps=10, progress=True)
+    c.evals = dict(every_steps=1000, timesteps=(100, 300, 500, 700, 900), batch_size=8)
+    c.init = dict(checkpoint="")  # a diffusers/Orbax transformer folder to start from
+    c.on_nonfinite = "stop"  # or "skip": drop the update of a step with a NaN/Inf loss
+
+    if arg.runlocal:
+        runlocal(c)
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+    """Shrink `c` to a CPU-sized run of the same experiment: tiny transformer and VAE."""
+    c.total_steps = 6
+    c.batch_size = 2
+    c.model.overrides = dict(
+        num_layers=1,
+        num_heads=2,
+        head_dim=16,
+        text_embed_dim=16,
+        time_embed_dim=16,
+        max_text_len=8,
+        sample_height=4,
+        sample_width=4,
+        sample_frames=9,
+    )
+    if c.diffusion.ofs >= 0:
+        c.model.overrides.ofs_embed_dim = 16
+    c.mesh.num_devices = 2  # the batch of 2 over at most 2 devices
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.vae.variant = "tiny"
+    c.input.update(num_frames=9, height=32, width=32, text_len=8, text_dim=16)
+    c.input.update(num_examples=16, eval_examples=4)
+    c.optim.warmup_steps = 2
+    c.ckpt.every_steps = 2
+    c.log.every_steps = 1
+    c.evals.update(every_steps=3, batch_size=2, timesteps=(100, 900))

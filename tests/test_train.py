@@ -1,0 +1,253 @@
+"""The transformer trainer: every config runs, the loss is CogVideoX's (checked against diffusers'
+training-script formula), Explicit Uniform Sampling, bit-identical resume after SIGKILL,
+restoring onto another mesh, config errors and non-finite losses."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+import cogvideox_jax as cj
+from cogvideox_jax import diffusion
+from train import dit
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [
+    "cogvideox_2b",
+    "cogvideox_5b",
+    "cogvideox_5b_i2v",
+    "cogvideox1_5_5b",
+    "cogvideox1_5_5b_i2v",
+]
+
+
+def _config(name, arg="sft,runlocal", **overrides):
+    cfg = importlib.import_module(f"configs.{name}").get_config(arg)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cfg.lock()
+    return cfg
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# cogvideox_5b's two steps run in the init/mesh test below.
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "cogvideox_5b"])
+def test_every_config_runs_two_steps(name, tmp_path):
+    mode = "pretrain" if name.endswith("i2v") else "sft"
+    extra = {"batch_size": 4, "grad_accum_steps": 2} if name == "cogvideox_2b" else {}
+    cfg = _config(name, f"{mode},runlocal", total_steps=2, **{"evals.every_steps": 100}, **extra)
+    dit.train_and_evaluate(cfg, str(tmp_path))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec"):
+        assert np.isfinite(rows[-1][key]), key
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_init_checkpoint_then_restore_onto_another_mesh_and_eval_mode(tmp_path, capsys):
+    cfg = _config("cogvideox_5b")
+    model = cj.Transformer(
+        cj.transformer_config(cfg.model.variant, **cfg.model.overrides), rngs=nnx.Rngs(7)
+    )
+    cj.save_transformer(model, tmp_path / "init")
+    every = {"evals.every_steps": 3, "init.checkpoint": str(tmp_path / "init")}
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=2, **every), str(tmp_path))
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
+    assert f"initialised from {tmp_path / 'init'}" in capsys.readouterr().out
+    # Saved on (fsdp 2), restored on (data 2, tensor 4): resumes from step 2.
+    mesh = {"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 4, "mesh.num_devices": 0}
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=3, **mesh, **every), str(tmp_path))
+    assert "resumed from step 2" in capsys.readouterr().out
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and np.isfinite(rows[-1]["loss"])
+    assert "eval_loss" in rows[-1] and "eval_loss" not in rows[1]
+    # Evaluating the final checkpoint on demand gives the eval of the run's last step.
+    cfg = _config("cogvideox_5b", total_steps=3, mode="eval", **every)
+    got = dit.train_and_evaluate(cfg, str(tmp_path))
+    assert got["step"] == 3
+    np.testing.assert_allclose(got["eval_loss"], rows[-1]["eval_loss"], rtol=1e-5)
+
+
+# ---- The objective against diffusers' training scripts ----
+
+
+def _diffusers_loss(model, scheduler, z0, noise, t, text, image_latents=None):
+    """diffusers' CogVideoX training loss (examples/cogvideo/train_cogvideox_*.py), torch."""
+    to_t = lambda x: torch.from_numpy(np.asarray(x, np.float32)).permute(0, 1, 4, 2, 3)  # noqa: E731
+    z0_t, noise_t, tt = to_t(z0), to_t(noise), torch.from_numpy(np.asarray(t))
+    noisy = scheduler.add_noise(z0_t, noise_t, tt)
+    x_in = noisy if image_latents is None else torch.cat([noisy, to_t(image_latents)], dim=2)
+    b, f, _, h, w = z0_t.shape
+    with torch.no_grad():
+        pred = model(
+            hidden_states=x_in,
+            encoder_hidden_states=torch.from_numpy(text),
+            timestep=tt,
+            image_rotary_emb=ref.rotary_tables(model, f, h, w),
+            return_dict=False,
+        )[0]
+    x0_pred = scheduler.get_velocity(pred, noisy, tt)
+    weights = 1 / (1 - scheduler.alphas_cumprod[tt])
+    weights = weights.reshape(-1, 1, 1, 1, 1)
+    return float(torch.mean((weights * (x0_pred - z0_t) ** 2).reshape(b, -1), dim=1).mean())
+
+
+@pytest.mark.parametrize("variant, shift", [("2b", 3.0), ("5b-i2v", 1.0)])
+def test_loss_equals_diffusers_training_formula(variant, shift, tmp_path):
+    from diffusers import CogVideoXDPMScheduler
+
+    theirs = ref.diffusers_transformer(variant, seed=3)
+    theirs.save_pretrained(tmp_path)
+    ours = cj.load_transformer(tmp_path)
+    scheduler = CogVideoXDPMScheduler(
+        snr_shift_scale=shift,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+    )
+    rng = np.random.default_rng(0)
+    c = 4  # the tiny models' latent channels
+    z0 = rng.standard_normal((3, 3, 6, 8, c)).astype(np.float32)
+    noise = rng.standard_normal(z0.shape).astype(np.float32)
+    text = rng.standard_normal((3, 7, 16)).astype(np.float32)
+    t = np.array([3, 480, 997])
+    img = None
+    if ours.cfg.in_channels == 2 * c:
+        img = np.zeros_like(z0)
+        img[:, :1] = rng.standard_normal(img[:, :1].shape)  # first-frame latent, zero-padded
+    want = _diffusers_loss(theirs, scheduler, z0, noise, t, text, img)
+    ab = jnp.asarray(diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=shift)))
+    got = dit.diffusion_loss(ours, z0, text, t, noise, ab, img)
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+
+
+def test_explicit_uniform_sampling_bands():
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    t = np.stack([np.asarray(dit.eus_timesteps(k, 8, 4)) for k in keys])  # (400, 8)
+    for row in range(8):
+        band = row // 2  # 8 rows over 4 groups
+        lo, hi = band * 250, (band + 1) * 250
+        assert t[:, row].min() >= lo and t[:, row].max() < hi
+        assert t[:, row].min() < lo + 10 and t[:, row].max() > hi - 10  # the band is covered
+    # Any number of groups, and groups = 1 is plain uniform sampling.
+    t3 = np.stack([np.asarray(dit.eus_timesteps(k, 6, 3)) for k in keys[:50]])
+    assert (t3[:, :2] < 333).all() and ((t3[:, 2:4] >= 333) & (t3[:, 2:4] < 666)).all()
+    assert (t3[:, 4:] >= 666).all() and (t3 < 1000).all()
+    t1 = np.asarray(dit.eus_timesteps(keys[0], 4096, 1))
+    assert t1.min() < 5 and t1.max() > 994
+
+
+def test_latent_padding_for_temporal_patches():
+    z = jnp.arange(3.0).reshape(1, 3, 1, 1, 1)
+    np.testing.assert_array_equal(np.ravel(dit.pad_latent_frames(z, 2)), [0, 0, 1, 2])
+    assert dit.pad_latent_frames(z, 1) is z
+
+
+# ---- Resume ----
+
+
+def _run(workdir, *overrides, wait=True):
+    cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_2b.py:sft,runlocal"]
+    cmd += ["--workdir", str(workdir), *overrides]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(workdir).parent / "jax_cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    if wait:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    return proc
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+    args = [
+        "--config.total_steps=150",
+        "--config.ckpt.every_steps=10",
+        "--config.evals.every_steps=50",
+        "--config.log.progress=False",
+    ]
+    _run(tmp_path / "straight", *args)
+    proc = _run(tmp_path / "killed", *args, wait=False)
+    metrics_file = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+        if len(rows) >= 40:  # at least 3 checkpoints started
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics_file.read_text().splitlines())
+    assert killed_at < 150
+    _run(tmp_path / "killed", *args)
+
+    keys = lambda r: {k: v for k, v in r.items() if not k.endswith("_per_sec")}  # noqa: E731
+    straight = [keys(r) for r in _rows(tmp_path / "straight")]
+    resumed = [keys(r) for r in _rows(tmp_path / "killed")]
+    assert [r["step"] for r in resumed] == list(range(1, 151))
+    assert resumed == straight
+
+
+# ---- Bad input ----
+
+
+def _parse(*argv):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    fv(["train", *argv])
+    return fv.config
+
+
+def test_config_errors_name_the_rule(tmp_path):
+    with pytest.raises(Exception, match="lrr"):
+        _parse("--config=configs/cogvideox_5b.py:sft,runlocal", "--config.optim.lrr=1e-3")
+    with pytest.raises(ValueError, match="unknown"):
+        _config("cogvideox_5b", "sft,runlocl")
+    cases = [
+        ("cogvideox_5b", {"batch_size": 3}, "divisible by the data shards"),
+        ("cogvideox_5b", {"input.num_frames": 11}, "4k\\+1"),
+        ("cogvideox1_5_5b", {"input.num_frames": 13}, "8k\\+1"),
+        ("cogvideox_5b", {"init.checkpoint": str(tmp_path / "nope")}, "init.checkpoint"),
+        ("cogvideox_5b", {"mode": "evaluate"}, "config.mode"),
+    ]
+    for name, overrides, rule in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=rule):
+            dit.train_and_evaluate(_config(name, **overrides), str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # failed before anything was written
+    cfg = _parse("--config=configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360")
+    assert (cfg.input.num_frames, cfg.input.height, cfg.input.width) == (161, 768, 1360)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    # An absurd learning rate makes the weights overflow within a few steps.
+    cfg = _config("cogvideox_5b", total_steps=20, **{"optim.lr": 1e30, "ckpt.every_steps": 1})
+    with pytest.raises(FloatingPointError, match="non-finite") as err:
+        dit.train_and_evaluate(cfg, str(tmp_path))
+    bad = int(str(err.value).split("at step ")[1].split()[0])
+    assert bad < 20
+    assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == bad - 1

@@ -1,0 +1,565 @@
+"""Training loop for the CogVideoX transformer: `train_and_evaluate(config, workdir)` and the
+pure `train_step`.
+
+Objective (paper section 3; SAT `VideoDiffusionLoss`, diffusers' CogVideoX training scripts):
+v-prediction MSE on VAE latents times `scaling_factor`, under the zero-terminal-SNR schedule with
+`snr_shift_scale` (cogvideox_jax.diffusion). SAT writes it as an x0-MSE weighted by 1/(1 - ab),
+which is the same number. Timesteps are uniform integers with Explicit Uniform Sampling (bands of
+the 1000 steps per group of batch rows), text embeddings are zeroed with p = 0.1, and I2V models
+see the noised, VAE-encoded first frame concatenated on channels (dropped with p = 0.05).
+
+Shape letters: B batch, T latent frames, H/W latent height/width, C channels, S text tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import cogvideox_jax as cj
+from cogvideox_jax import diffusion, sharding
+from cogvideox_jax import vae as vae_lib
+from data import synthetic
+from train import checkpoint, evaluate, metrics, optim
+
+BATCH_AXES = ("data", "fsdp")  # the batch is split over these mesh axes (sharding rule "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The per-step constants of the objective, derived once from the config."""
+
+    scaling_factor: float
+    eus_groups: int
+    text_dropout: float
+    image_dropout: float
+    image_noise_log_mean: float
+    image_noise_log_std: float
+    ofs: float | None
+    i2v: bool
+    patch_size_t: int
+    grad_accum_steps: int
+    ema_decay: float
+    skip_nonfinite: bool
+    num_timesteps: int = 1000
+
+
+# ---- Objective ----
+
+
+def eus_timesteps(key: jax.Array, batch_size: int, groups: int, num_timesteps: int = 1000):
+    """Explicit Uniform Sampling (paper section 3.3): integer timesteps (B,), row r drawing
+    uniformly from band g = r * groups // B of [0, num_timesteps). The batch is laid out over
+    the data-parallel shards in order, so when `groups` divides their number each shard draws
+    from one band, as in SAT's DiscreteSampling; groups=1 is plain uniform sampling."""
+    g = np.arange(batch_size) * groups // batch_size
+    lo, hi = g * num_timesteps // groups, (g + 1) * num_timesteps // groups
+    return jax.random.randint(key, (batch_size,), jnp.asarray(lo), jnp.asarray(hi))
+
+
+def pad_latent_frames(z: jax.Array, patch_size_t: int) -> jax.Array:
+    """CogVideoX 1.5: repeat the first latent frame at the front until T % patch_size_t == 0."""
+    n = -z.shape[1] % patch_size_t
+    return jnp.concatenate([jnp.repeat(z[:, :1], n, axis=1), z], axis=1) if n else z
+
+
+def image_condition(vae, image, key, num_frames: int, sc: StepConfig, dropout: float):
+    """I2V conditioning (SAT `add_noise_to_first_frame`, diffusers' I2V script): the first
+    pixel frame (B, H, W, 3) noised with sigma = exp(N(mean, std)) per sample, encoded alone,
+    scaled, zero-padded to `num_frames` latent frames -> (B, T, h, w, C); all of it is zeroed
+    with probability `dropout` (one draw for the batch, as SAT does)."""
+    k_sigma, k_noise, k_post, k_drop = jax.random.split(key, 4)
+    b = image.shape[0]
+    sigma = jnp.exp(
+        sc.image_noise_log_mean + sc.image_noise_log_std * jax.random.normal(k_sigma, (b,))
+    )
+    image = image + sigma[:, None, None, None] * jax.random.normal(k_noise, image.shape)
+    # One frame is one encoder chunk: no frame-batching scan needed.
+    mean, logvar = vae.encode(image[:, None].astype(jnp.float32), frame_batching=False)
+    # Multiplied by scaling_factor as SAT trains every variant (diffusers' 1.5-I2V pipeline
+    # divides instead, `invert_scale_latents`; the sampler owns that choice, not training).
+    z = vae_lib.sample_latents(k_post, mean, logvar) * sc.scaling_factor
+    z = z * (jax.random.uniform(k_drop) >= dropout)
+    pad = jnp.zeros((b, num_frames - 1, *z.shape[2:]), z.dtype)
+    return jax.lax.stop_gradient(jnp.concatenate([z, pad], axis=1))  # (B, T, h, w, C)
+
+
+def diffusion_loss(model, z0, text, t, noise, ab, image_latents=None, ofs=None) -> jax.Array:
+    """mean((v_pred - v)^2) over every element: per-sample means averaged over the batch, equal
+    to SAT's and diffusers' mean of (1 / (1 - ab)) * (x0_pred - x0)^2."""
+    x_t = diffusion.add_noise(z0, noise, t, ab)
+    x_in = x_t if image_latents is None else jnp.concatenate([x_t, image_latents], axis=-1)
+    v_pred = model(x_in, text, t, ofs=ofs).astype(jnp.float32)
+    v = diffusion.velocity(z0, noise, t, ab).astype(jnp.float32)
+    return jnp.mean(jnp.square(v_pred - v))
+
+
+# ---- Pure steps ----
+
+
+def _merge(graphdef, templates, params, buffers):
+    """The model from pure parameter and buffer dicts (templates give the Variable structure)."""
+    p, b = jax.tree.map(lambda x: x, templates)
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(b, buffers)
+    return nnx.merge(graphdef, p, b)
+
+
+def prepare_batch(batch, key, frozen, sc: StepConfig, *, train: bool):
+    """Raw batch -> the loss inputs {z0, text, t, noise[, image_latents]} (no model call)."""
+    k_t, k_noise, k_drop, k_img = jax.random.split(key, 4)
+    z0 = batch["latents"] * sc.scaling_factor  # (B, T, h, w, C)
+    b, t_frames = z0.shape[:2]
+    text = batch["text"]
+    out = {}
+    if sc.i2v:
+        vae = nnx.merge(*frozen["vae"])
+        dropout = sc.image_dropout if train else 0.0
+        img = image_condition(vae, batch["image"], k_img, t_frames, sc, dropout)
+        out["image_latents"] = pad_latent_frames(img, sc.patch_size_t)
+    z0 = pad_latent_frames(z0, sc.patch_size_t)
+    if train:
+        keep = jax.random.uniform(k_drop, (b,)) >= sc.text_dropout
+        text = jnp.where(keep[:, None, None], text, 0.0)  # dropped prompts are zero embeddings
+        out["t"] = eus_timesteps(k_t, b, sc.eus_groups, sc.num_timesteps)
+    out.update(z0=z0, text=text, noise=jax.random.normal(k_noise, z0.shape, z0.dtype))
+    return out
+
+
+def _loss(params, buffers, inputs, *, graphdef, templates, ab, sc: StepConfig):
+    model = _merge(graphdef, templates, params, buffers)
+    return diffusion_loss(
+        model,
+        inputs["z0"],
+        inputs["text"],
+        inputs["t"],
+        inputs["noise"],
+        ab,
+        inputs.get("image_latents"),
+        sc.ofs,
+    )
+
+
+def train_step(state, batch, frozen, *, graphdef, templates, tx, ab, sc: StepConfig):
+    """One optimiser update -> (new state, metrics). `state` holds params, opt_state, ema,
+    buffers, step and rng; the step's randomness is fold_in(rng, step)."""
+    key = jax.random.fold_in(state["rng"], state["step"])
+    inputs = prepare_batch(batch, key, frozen, sc, train=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(_loss, graphdef=graphdef, templates=templates, ab=ab, sc=sc)
+    )
+    a = sc.grad_accum_steps
+    if a == 1:
+        loss, grads = grad_fn(state["params"], state["buffers"], inputs)
+    else:  # micro-batches of B / a rows; gradients averaged
+
+        def micro(acc, mb):
+            loss, grads = grad_fn(state["params"], state["buffers"], mb)
+            return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+        split = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), inputs)
+        zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+        (loss, grads), _ = jax.lax.scan(micro, zero, split)
+        loss, grads = jax.tree.map(lambda x: x / a, (loss, grads))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1)
+    if sc.ema_decay > 0:
+        new["ema"] = optim.ema_update(state["ema"], params, state["step"], sc.ema_decay)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if sc.skip_nonfinite:  # keep the old weights and optimiser state; the step still counts
+        kept = {k: new[k] for k in ("params", "opt_state", "ema")}
+        old = {k: state[k] for k in kept}
+        new.update(jax.tree.map(lambda n, o: jnp.where(finite, n, o), kept, old))
+    return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def eval_step(
+    params, buffers, batch, index, frozen, *, graphdef, templates, ab, sc, timesteps, seed
+):
+    """Held-out loss (len(timesteps),) of one batch at each fixed timestep, with noise fixed by
+    (seed, batch index): deterministic, so comparable across runs and checkpoints."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    inputs = prepare_batch(batch, key, frozen, sc, train=False)
+    b = inputs["z0"].shape[0]
+    losses = []
+    for t in timesteps:
+        inputs["t"] = jnp.full((b,), t, jnp.int32)
+        losses.append(
+            _loss(params, buffers, inputs, graphdef=graphdef, templates=templates, ab=ab, sc=sc)
+        )
+    return jnp.stack(losses)
+
+
+# ---- Set-up helpers ----
+
+
+def validate(config) -> None:
+    """Config rules checked before anything is built or compiled."""
+    c = config
+    if c.mode not in ("train", "eval"):
+        raise ValueError(f"config.mode must be 'train' or 'eval', got {c.mode!r}")
+    if c.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.on_nonfinite must be 'stop' or 'skip', got {c.on_nonfinite!r}")
+    tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
+    n = c.input.num_frames
+    k = 4 * (tcfg.patch_size_t or 1)
+    if n < 1 or (n - 1) % k:
+        extra = " (CogVideoX 1.5 needs an even latent count before padding)" if k == 8 else ""
+        raise ValueError(f"input.num_frames={n}: the frame count must be {k}k+1{extra}")
+    if c.input.height % (8 * tcfg.patch_size) or c.input.width % (8 * tcfg.patch_size):
+        raise ValueError(
+            f"input height/width {c.input.height}x{c.input.width} must be multiples of "
+            f"{8 * tcfg.patch_size} (VAE factor 8 times patch size {tcfg.patch_size})"
+        )
+    want = c.input.latent_channels * (2 if c.input.i2v else 1)
+    if tcfg.in_channels != want:
+        raise ValueError(
+            f"model in_channels {tcfg.in_channels} != {want} for input.i2v={c.input.i2v}"
+        )
+    shards = _data_shards(c.mesh)
+    if c.batch_size % (shards * c.grad_accum_steps):
+        raise ValueError(
+            f"batch_size ({c.batch_size}) must be divisible by the data shards (mesh.data x "
+            f"mesh.fsdp = {shards}) times grad_accum_steps ({c.grad_accum_steps})"
+        )
+    if c.batch_size % jax.process_count():
+        raise ValueError(f"batch_size ({c.batch_size}) must be divisible by the process count")
+    if c.init.checkpoint and not os.path.isdir(c.init.checkpoint):
+        raise FileNotFoundError(
+            f"init.checkpoint {c.init.checkpoint!r} does not exist (it must be a converted "
+            "diffusers/Orbax transformer folder)"
+        )
+    if c.input.i2v and not c.vae.checkpoint and c.vae.variant != "tiny":
+        raise ValueError("input.i2v needs vae.checkpoint: the frozen VAE encodes the first frame")
+    if c.input.source != "synthetic":
+        raise ValueError(f"input.source must be 'synthetic', got {c.input.source!r}")
+
+
+def _mesh_shape(m) -> tuple[int, ...]:
+    """Mesh sizes; -1 takes the remaining devices. `num_devices` > 0 caps the devices used (the
+    first ones: a runlocal batch of 2 on 8 simulated CPU devices)."""
+    sizes = [m.data, m.fsdp, m.context, m.tensor]
+    n = min(jax.device_count(), m.num_devices) if m.num_devices > 0 else jax.device_count()
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes) or n % fixed:
+        raise ValueError(
+            f"mesh (data, fsdp, context, tensor) = {sizes}: sizes must be >= 1 or -1 (at most "
+            f"one) and their product must divide the {n} devices used"
+        )
+    return tuple(n // fixed if s == -1 else s for s in sizes)
+
+
+def _data_shards(m) -> int:
+    data, fsdp, _, _ = _mesh_shape(m)
+    return data * fsdp
+
+
+def make_mesh(m) -> jax.sharding.Mesh:
+    auto = (jax.sharding.AxisType.Auto,) * 4
+    shape = _mesh_shape(m)
+    devices = jax.devices()[: int(np.prod(shape))]
+    return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _fit(spec: P, shape, mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (tiny models on many devices)."""
+    out = []
+    padded = tuple(spec) + (None,) * (len(shape) - len(spec))
+    for dim, entry in zip(shape, padded, strict=True):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        out.append(entry if dim % size == 0 else None)
+    return P(*out)
+
+
+def _shardings(abstract_vars, mesh, rules):
+    """NamedShardings (pure dict) for an nnx.State of abstract Variables."""
+    specs = nnx.to_pure_dict(sharding.state_specs(abstract_vars, rules or None))
+    shapes = nnx.to_pure_dict(abstract_vars)
+    return jax.tree.map(
+        lambda s, x: NamedSharding(mesh, _fit(s, x.shape, mesh)),
+        specs,
+        shapes,
+        is_leaf=lambda s: isinstance(s, P),
+    )
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _example_shapes(c, tcfg):
+    t = vae_lib.num_latent_frames(c.input.num_frames)
+    h, w = c.input.height // 8, c.input.width // 8
+    return dict(
+        latent_shape=(t, h, w, c.input.latent_channels),
+        text_shape=(c.input.text_len, c.input.text_dim),
+        image_shape=(c.input.height, c.input.width, 3) if c.input.i2v else None,
+    )
+
+
+def _tokens_per_example(c, tcfg) -> int:
+    pt = tcfg.patch_size_t or 1
+    t = -(-vae_lib.num_latent_frames(c.input.num_frames) // pt)
+    hw = (c.input.height // 8 // tcfg.patch_size) * (c.input.width // 8 // tcfg.patch_size)
+    return t * hw + c.input.text_len
+
+
+def _frozen_vae(c, mesh):
+    """(graphdef, state) of the frozen VAE for I2V, replicated; None for T2V."""
+    if not c.input.i2v:
+        return None
+    replicated = NamedSharding(mesh, P())
+    if c.vae.checkpoint:
+        gd, st = nnx.split(cj.load_vae(c.vae.checkpoint))
+        return gd, jax.device_put(st, replicated)
+
+    # runlocal: a random tiny VAE (the conditioning path is what is exercised), filled on the
+    # host: initialising it with jax would compile one program per convolution.
+    gd, abs_st = nnx.split(
+        nnx.eval_shape(
+            lambda: cj.AutoencoderKL(vae_lib.vae_config(c.vae.variant), rngs=nnx.Rngs(0))
+        )
+    )
+    rng = np.random.default_rng(c.seed + 1)
+
+    def fill(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            return np.ones(x.shape, x.dtype)
+        if x.ndim == 1:
+            return np.zeros(x.shape, x.dtype)
+        std = 1 / np.sqrt(np.prod(x.shape[:-1]))
+        return (std * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abs_st))
+    nnx.replace_by_pure_dict(abs_st, jax.device_put(pure, replicated))
+    return gd, abs_st
+
+
+def _global_batch(local, mesh):
+    spec = NamedSharding(mesh, P(BATCH_AXES))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), local)
+
+
+def _note(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train (or, with config.mode == 'eval', evaluate the latest checkpoint); returns the last
+    logged metrics."""
+    c = config
+    validate(c)
+    os.makedirs(workdir, exist_ok=True)
+    tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
+    sc = StepConfig(
+        scaling_factor=c.diffusion.scaling_factor,
+        eus_groups=c.diffusion.eus_groups,
+        text_dropout=c.diffusion.text_dropout,
+        image_dropout=c.diffusion.image_dropout,
+        image_noise_log_mean=c.diffusion.image_noise_log_mean,
+        image_noise_log_std=c.diffusion.image_noise_log_std,
+        ofs=c.diffusion.ofs if c.diffusion.ofs >= 0 else None,
+        i2v=c.input.i2v,
+        patch_size_t=tcfg.patch_size_t or 1,
+        grad_accum_steps=c.grad_accum_steps,
+        ema_decay=c.optim.ema_decay,
+        skip_nonfinite=c.on_nonfinite == "skip",
+    )
+    ab = diffusion.alphas_cumprod(
+        diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
+    )
+    ab = jnp.asarray(ab, jnp.float32)
+    tokens = _tokens_per_example(c, tcfg) * c.batch_size
+    _note(f"per-process batch {c.batch_size // jax.process_count()}, {tokens} tokens per step")
+
+    # ---- Mesh ----
+    mesh = make_mesh(c.mesh)
+    rules = tuple(tuple(r) for r in c.sharding_rules)
+    replicated = NamedSharding(mesh, P())
+
+    # ---- Data ----
+    shapes = _example_shapes(c, tcfg)
+    local_batch = c.batch_size // jax.process_count()
+    train_ds = synthetic.dataset(
+        c.input.num_examples,
+        local_batch,
+        seed=c.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        **shapes,
+    )
+    data_iter = iter(train_ds)
+    eval_bs = c.evals.batch_size
+    eval_ds = synthetic.dataset(
+        c.input.eval_examples,
+        eval_bs,
+        seed=c.seed + 10_000,
+        shuffle=False,
+        repeat=False,
+        **shapes,
+    )
+
+    # ---- Model, abstract state, shardings ----
+    def build(seed):
+        return cj.Transformer(
+            tcfg,
+            dtype=_dtype(c.model.dtype),
+            param_dtype=_dtype(c.model.param_dtype),
+            remat=c.model.remat,
+            attention_impl=c.model.attention_impl,
+            rngs=nnx.Rngs(seed),
+        )
+
+    graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: build(0)), nnx.Param, ...)
+    templates = (abs_params, abs_buffers)
+    tx, schedule = optim.make_optimizer(c.optim, c.total_steps)
+    param_sh = _shardings(abs_params, mesh, rules)
+    buffer_sh = _shardings(abs_buffers, mesh, rules)
+    pure_params = nnx.to_pure_dict(abs_params)
+    abs_opt = jax.eval_shape(tx.init, pure_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+    )
+    state_sh = dict(
+        params=param_sh,
+        opt_state=opt_sh,
+        ema=param_sh if sc.ema_decay > 0 else {},
+        buffers=buffer_sh,
+        step=replicated,
+        rng=replicated,
+    )
+
+    def fresh_state(params, buffers):
+        return dict(
+            params=params,
+            opt_state=tx.init(params),
+            ema=jax.tree.map(jnp.copy, params) if sc.ema_decay > 0 else {},
+            buffers=buffers,
+            step=jnp.zeros((), jnp.int32),
+            rng=jax.random.PRNGKey(c.seed),
+        )
+
+    def random_init():
+        def init():
+            _, p, b = nnx.split(build(c.seed), nnx.Param, ...)
+            return fresh_state(nnx.to_pure_dict(p), nnx.to_pure_dict(b))
+
+        return jax.jit(init, out_shardings=state_sh)()
+
+    def load_pretrained(path):
+        model = cj.load_transformer(path, dtype=_dtype(c.model.param_dtype))
+        if model.cfg != tcfg:
+            raise ValueError(f"init.checkpoint {path}: its architecture {model.cfg} != {tcfg}")
+        _, p, b = nnx.split(model, nnx.Param, ...)
+        p, b = jax.device_put((nnx.to_pure_dict(p), nnx.to_pure_dict(b)), (param_sh, buffer_sh))
+        return jax.jit(fresh_state, out_shardings=state_sh)(p, b)
+
+    abstract_state = checkpoint.abstract(jax.eval_shape(random_init), state_sh)
+    mngr = checkpoint.manager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        keep=c.ckpt.keep,
+        async_save=c.ckpt.async_save,
+    )
+    frozen = {"vae": _frozen_vae(c, mesh)} if c.input.i2v else {}
+
+    # ---- Compiled steps ----
+    p_eval = jax.jit(
+        functools.partial(
+            eval_step,
+            graphdef=graphdef,
+            templates=templates,
+            ab=ab,
+            sc=sc,
+            timesteps=tuple(c.evals.timesteps),
+            seed=c.seed + 20_000,
+        )
+    )
+
+    def run_eval(state):
+        with jax.set_mesh(mesh):
+            return evaluate.held_out_loss(
+                functools.partial(p_eval, state["params"], state["buffers"]),
+                eval_ds,
+                lambda b: _global_batch(b, mesh),
+                frozen,
+                tuple(c.evals.timesteps),
+            )
+
+    if c.mode == "eval":
+        return evaluate.evaluate_checkpoint(mngr, abstract_state, run_eval, workdir)
+
+    state, origin = checkpoint.restore_or_init(
+        mngr,
+        abstract_state,
+        data_iter,
+        init_checkpoint=c.init.checkpoint,
+        load_pretrained=load_pretrained,
+        random_init=random_init,
+    )
+    _note(f"train state: {origin}")
+    p_train = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, templates=templates, tx=tx, ab=ab, sc=sc),
+        donate_argnums=(0,),
+        out_shardings=(state_sh, replicated),
+    )
+
+    # ---- Loop ----
+    step = int(state["step"])
+    log = metrics.Logger(workdir, c.total_steps, step, progress=c.log.progress)
+    last_saved, row = step if mngr.latest_step() is not None else None, {}
+    t0, steps_timed = time.perf_counter(), 0
+    try:
+        while step < c.total_steps:
+            with jax.set_mesh(mesh):
+                state, m = p_train(state, _global_batch(next(data_iter), mesh), frozen)
+            step += 1
+            steps_timed += 1
+            loss, finite = float(m["loss"]), bool(m["finite"])
+            if not finite and c.on_nonfinite == "stop":
+                mngr.wait_until_finished()
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step} (loss {loss}); stopping "
+                    "(config.on_nonfinite='stop'). "
+                    f"The last good checkpoint (step {last_saved}) is kept in {mngr.directory}"
+                )
+            is_log = step % c.log.every_steps == 0 or step == c.total_steps
+            is_eval = step % c.evals.every_steps == 0
+            if is_log or is_eval:
+                dt = time.perf_counter() - t0
+                row = dict(
+                    loss=loss,
+                    lr=float(schedule(step - 1)),
+                    grad_norm=float(m["grad_norm"]),
+                    steps_per_sec=steps_timed / dt,
+                    tokens_per_sec=steps_timed * tokens / dt,
+                )
+                if not finite:
+                    row["skipped_nonfinite"] = 1
+                if is_eval:
+                    row.update(run_eval(state))
+                log.write(step, row)
+                t0, steps_timed = time.perf_counter(), 0
+            if step % c.ckpt.every_steps == 0 or step == c.total_steps:
+                checkpoint.save(mngr, step, state, data_iter)
+                last_saved = step
+            log.advance(step)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        log.close()
+    return {"step": step, **row}

@@ -1,0 +1,76 @@
+"""Process-0 logging: DIR/metrics.jsonl, TensorBoard scalars (tensorboardX, which needs neither
+TensorFlow nor tensorboard) and a console progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+
+
+class Logger:
+    """Writes on process 0 only; other processes get no-ops."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, *, progress: bool):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_after(path, start_step)
+        self._jsonl = open(path, "a")
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+        self._bar = tqdm.tqdm(
+            total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True
+        )
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        row = {"step": int(step)} | {k: _plain(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in row.items():
+            if isinstance(v, float):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+        if "loss" in row:
+            self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+
+    def advance(self, step: int) -> None:
+        if self.active:
+            self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self.active:
+            self._bar.close()
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drop rows past `step` (written after the checkpoint a run resumes from) and a torn last
+    line, so a resumed run's log reads as if it had never stopped."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def _plain(v):
+    v = np.asarray(v)
+    return float(v) if v.dtype.kind == "f" else int(v) if v.dtype.kind in "iu" else v.tolist()
