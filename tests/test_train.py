@@ -251,3 +251,65 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     bad = int(str(err.value).split("at step ")[1].split()[0])
     assert bad < 20
     assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == bad - 1
+
+
+# ---- The built-in demo (configs/demo.py) ----
+
+
+def test_demo_prompt_adherence_scorer():
+    from data import demo
+
+    for i in range(demo.NUM_CAPTIONS):
+        frames, caption = demo.make_clip(i, seed=0)
+        assert frames.shape == (9, 32, 32, 3) and -1 <= frames.min() <= frames.max() <= 1
+        assert demo.prompt_adherence(frames, caption) == 1.0, caption
+        colour, shape, direction = demo.caption_parts(i)
+        other_colour = next(c for c in demo.COLOURS if c != colour)
+        other_dir = next(d for d in demo.DIRECTIONS if d != direction)
+        assert demo.prompt_adherence(frames, f"a {other_colour} {shape} moving {direction}") == 0
+        assert demo.prompt_adherence(frames, f"a {colour} {shape} moving {other_dir}") == 0
+        as_01 = frames / 2 + 0.5
+        assert demo.prompt_adherence(as_01, caption, value_range=(0.0, 1.0)) == 1.0
+    ids = demo.tokenize(["a red circle moving left", ""])
+    assert ids.shape == (2, demo.TEXT_LEN) and ids[0, 4] > 1 and not ids[1].any()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One runlocal demo run (its trained VAE is reused by the loss test)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    cfg = importlib.import_module("configs.demo").get_config("runlocal")
+    cfg.lock()
+    dit.train_and_evaluate(cfg, str(workdir))
+    return workdir
+
+
+def test_demo_runlocal_end_to_end(demo_run):
+    rows = _rows(demo_run)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    scored = [r for r in rows if "prompt_adherence" in r]
+    assert [r["step"] for r in scored] == [3, 6]
+    assert all(0.0 <= r["prompt_adherence"] <= 1.0 for r in scored)
+    samples = demo_run / "samples"
+    for step in (3, 6):
+        for i in range(2):
+            assert (samples / f"step_{step}_{i}.mp4").stat().st_size > 0
+    assert (samples / "vae_reconstruction.mp4").is_file()
+    assert (demo_run / "demo_vae" / "meta.json").is_file()
+
+
+def test_demo_loss_goes_down(demo_run, tmp_path):
+    import shutil
+
+    shutil.copytree(demo_run / "demo_vae", tmp_path / "demo_vae")  # skip the VAE stage
+    cfg = importlib.import_module("configs.demo").get_config("runlocal")
+    cfg.total_steps = 200
+    cfg.evals.every_steps = 10_000
+    cfg.ckpt.every_steps = 10_000
+    cfg.log.progress = False
+    cfg.lock()
+    dit.train_and_evaluate(cfg, str(tmp_path))
+    losses = [r["loss"] for r in _rows(tmp_path)]
+    assert len(losses) == 200
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    assert last < 0.7 * first, (first, last)

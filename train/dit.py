@@ -243,8 +243,8 @@ def validate(config) -> None:
         )
     if c.input.i2v and not c.vae.checkpoint and c.vae.variant != "tiny":
         raise ValueError("input.i2v needs vae.checkpoint: the frozen VAE encodes the first frame")
-    if c.input.source != "synthetic":
-        raise ValueError(f"input.source must be 'synthetic', got {c.input.source!r}")
+    if c.input.source not in ("synthetic", "demo"):
+        raise ValueError(f"input.source must be 'synthetic' or 'demo', got {c.input.source!r}")
 
 
 def _mesh_shape(m) -> tuple[int, ...]:
@@ -395,24 +395,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ---- Data ----
     shapes = _example_shapes(c, tcfg)
     local_batch = c.batch_size // jax.process_count()
-    train_ds = synthetic.dataset(
-        c.input.num_examples,
-        local_batch,
-        seed=c.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        **shapes,
-    )
+    demo = None
+    if c.input.source == "demo":  # the built-in demo's stages (train/demo.py)
+        from train import demo as demo_lib
+
+        demo = demo_lib.Demo(c, workdir)
+        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+        train_ds = demo.dataset(local_batch, train=True, seed=c.seed, **shard)
+        eval_ds = demo.dataset(c.evals.batch_size, train=False, seed=c.seed)
+    else:
+        train_ds = synthetic.dataset(
+            c.input.num_examples,
+            local_batch,
+            seed=c.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+            **shapes,
+        )
+        eval_ds = synthetic.dataset(
+            c.input.eval_examples,
+            c.evals.batch_size,
+            seed=c.seed + 10_000,
+            shuffle=False,
+            repeat=False,
+            **shapes,
+        )
     data_iter = iter(train_ds)
-    eval_bs = c.evals.batch_size
-    eval_ds = synthetic.dataset(
-        c.input.eval_examples,
-        eval_bs,
-        seed=c.seed + 10_000,
-        shuffle=False,
-        repeat=False,
-        **shapes,
-    )
 
     # ---- Model, abstract state, shardings ----
     def build(seed):
@@ -552,6 +560,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     row["skipped_nonfinite"] = 1
                 if is_eval:
                     row.update(run_eval(state))
+                    if demo is not None:
+                        with jax.set_mesh(mesh):
+                            model = _merge(graphdef, templates, state["params"], state["buffers"])
+                            row.update(demo.sample(model, step))
                 log.write(step, row)
                 t0, steps_timed = time.perf_counter(), 0
             if step % c.ckpt.every_steps == 0 or step == c.total_steps:

@@ -1,0 +1,132 @@
+"""The built-in demo's data: procedurally drawn, captioned clips of a coloured shape moving over a
+dark background ("a red circle moving left"), a word-level tokenizer for those captions and a
+prompt-adherence scorer that reads the colour and the motion back from frames.
+
+Clip i is drawn from (seed, i) alone, so the stream is reproducible. Frames are channels-last
+(F, H, W, 3) float32 in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COLOURS = {
+    "red": (1.0, 0.15, 0.1),
+    "green": (0.1, 0.9, 0.2),
+    "blue": (0.15, 0.3, 1.0),
+    "yellow": (1.0, 0.9, 0.1),
+}
+SHAPES = ("square", "circle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy)
+BACKGROUND = (0.05, 0.05, 0.08)  # in [0, 1]
+
+VOCAB = ("<pad>", "<unk>", "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+TEXT_LEN = 8  # tokens per caption, padded
+NUM_CAPTIONS = len(COLOURS) * len(SHAPES) * len(DIRECTIONS)
+
+
+def caption_parts(index: int) -> tuple[str, str, str]:
+    """(colour, shape, direction) of clip `index`: every combination in turn."""
+    colours, dirs = list(COLOURS), list(DIRECTIONS)
+    c = index % len(colours)
+    s = (index // len(colours)) % len(SHAPES)
+    d = (index // (len(colours) * len(SHAPES))) % len(dirs)
+    return colours[c], SHAPES[s], dirs[d]
+
+
+def caption(index: int) -> str:
+    colour, shape, direction = caption_parts(index)
+    return f"a {colour} {shape} moving {direction}"
+
+
+def render(
+    colour: str,
+    shape: str,
+    direction: str,
+    *,
+    num_frames: int = 9,
+    size: int = 32,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """(F, size, size, 3) in [-1, 1]: the shape travels about half the frame along `direction`."""
+    rng = rng or np.random.default_rng(0)
+    radius = size * 0.16 + rng.uniform(-0.5, 0.5)
+    travel = size * 0.5
+    dx, dy = DIRECTIONS[direction]
+    centre = size / 2 + rng.uniform(-size * 0.08, size * 0.08, 2)  # (x, y) at mid-clip
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    rgb = np.asarray(COLOURS[colour], np.float32)
+    frames = np.empty((num_frames, size, size, 3), np.float32)
+    frames[:] = np.asarray(BACKGROUND, np.float32)
+    for f in range(num_frames):
+        u = f / max(num_frames - 1, 1) - 0.5
+        cx, cy = centre[0] + dx * travel * u, centre[1] + dy * travel * u
+        if shape == "circle":
+            inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
+        else:
+            inside = (np.abs(xx - cx) <= radius * 0.9) & (np.abs(yy - cy) <= radius * 0.9)
+        frames[f][inside] = rgb
+    return frames * 2.0 - 1.0
+
+
+def make_clip(index: int, *, seed: int, num_frames: int = 9, size: int = 32):
+    """(frames (F, H, W, 3) in [-1, 1], caption) of clip `index`."""
+    colour, shape, direction = caption_parts(index)
+    rng = np.random.default_rng((seed, index))
+    frames = render(colour, shape, direction, num_frames=num_frames, size=size, rng=rng)
+    return frames, f"a {colour} {shape} moving {direction}"
+
+
+def tokenize(captions, length: int = TEXT_LEN) -> np.ndarray:
+    """Word ids (B, length) int32, padded with 0 (unknown words: 1; longer captions cut)."""
+    if isinstance(captions, str):
+        captions = [captions]
+    ids = np.zeros((len(captions), length), np.int32)
+    lookup = {w: i for i, w in enumerate(VOCAB)}
+    for row, text in enumerate(captions):
+        words = [lookup.get(w, 1) for w in text.lower().split()][:length]
+        ids[row, : len(words)] = words
+    return ids
+
+
+def read_clip(frames: np.ndarray, *, value_range=(-1.0, 1.0)) -> tuple[str | None, str | None]:
+    """(dominant colour, motion direction) read from frames (F, H, W, 3); None where unclear.
+
+    The colour is the palette entry nearest the mean of the bright, saturated pixels over all
+    frames; the direction is the larger axis of the foreground centroid's displacement from the
+    first frame to the last (at least 2 pixels)."""
+    lo, hi = value_range
+    x = (np.asarray(frames, np.float32) - lo) / (hi - lo)  # [0, 1]
+    strength = x.max(-1) - x.min(-1) * 0.5  # bright and saturated pixels stand out
+    mask = strength > 0.45  # (F, H, W)
+    if mask.sum() < 4:
+        return None, None
+    mean = x[mask].mean(0)
+    names = list(COLOURS)
+    palette = np.asarray([COLOURS[n] for n in names], np.float32)
+    colour = names[int(np.argmin(((palette - mean) ** 2).sum(-1)))]
+
+    def centroid(m):
+        if m.sum() < 2:
+            return None
+        yy, xx = np.nonzero(m)
+        return np.array([xx.mean(), yy.mean()])
+
+    first, last = centroid(mask[0]), centroid(mask[-1])
+    if first is None or last is None:
+        return colour, None
+    dx, dy = last - first
+    if max(abs(dx), abs(dy)) < 2.0:
+        return colour, None
+    if abs(dx) >= abs(dy):
+        direction = "right" if dx > 0 else "left"
+    else:
+        direction = "down" if dy > 0 else "up"
+    return colour, direction
+
+
+def prompt_adherence(frames: np.ndarray, caption: str, *, value_range=(-1.0, 1.0)) -> float:
+    """1.0 when the colour and the direction read from `frames` both match `caption`, else 0."""
+    colour, direction = read_clip(frames, value_range=value_range)
+    words = caption.lower().split()
+    return float(colour in words and direction in words)

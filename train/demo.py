@@ -1,0 +1,268 @@
+"""The built-in demo's stages around the transformer loop (config.input.source == "demo").
+
+1. A frozen text encoder: a tiny T5 encoder with fixed, seeded random weights over the demo's
+   word ids.
+2. The demo VAE: the tiny causal VAE trained briefly on the demo clips (foreground-weighted L1 + L2
+   reconstruction plus a small KL term), cached in WORKDIR/demo_vae and reused on resume.
+3. Latents (posterior means times a measured scaling factor) and text embeddings of every clip,
+   computed once and served as a Grain MapDataset with data/synthetic.py's record structure.
+4. Samples at eval steps through cogvideox_jax.pipeline.Pipeline, written as mp4s and scored
+   with data.demo.prompt_adherence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import cogvideox_jax as cj
+from cogvideox_jax import diffusion, t5
+from cogvideox_jax import vae as vae_lib
+from data import demo as demo_data
+from data import video
+
+
+def _note(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+# ---- Text encoder ----
+
+
+def text_encoder(d: dict, seed: int) -> t5.T5Encoder:
+    """The frozen encoder: fixed random weights from `seed`."""
+    cfg = t5.T5Config(
+        vocab_size=len(demo_data.VOCAB),
+        d_model=d.text_dim,
+        d_kv=d.text_dim // d.text_heads,
+        d_ff=2 * d.text_dim,
+        num_layers=d.text_layers,
+        num_heads=d.text_heads,
+    )
+    return t5.T5Encoder(cfg, rngs=nnx.Rngs(seed))
+
+
+@nnx.jit
+def _encode_text(encoder, ids):
+    return encoder(ids)
+
+
+def embed(encoder, captions, length: int) -> np.ndarray:
+    """(B, length, text_dim) float32 embeddings of `captions`."""
+    return np.asarray(_encode_text(encoder, jnp.asarray(demo_data.tokenize(captions, length))))
+
+
+# ---- VAE ----
+
+
+def _vae_config(d: dict) -> vae_lib.VaeConfig:
+    return vae_lib.vae_config(
+        "tiny",
+        block_out_channels=tuple(d.vae_widths),
+        latent_channels=d.latent_channels,
+        norm_num_groups=d.vae_groups,
+    )
+
+
+def _clips(indices, seed: int, frames: int, size: int) -> tuple[np.ndarray, list[str]]:
+    out = [demo_data.make_clip(int(i), seed=seed, num_frames=frames, size=size) for i in indices]
+    return np.stack([f for f, _ in out]), [c for _, c in out]
+
+
+def _save_tree(path: str, tree) -> None:
+    leaves = jax.tree.leaves(tree)
+    ckpt = ocp.PyTreeCheckpointer()
+    ckpt.save(path, {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}, force=True)
+
+
+def _load_tree(path: str, like):
+    restored = ocp.PyTreeCheckpointer().restore(path)
+    leaves = [jnp.asarray(restored[f"{i:05d}"]) for i in range(len(jax.tree.leaves(like)))]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def train_vae(c, workdir: str) -> cj.AutoencoderKL:
+    """The demo VAE, trained on the demo clips or restored from WORKDIR/demo_vae; its
+    cfg.scaling_factor is 1 / std of the training latents."""
+    d = c.demo
+    cfg = _vae_config(d)
+    vae = cj.AutoencoderKL(cfg, rngs=nnx.Rngs(c.seed + 3))
+    graphdef, params = nnx.split(vae)
+    folder = os.path.join(os.path.abspath(workdir), "demo_vae")
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta_path):
+        params = _load_tree(os.path.join(folder, "params"), params)
+        with open(meta_path) as f:
+            meta = json.load(f)
+        _note(f"demo VAE: restored from {folder}")
+    else:
+        params, meta = _fit_vae(c, graphdef, params)
+        os.makedirs(folder, exist_ok=True)
+        _save_tree(os.path.join(folder, "params"), params)
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    vae = nnx.merge(graphdef, params)
+    vae.cfg = dataclasses.replace(cfg, scaling_factor=meta["scaling_factor"])
+    return vae
+
+
+def _fit_vae(c, graphdef, params):
+    d, inp = c.demo, c.input
+    tx = optax.adam(d.vae_lr)
+    opt_state = tx.init(params)
+
+    def loss_fn(p, x, key):
+        vae = nnx.merge(graphdef, p)
+        mean, logvar = vae.encode(x)
+        z = vae_lib.sample_latents(key, mean, logvar)
+        rec = vae.decode(z)
+        # The shapes cover a tenth of the frame: weight their pixels up so that the VAE does not
+        # settle on reconstructing the background alone.
+        weight = 1.0 + d.foreground_weight * (jnp.max(x, axis=-1, keepdims=True) > -0.5)
+        err = rec - x
+        l1 = jnp.mean(weight * jnp.abs(err)) / jnp.mean(weight)
+        l2 = jnp.mean(weight * jnp.square(err)) / jnp.mean(weight)
+        kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+        return l1 + l2 + d.kl_weight * kl, l1
+
+    @jax.jit
+    def step(p, o, x, key):
+        (loss, l1), g = jax.value_and_grad(loss_fn, has_aux=True)(p, x, key)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, l1
+
+    rng = np.random.default_rng(c.seed + 7)
+    key = jax.random.PRNGKey(c.seed + 7)
+    t0 = time.perf_counter()
+    for i in range(d.vae_steps):
+        idx = rng.integers(0, inp.num_examples, d.vae_batch)
+        x, _ = _clips(idx, c.seed, inp.num_frames, inp.height)
+        params, opt_state, l1 = step(params, opt_state, jnp.asarray(x), jax.random.fold_in(key, i))
+        if i % 50 == 0 or i == d.vae_steps - 1:
+            _note(f"demo VAE step {i + 1}/{d.vae_steps}: L1 {float(l1):.4f}")
+    _note(f"demo VAE trained in {time.perf_counter() - t0:.0f}s")
+    vae = nnx.merge(graphdef, params)
+    means = _encode_means(vae, c, range(min(inp.num_examples, 64)))
+    return params, {"scaling_factor": float(1.0 / (means.std() + 1e-6)), "final_l1": float(l1)}
+
+
+@nnx.jit
+def _encode(vae, x):
+    return vae.encode(x)[0]
+
+
+@nnx.jit
+def _reconstruct(vae, x):
+    return vae.decode(vae.encode(x)[0])
+
+
+def _encode_means(vae, c, indices, batch: int = 16) -> np.ndarray:
+    indices = list(indices)
+    out = []
+    for s in range(0, len(indices), batch):
+        x, _ = _clips(indices[s : s + batch], c.seed, c.input.num_frames, c.input.height)
+        out.append(np.asarray(_encode(vae, jnp.asarray(x))))
+    return np.concatenate(out)
+
+
+# ---- The stage object the trainer uses ----
+
+
+class Demo:
+    """Frozen text encoder, trained VAE, precomputed records and the eval-time sampler."""
+
+    def __init__(self, c, workdir: str):
+        self.c, self.workdir = c, workdir
+        d, inp = c.demo, c.input
+        if inp.text_len != demo_data.TEXT_LEN:
+            raise ValueError(
+                f"input.text_len ({inp.text_len}) must equal the caption tokenizer's length "
+                f"({demo_data.TEXT_LEN})"
+            )
+        self.encoder = text_encoder(d, c.seed + 5)
+        self.vae = train_vae(c, workdir)
+        sf = self.vae.cfg.scaling_factor
+        t0 = time.perf_counter()
+        total = inp.num_examples + inp.eval_examples
+        latents = _encode_means(self.vae, c, range(total)) * sf  # scaled: diffusion scale is 1
+        captions = [demo_data.caption(i) for i in range(total)]
+        self.table = embed(self.encoder, sorted(set(captions)), inp.text_len)
+        self.caption_row = {cap: i for i, cap in enumerate(sorted(set(captions)))}
+        self.latents = latents.astype(np.float32)
+        self.captions = captions
+        self.neg = np.zeros((1, inp.text_len, inp.text_dim), np.float32)  # dropped-text embedding
+        _note(f"demo latents {self.latents.shape} precomputed in {time.perf_counter() - t0:.1f}s")
+        self.write_reconstructions()
+
+    def record(self, i: int) -> dict[str, np.ndarray]:
+        return {
+            "latents": self.latents[i],
+            "text": self.table[self.caption_row[self.captions[i]]],
+        }
+
+    def dataset(self, batch_size: int, *, train: bool, seed: int, shard_index=0, shard_count=1):
+        """Batches of records with synthetic.dataset's structure: the first num_examples
+        clips for training (shuffled, repeated), the next eval_examples held out."""
+        n, e = self.c.input.num_examples, self.c.input.eval_examples
+        ds = grain.MapDataset.range(n if train else e)[shard_index::shard_count]
+        if train:
+            ds = ds.shuffle(seed=seed).repeat(None)
+        offset = 0 if train else n
+        ds = ds.map(lambda i: self.record(int(i) + offset))
+        return ds.batch(batch_size, drop_remainder=True)
+
+    def write_reconstructions(self) -> None:
+        """WORKDIR/samples/vae_reconstruction.mp4: clips (top) over their reconstructions."""
+        if jax.process_index() != 0:
+            return
+        inp = self.c.input
+        x, _ = _clips(range(4), self.c.seed, inp.num_frames, inp.height)
+        rec = np.asarray(_reconstruct(self.vae, jnp.asarray(x)))
+        top, bottom = np.concatenate(list(x), axis=2), np.concatenate(list(rec), axis=2)
+        grid = np.concatenate([top, bottom], axis=1) / 2 + 0.5
+        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+        video.write_mp4(os.path.join(self.workdir, "samples", "vae_reconstruction.mp4"), grid, 8)
+
+    def sample(self, transformer, step: int) -> dict:
+        """Sample `demo.samples` videos for fixed captions, write mp4s, score them."""
+        d, inp = self.c.demo, self.c.input
+        n = d.samples
+        caps = [demo_data.caption(i * 5) for i in range(n)]  # varied colour/shape/direction
+        pos = np.stack([self.table[self.caption_row[cap]] for cap in caps])
+        neg = np.repeat(self.neg, n, axis=0)
+        pipe = cj.Pipeline(
+            transformer,
+            self.vae,
+            diffusion.ScheduleConfig(snr_shift_scale=self.c.diffusion.snr_shift_scale),
+        )
+        frames = pipe(
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            height=inp.height,
+            width=inp.width,
+            num_frames=inp.num_frames,
+            num_inference_steps=d.sample_steps,
+            guidance_scale=d.guidance_scale,
+            scheduler="ddim",
+            seed=self.c.seed + step,
+        )  # (B, F, H, W, 3) in [0, 1]
+        scores = []
+        out = os.path.join(self.workdir, "samples")
+        os.makedirs(out, exist_ok=True)
+        for i, (f, cap) in enumerate(zip(frames, caps, strict=True)):
+            scores.append(demo_data.prompt_adherence(f, cap, value_range=(0.0, 1.0)))
+            if jax.process_index() == 0:
+                video.write_mp4(os.path.join(out, f"step_{step}_{i}.mp4"), f, 8)
+        return {"prompt_adherence": float(np.mean(scores))}
