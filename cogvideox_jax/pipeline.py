@@ -169,11 +169,7 @@ class Pipeline:
                 raise ValueError(
                     f"image_latents must be {(batch, 1, h, w, vae_cfg.latent_channels)}"
                 )
-            z = (
-                z / vae_cfg.scaling_factor
-                if vae_cfg.invert_scale_latents
-                else z * vae_cfg.scaling_factor
-            )
+            z = z * vae_cfg.image_latent_scale
             pad = jnp.zeros((batch, frames - 1, h, w, z.shape[-1]), z.dtype)
             cond = jnp.concatenate([z, pad], axis=1).astype(self.transformer.dtype)  # image first
 

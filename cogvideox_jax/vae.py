@@ -82,6 +82,11 @@ class VaeConfig:
     scaling_factor: float = 1.15258426
     invert_scale_latents: bool = False
 
+    @property
+    def image_latent_scale(self) -> float:
+        """The factor on an image-to-video model's first-frame latent (training and sampling)."""
+        return 1.0 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
+
     def __post_init__(self):
         # Hub configs store lists and may store the ratio as a float (diffusers types it so).
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))

@@ -23,4 +23,5 @@ def get_config(arg=None):
         i2v=True,
         ofs=2.0,
         eus_groups=40,
+        invert_scale_latents=True,  # the released VAE config's flag (diffusers' pipeline)
     )

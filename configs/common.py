@@ -52,6 +52,7 @@ def dit_config(
     i2v: bool,
     ofs: float | None = None,
     eus_groups: int = 1,
+    invert_scale_latents: bool = False,
 ) -> ml_collections.ConfigDict:
     """The sections of a transformer run (STYLE 9.4); the caller states the checkpoint facts."""
     c = ml_collections.ConfigDict()
@@ -72,7 +73,9 @@ def dit_config(
         attention_impl="xla",
     )
     # Frozen VAE, used only to encode the I2V conditioning frame (latents are precomputed).
-    c.vae = dict(checkpoint="", variant="cogvideox")
+    # The I2V image latent is divided by scaling_factor when `invert_scale_latents` (1.5-I2V's VAE
+    # config; a loaded VAE must agree), else multiplied, as the sampling pipeline does.
+    c.vae = dict(checkpoint="", variant="cogvideox", invert_scale_latents=invert_scale_latents)
     c.diffusion = dict(
         snr_shift_scale=snr_shift_scale,
         scaling_factor=scaling_factor,

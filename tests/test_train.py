@@ -144,6 +144,30 @@ def test_loss_equals_diffusers_training_formula(variant, shift, tmp_path):
     np.testing.assert_allclose(float(got), want, rtol=2e-5)
 
 
+def test_image_condition_scale_follows_the_vae_config(tmp_path):
+    # 1.5-I2V's VAE config divides the image latent by scaling_factor (invert_scale_latents), the
+    # others multiply: training must use the factor the sampling pipeline uses.
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_jax import vae as vae_lib
+
+    for name, invert in [("cogvideox_5b_i2v", False), ("cogvideox1_5_5b_i2v", True)]:
+        cfg = _config(name)
+        tcfg = cj.transformer_config(cfg.model.variant, **cfg.model.overrides)
+        sf = cfg.diffusion.scaling_factor
+        vae_cfg = vae_lib.vae_config("tiny", scaling_factor=sf, invert_scale_latents=invert)
+        assert cfg.vae.invert_scale_latents is invert
+        assert dit.step_config(cfg, tcfg).image_scale == pytest.approx(1 / sf if invert else sf)
+        assert vae_cfg.image_latent_scale == pytest.approx(1 / sf if invert else sf)
+    # A frozen VAE whose config disagrees with the run's is refused before anything compiles.
+    folder = tmp_path / "vae"
+    tiny = vae_lib.vae_config("tiny", invert_scale_latents=False)
+    AutoencoderKLCogVideoX(**tiny.to_diffusers()).save_pretrained(folder)
+    cfg = _config("cogvideox1_5_5b_i2v", **{"vae.checkpoint": str(folder)})
+    with pytest.raises(ValueError, match="invert_scale_latents"):
+        dit.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
 def test_explicit_uniform_sampling_bands():
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
     t = np.stack([np.asarray(dit.eus_timesteps(k, 8, 4)) for k in keys])  # (400, 8)

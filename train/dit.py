@@ -40,6 +40,7 @@ class StepConfig:
     """The per-step constants of the objective, derived once from the config."""
 
     scaling_factor: float
+    image_scale: float  # the I2V image latent's factor: scaling_factor, or 1/it (1.5-I2V)
     eus_groups: int
     text_dropout: float
     image_dropout: float
@@ -86,9 +87,10 @@ def image_condition(vae, image, key, num_frames: int, sc: StepConfig, dropout: f
     image = image + sigma[:, None, None, None] * jax.random.normal(k_noise, image.shape)
     # One frame is one encoder chunk: no frame-batching scan needed.
     mean, logvar = vae.encode(image[:, None].astype(jnp.float32), frame_batching=False)
-    # Multiplied by scaling_factor as SAT trains every variant (diffusers' 1.5-I2V pipeline
-    # divides instead, `invert_scale_latents`; the sampler owns that choice, not training).
-    z = vae_lib.sample_latents(k_post, mean, logvar) * sc.scaling_factor
+    # Times scaling_factor, or divided by it where the VAE config says `invert_scale_latents`
+    # (CogVideoX1.5-I2V): the same factor the sampling pipeline applies, so that a model trained
+    # here sees at sampling time the condition it was trained on.
+    z = vae_lib.sample_latents(k_post, mean, logvar) * sc.image_scale
     z = z * (jax.random.uniform(k_drop) >= dropout)
     pad = jnp.zeros((b, num_frames - 1, *z.shape[2:]), z.dtype)
     return jax.lax.stop_gradient(jnp.concatenate([z, pad], axis=1))  # (B, T, h, w, C)
@@ -296,6 +298,30 @@ def _shardings(abstract_vars, mesh, rules):
     )
 
 
+def step_config(c, tcfg) -> StepConfig:
+    """The objective's constants from a config (`tcfg`: the transformer's config)."""
+    sf = c.diffusion.scaling_factor
+    # The image latent's factor is the sampling pipeline's (VaeConfig.image_latent_scale).
+    vae_cfg = vae_lib.vae_config(
+        "tiny", scaling_factor=sf, invert_scale_latents=c.vae.invert_scale_latents
+    )
+    return StepConfig(
+        scaling_factor=sf,
+        image_scale=vae_cfg.image_latent_scale,
+        eus_groups=c.diffusion.eus_groups,
+        text_dropout=c.diffusion.text_dropout,
+        image_dropout=c.diffusion.image_dropout,
+        image_noise_log_mean=c.diffusion.image_noise_log_mean,
+        image_noise_log_std=c.diffusion.image_noise_log_std,
+        ofs=c.diffusion.ofs if c.diffusion.ofs >= 0 else None,
+        i2v=c.input.i2v,
+        patch_size_t=tcfg.patch_size_t or 1,
+        grad_accum_steps=c.grad_accum_steps,
+        ema_decay=c.optim.ema_decay,
+        skip_nonfinite=c.on_nonfinite == "skip",
+    )
+
+
 def _dtype(name: str):
     return jnp.dtype(name)
 
@@ -323,7 +349,15 @@ def _frozen_vae(c, mesh):
         return None
     replicated = NamedSharding(mesh, P())
     if c.vae.checkpoint:
-        gd, st = nnx.split(cj.load_vae(c.vae.checkpoint))
+        vae = cj.load_vae(c.vae.checkpoint)
+        if vae.cfg.invert_scale_latents != c.vae.invert_scale_latents:
+            raise ValueError(
+                f"{c.vae.checkpoint}: the VAE config has invert_scale_latents="
+                f"{vae.cfg.invert_scale_latents} but config.vae.invert_scale_latents is "
+                f"{c.vae.invert_scale_latents}; they must agree so that the image condition is "
+                "scaled as the sampling pipeline scales it"
+            )
+        gd, st = nnx.split(vae)
         return gd, jax.device_put(st, replicated)
 
     # runlocal: a random tiny VAE (the conditioning path is what is exercised), filled on the
@@ -366,20 +400,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate(c)
     os.makedirs(workdir, exist_ok=True)
     tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
-    sc = StepConfig(
-        scaling_factor=c.diffusion.scaling_factor,
-        eus_groups=c.diffusion.eus_groups,
-        text_dropout=c.diffusion.text_dropout,
-        image_dropout=c.diffusion.image_dropout,
-        image_noise_log_mean=c.diffusion.image_noise_log_mean,
-        image_noise_log_std=c.diffusion.image_noise_log_std,
-        ofs=c.diffusion.ofs if c.diffusion.ofs >= 0 else None,
-        i2v=c.input.i2v,
-        patch_size_t=tcfg.patch_size_t or 1,
-        grad_accum_steps=c.grad_accum_steps,
-        ema_decay=c.optim.ema_decay,
-        skip_nonfinite=c.on_nonfinite == "skip",
-    )
+    sc = step_config(c, tcfg)
     ab = diffusion.alphas_cumprod(
         diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
     )
