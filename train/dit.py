@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cogvideox_jax as cj
-from cogvideox_jax import diffusion, sharding
+from cogvideox_jax import diffusion, flops, sharding
 from cogvideox_jax import vae as vae_lib
 from data import synthetic
 from train import checkpoint, evaluate, metrics, optim
@@ -207,8 +208,9 @@ def eval_step(
 # ---- Set-up helpers ----
 
 
-def validate(config) -> None:
-    """Config rules checked before anything is built or compiled."""
+def validate(config, num_devices: int | None = None) -> None:
+    """Config rules checked before anything is built or compiled (`num_devices`: the devices
+    the mesh is built from, jax.device_count() by default)."""
     c = config
     if c.mode not in ("train", "eval"):
         raise ValueError(f"config.mode must be 'train' or 'eval', got {c.mode!r}")
@@ -230,7 +232,7 @@ def validate(config) -> None:
         raise ValueError(
             f"model in_channels {tcfg.in_channels} != {want} for input.i2v={c.input.i2v}"
         )
-    shards = _data_shards(c.mesh)
+    shards = _data_shards(c.mesh, num_devices)
     if c.batch_size % (shards * c.grad_accum_steps):
         raise ValueError(
             f"batch_size ({c.batch_size}) must be divisible by the data shards (mesh.data x "
@@ -249,11 +251,13 @@ def validate(config) -> None:
         raise ValueError(f"input.source must be 'synthetic' or 'demo', got {c.input.source!r}")
 
 
-def _mesh_shape(m) -> tuple[int, ...]:
-    """Mesh sizes; -1 takes the remaining devices. `num_devices` > 0 caps the devices used (the
-    first ones: a runlocal batch of 2 on 8 simulated CPU devices)."""
+def _mesh_shape(m, num_devices: int | None = None) -> tuple[int, ...]:
+    """Mesh sizes over `num_devices` (default jax.device_count()); -1 takes the remaining
+    devices. `m.num_devices` > 0 caps the devices used (the first ones: a runlocal batch of 2
+    on 8 simulated CPU devices)."""
     sizes = [m.data, m.fsdp, m.context, m.tensor]
-    n = min(jax.device_count(), m.num_devices) if m.num_devices > 0 else jax.device_count()
+    total = jax.device_count() if num_devices is None else num_devices
+    n = min(total, m.num_devices) if m.num_devices > 0 else total
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes) or n % fixed:
         raise ValueError(
@@ -263,15 +267,17 @@ def _mesh_shape(m) -> tuple[int, ...]:
     return tuple(n // fixed if s == -1 else s for s in sizes)
 
 
-def _data_shards(m) -> int:
-    data, fsdp, _, _ = _mesh_shape(m)
+def _data_shards(m, num_devices: int | None = None) -> int:
+    data, fsdp, _, _ = _mesh_shape(m, num_devices)
     return data * fsdp
 
 
-def make_mesh(m) -> jax.sharding.Mesh:
+def make_mesh(m, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, context, tensor) mesh over `devices` (default jax.devices())."""
+    devices = jax.devices() if devices is None else list(devices)
     auto = (jax.sharding.AxisType.Auto,) * 4
-    shape = _mesh_shape(m)
-    devices = jax.devices()[: int(np.prod(shape))]
+    shape = _mesh_shape(m, len(devices))
+    devices = devices[: int(np.prod(shape))]
     return jax.make_mesh(shape, sharding.MESH_AXES, axis_types=auto, devices=devices)
 
 
@@ -326,7 +332,7 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
-def _example_shapes(c, tcfg):
+def _example_shapes(c):
     t = vae_lib.num_latent_frames(c.input.num_frames)
     h, w = c.input.height // 8, c.input.width // 8
     return dict(
@@ -336,11 +342,20 @@ def _example_shapes(c, tcfg):
     )
 
 
-def _tokens_per_example(c, tcfg) -> int:
+def video_tokens(c, tcfg) -> int:
+    """Video tokens of one example (latent frames padded to patch_size_t, then patched)."""
     pt = tcfg.patch_size_t or 1
     t = -(-vae_lib.num_latent_frames(c.input.num_frames) // pt)
-    hw = (c.input.height // 8 // tcfg.patch_size) * (c.input.width // 8 // tcfg.patch_size)
-    return t * hw + c.input.text_len
+    return t * (c.input.height // 8 // tcfg.patch_size) * (c.input.width // 8 // tcfg.patch_size)
+
+
+def model_flops_per_step(c, tcfg) -> int:
+    """Analytic training FLOPs of one step (cogvideox_jax.flops: 3 x forward, no remat)."""
+    return c.batch_size * flops.train_flops(tcfg, c.input.text_len, video_tokens(c, tcfg))
+
+
+def _tokens_per_example(c, tcfg) -> int:
+    return video_tokens(c, tcfg) + c.input.text_len
 
 
 def _frozen_vae(c, mesh):
@@ -383,6 +398,125 @@ def _frozen_vae(c, mesh):
     return gd, abs_st
 
 
+# ---- The step and its abstract arguments (shared with tools.aot) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What the train step is made of, built from a config and a mesh without allocating:
+    the model's split (graphdef, abstract Variable templates), optimiser and schedule, the
+    state's shardings and the objective's constants."""
+
+    build: Any  # seed -> Transformer
+    graphdef: Any
+    templates: tuple[nnx.State, nnx.State]  # (params, buffers) abstract Variables
+    tx: optax.GradientTransformation
+    schedule: Any
+    state_sh: dict
+    sc: StepConfig
+    ab: np.ndarray  # alphas_cumprod (num_timesteps,) float32
+
+
+def make_program(c, mesh) -> Program:
+    tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
+    sc = step_config(c, tcfg)
+    ab = diffusion.alphas_cumprod(
+        diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
+    )
+
+    def build(seed):
+        return cj.Transformer(
+            tcfg,
+            dtype=_dtype(c.model.dtype),
+            param_dtype=_dtype(c.model.param_dtype),
+            remat=c.model.remat,
+            attention_impl=c.model.attention_impl,
+            rngs=nnx.Rngs(seed),
+        )
+
+    graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: build(0)), nnx.Param, ...)
+    tx, schedule = optim.make_optimizer(c.optim, c.total_steps)
+    rules = tuple(tuple(r) for r in c.sharding_rules)
+    replicated = NamedSharding(mesh, P())
+    param_sh = _shardings(abs_params, mesh, rules)
+    abs_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abs_params))
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
+    )
+    state_sh = dict(
+        params=param_sh,
+        opt_state=opt_sh,
+        ema=param_sh if sc.ema_decay > 0 else {},
+        buffers=_shardings(abs_buffers, mesh, rules),
+        step=replicated,
+        rng=replicated,
+    )
+    templates = (abs_params, abs_buffers)
+    ab = np.asarray(ab, np.float32)
+    return Program(build, graphdef, templates, tx, schedule, state_sh, sc, ab)
+
+
+def fresh_state(prog: Program, seed: int, params, buffers) -> dict:
+    """The train state at step 0 around given parameters and buffers (pure dicts)."""
+    return dict(
+        params=params,
+        opt_state=prog.tx.init(params),
+        ema=jax.tree.map(jnp.copy, params) if prog.sc.ema_decay > 0 else {},
+        buffers=buffers,
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+    )
+
+
+def init_state(prog: Program, seed: int) -> dict:
+    """A randomly initialised train state (pure; jit it with out_shardings=prog.state_sh)."""
+    _, p, b = nnx.split(prog.build(seed), nnx.Param, ...)
+    return fresh_state(prog, seed, nnx.to_pure_dict(p), nnx.to_pure_dict(b))
+
+
+def jit_train_step(prog: Program, mesh):
+    """`train_step` jitted as the trainer runs it: state donated, state shardings kept. Call
+    (or lower) it under `jax.set_mesh(mesh)`."""
+    step = functools.partial(
+        train_step,
+        graphdef=prog.graphdef,
+        templates=prog.templates,
+        tx=prog.tx,
+        ab=jnp.asarray(prog.ab),
+        sc=prog.sc,
+    )
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(prog.state_sh, replicated))
+
+
+def abstract_train_args(c, prog: Program, mesh) -> tuple[dict, dict, dict]:
+    """(state, batch, frozen) as sharded ShapeDtypeStructs: `jit_train_step(...).lower(*args)`
+    compiles the trainer's step without allocating anything (tools.aot)."""
+    state = checkpoint.abstract(
+        jax.eval_shape(functools.partial(init_state, prog, c.seed)), prog.state_sh
+    )
+    shapes = _example_shapes(c)
+    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
+    batch = {
+        "latents": jax.ShapeDtypeStruct((c.batch_size, *shapes["latent_shape"]), jnp.float32),
+        "text": jax.ShapeDtypeStruct((c.batch_size, *shapes["text_shape"]), jnp.float32),
+    }
+    if c.input.i2v:
+        batch["image"] = jax.ShapeDtypeStruct((c.batch_size, *shapes["image_shape"]), jnp.float32)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sh), batch)
+    frozen = {}
+    if c.input.i2v:  # the frozen VAE's shapes do not depend on its weights
+        gd, st = nnx.split(
+            nnx.eval_shape(
+                lambda: cj.AutoencoderKL(vae_lib.vae_config(c.vae.variant), rngs=nnx.Rngs(0))
+            )
+        )
+        replicated = NamedSharding(mesh, P())
+        st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), st)
+        frozen["vae"] = (gd, st)
+    return state, batch, frozen
+
+
 def _global_batch(local, mesh):
     spec = NamedSharding(mesh, P(BATCH_AXES))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), local)
@@ -400,21 +534,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     validate(c)
     os.makedirs(workdir, exist_ok=True)
     tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
-    sc = step_config(c, tcfg)
-    ab = diffusion.alphas_cumprod(
-        diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
-    )
-    ab = jnp.asarray(ab, jnp.float32)
     tokens = _tokens_per_example(c, tcfg) * c.batch_size
+    step_flops = model_flops_per_step(c, tcfg)
     _note(f"per-process batch {c.batch_size // jax.process_count()}, {tokens} tokens per step")
 
     # ---- Mesh ----
     mesh = make_mesh(c.mesh)
-    rules = tuple(tuple(r) for r in c.sharding_rules)
-    replicated = NamedSharding(mesh, P())
+    peak_flops = metrics.peak_flops(mesh.devices.flat[0]) * mesh.devices.size  # 0: unknown (CPU)
 
     # ---- Data ----
-    shapes = _example_shapes(c, tcfg)
+    shapes = _example_shapes(c)
     local_batch = c.batch_size // jax.process_count()
     demo = None
     if c.input.source == "demo":  # the built-in demo's stages (train/demo.py)
@@ -444,51 +573,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data_iter = iter(train_ds)
 
     # ---- Model, abstract state, shardings ----
-    def build(seed):
-        return cj.Transformer(
-            tcfg,
-            dtype=_dtype(c.model.dtype),
-            param_dtype=_dtype(c.model.param_dtype),
-            remat=c.model.remat,
-            attention_impl=c.model.attention_impl,
-            rngs=nnx.Rngs(seed),
-        )
-
-    graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: build(0)), nnx.Param, ...)
-    templates = (abs_params, abs_buffers)
-    tx, schedule = optim.make_optimizer(c.optim, c.total_steps)
-    param_sh = _shardings(abs_params, mesh, rules)
-    buffer_sh = _shardings(abs_buffers, mesh, rules)
-    pure_params = nnx.to_pure_dict(abs_params)
-    abs_opt = jax.eval_shape(tx.init, pure_params)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
-    )
-    state_sh = dict(
-        params=param_sh,
-        opt_state=opt_sh,
-        ema=param_sh if sc.ema_decay > 0 else {},
-        buffers=buffer_sh,
-        step=replicated,
-        rng=replicated,
-    )
-
-    def fresh_state(params, buffers):
-        return dict(
-            params=params,
-            opt_state=tx.init(params),
-            ema=jax.tree.map(jnp.copy, params) if sc.ema_decay > 0 else {},
-            buffers=buffers,
-            step=jnp.zeros((), jnp.int32),
-            rng=jax.random.PRNGKey(c.seed),
-        )
+    prog = make_program(c, mesh)
+    graphdef, templates, schedule, sc = prog.graphdef, prog.templates, prog.schedule, prog.sc
+    ab = jnp.asarray(prog.ab)
+    state_sh = prog.state_sh
+    param_sh, buffer_sh = state_sh["params"], state_sh["buffers"]
 
     def random_init():
-        def init():
-            _, p, b = nnx.split(build(c.seed), nnx.Param, ...)
-            return fresh_state(nnx.to_pure_dict(p), nnx.to_pure_dict(b))
-
-        return jax.jit(init, out_shardings=state_sh)()
+        return jax.jit(functools.partial(init_state, prog, c.seed), out_shardings=state_sh)()
 
     def load_pretrained(path):
         model = cj.load_transformer(path, dtype=_dtype(c.model.param_dtype))
@@ -496,7 +588,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             raise ValueError(f"init.checkpoint {path}: its architecture {model.cfg} != {tcfg}")
         _, p, b = nnx.split(model, nnx.Param, ...)
         p, b = jax.device_put((nnx.to_pure_dict(p), nnx.to_pure_dict(b)), (param_sh, buffer_sh))
-        return jax.jit(fresh_state, out_shardings=state_sh)(p, b)
+        return jax.jit(functools.partial(fresh_state, prog, c.seed), out_shardings=state_sh)(p, b)
 
     abstract_state = checkpoint.abstract(jax.eval_shape(random_init), state_sh)
     mngr = checkpoint.manager(
@@ -541,11 +633,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         random_init=random_init,
     )
     _note(f"train state: {origin}")
-    p_train = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, templates=templates, tx=tx, ab=ab, sc=sc),
-        donate_argnums=(0,),
-        out_shardings=(state_sh, replicated),
-    )
+    p_train = jit_train_step(prog, mesh)
 
     # ---- Loop ----
     step = int(state["step"])
@@ -577,6 +665,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     steps_per_sec=steps_timed / dt,
                     tokens_per_sec=steps_timed * tokens / dt,
                 )
+                if peak_flops:  # model FLOPs utilisation against the devices' bf16 peak
+                    row["mfu"] = steps_timed * step_flops / dt / peak_flops
                 if not finite:
                     row["skipped_nonfinite"] = 1
                 if is_eval:

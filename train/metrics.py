@@ -12,6 +12,21 @@ import numpy as np
 import tensorboardX
 import tqdm
 
+# Peak dense bf16 FLOP/s per device, by jax's device_kind. Sources: cloud.google.com/tpu/docs/v5p
+# (459 TFLOPs), /v5e (197), /v6e (918); NVIDIA H100 SXM datasheet (989 dense).
+PEAK_FLOPS = {
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+}
+
+
+def peak_flops(device) -> float:
+    """The device's peak bf16 FLOP/s, 0.0 when unknown (CPU, other accelerators)."""
+    return PEAK_FLOPS.get(device.device_kind, 0.0)
+
 
 class Logger:
     """Writes on process 0 only; other processes get no-ops."""
