@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")  # splash: TPU only (cogvideox_jax.splash)
 
 
 def dot_product_attention(
@@ -19,4 +19,8 @@ def dot_product_attention(
     """softmax(q k^T / sqrt(K)) v for (B, L, N, K) inputs."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "splash":
+        from cogvideox_jax import splash  # imports Pallas' TPU kernels only when asked for
+
+        return splash.attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
