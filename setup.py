@@ -2,7 +2,8 @@
 
 Training programs (`train/`), data pipelines (`data/`), configs and tools run from the repository
 root and are not installed. The `test` extra pulls the PyTorch numerical reference (install
-torch==2.13.0 first so pip takes the CPU build).
+torch==2.13.0 first so pip takes the CPU build). The `aot` extra is libtpu, which `tools.aot`
+needs to compile for a TPU slice on any machine; tests run tools.aot, so `test` includes it.
 """
 
 from setuptools import find_packages, setup
@@ -38,10 +39,13 @@ setup(
         "tensorboardX",
     ],
     extras_require={
+        # The libtpu that jax 0.10.2's own `jax[tpu]` extra pins (its METADATA: libtpu==0.0.42.*).
+        "aot": ["libtpu==0.0.42.*"],
         "test": [
             "torch==2.13.0",
             "diffusers==0.42.1",
             "pytest",
+            "libtpu==0.0.42.*",
         ],
     },
 )

@@ -1,0 +1,188 @@
+r"""Compile a config's train step for a TPU topology on this (CPU) machine; print memory and FLOPs.
+
+python -m tools.aot --config configs/cogvideox_5b.py:sft --topology v5p-8
+python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-64 \
+    --config.model.remat=full --config.mesh.fsdp=-1
+
+The step is the trainer's own (`train.dit.jit_train_step` with `train.dit.abstract_train_args`:
+same function, shardings and donation), lowered with ShapeDtypeStructs for the abstract devices
+of `jax.experimental.topologies.get_topology_desc` (libtpu compiles; nothing is allocated).
+Printed: per-chip memory from `compiled.memory_analysis()` against the chip's HBM, XLA's FLOPs
+(`cost_analysis()` of the SPMD-partitioned program: per chip; times the chips for the step)
+against the analytic model FLOPs (cogvideox_jax.flops: 3 x forward, no remat), and the
+collectives in the compiled HLO (static counts: a scanned layer's body appears once). The last
+line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Compile for TPU from a CPU process: the CPU backend stays the default (jax must not try to run
+# on a TPU here) and several processes may load libtpu at once (otherwise libtpu takes
+# /tmp/libtpu_lockfile and a second process fails to create the topology).
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu start-up error
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import json  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import cogvideox_jax as cj  # noqa: E402
+from train import dit  # noqa: E402
+
+GIB = 1024**3
+
+# HBM per chip. Sources: cloud.google.com/tpu/docs/v5p ("HBM2e capacity 95 GiB"),
+# cloud.google.com/tpu/docs/v5e ("HBM2 capacity 16 GiB"), cloud.google.com/tpu/docs/v6e
+# ("HBM capacity 32 GB" per chip, listed as 32 GiB in the system-architecture table).
+HBM_BYTES = {"v5p": 95 * GIB, "v5e": 16 * GIB, "v6e": 32 * GIB}
+# Chips per accelerator-type unit: v5p-N counts TensorCores (2 per chip), v5e-N/v6e-N chips.
+CORES_PER_CHIP = {"v5p": 2, "v5e": 1, "v6e": 1}
+# Slice shapes (cloud.google.com/tpu/docs/v5p, /v5e, /v6e "configurations" tables).
+SLICES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16"}
+SLICES_2D[256] = "16x16"
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def parse_topology(name: str) -> tuple[str, str, int]:
+    """'v5p-64' -> ('v5p', '2x4x4', 32 chips); 'v6e-64' -> ('v6e', '8x8', 64)."""
+    m = re.fullmatch(r"(v5p|v5e|v6e)-(\d+)", name or "")
+    if not m:
+        raise ValueError(
+            f"--topology {name!r}: expected v5p-N, v5e-N or v6e-N (e.g. v5p-64, v5e-256, v6e-64)"
+        )
+    gen, n = m.group(1), int(m.group(2))
+    chips, rem = divmod(n, CORES_PER_CHIP[gen])
+    if gen == "v5p":
+        dims = [2, 2, 1]  # v5p-8 = 4 chips; each doubling grows the smallest dimension
+        while rem == 0 and chips >= 4 and dims[0] * dims[1] * dims[2] < chips:
+            dims[dims.index(min(dims))] *= 2
+        if rem or chips < 4 or dims[0] * dims[1] * dims[2] != chips:
+            raise ValueError(f"--topology {name}: v5p slices are v5p-8, -16, -32, ... (2^k x 8)")
+        # Written as Google lists them: 2x2x1, then non-decreasing (v5p-64 = 2x4x4).
+        dims = dims if chips == 4 else sorted(dims)
+        return gen, "x".join(str(d) for d in dims), chips
+    if chips not in SLICES_2D:
+        raise ValueError(f"--topology {name}: {gen} slices have {sorted(SLICES_2D)} chips")
+    return gen, SLICES_2D[chips], chips
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+    """Static counts of each collective in HLO text (async pairs counted once, at -start)."""
+    out = {}
+    for op in COLLECTIVES:
+        out[op] = len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
+    return out
+
+
+def analyse(config, topology: str) -> dict:
+    c = config
+    gen, shape, chips = parse_topology(topology)
+    dit.validate(c, num_devices=chips)  # config errors before libtpu is even loaded
+    devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu").devices
+    assert len(devices) == chips, (topology, len(devices))
+    mesh = dit.make_mesh(c.mesh, devices)
+    used = mesh.devices.size
+    print(
+        f"{topology} ({gen}:{shape}, {chips} chips, {devices[0].device_kind}); mesh "
+        f"{dict(mesh.shape)} over {used} chips",
+        flush=True,
+    )
+
+    prog = dit.make_program(c, mesh)
+    args = dit.abstract_train_args(c, prog, mesh)
+    step = dit.jit_train_step(prog, mesh)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    # What the step needs resident at once: its arguments, outputs not aliased to donated
+    # arguments, and XLA's one temporary buffer (MaxText's "total memory" of a compiled step).
+    peak = int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+    hbm = HBM_BYTES[gen]
+    xla_flops = float(compiled.cost_analysis()["flops"])  # of the partitioned program: per chip
+    tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
+    video = dit.video_tokens(c, tcfg)
+    model_flops = dit.model_flops_per_step(c, tcfg)
+    return dict(
+        config=None,
+        topology=topology,
+        chips=chips,
+        mesh_chips=used,
+        device_kind=devices[0].device_kind,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        remat=c.model.remat,
+        attention_impl=c.model.attention_impl,
+        batch_size=c.batch_size,
+        tokens_per_sample=c.input.text_len + video,
+        argument_bytes_per_chip=int(mem.argument_size_in_bytes),
+        output_bytes_per_chip=int(mem.output_size_in_bytes),
+        alias_bytes_per_chip=int(mem.alias_size_in_bytes),
+        temp_bytes_per_chip=int(mem.temp_size_in_bytes),
+        generated_code_bytes_per_chip=int(mem.generated_code_size_in_bytes),
+        peak_bytes_per_chip=peak,
+        xla_peak_memory_bytes=int(mem.peak_memory_in_bytes),  # XLA's own heap-simulator figure
+        hbm_bytes_per_chip=hbm,
+        fits=peak <= hbm,
+        xla_flops_per_chip=xla_flops,
+        flops_per_step=xla_flops * used,
+        model_flops_per_step=model_flops,
+        collectives=count_collectives(compiled.as_text()),
+        compile_s=round(compile_s, 1),
+    )
+
+
+def report(r: dict) -> None:
+    g = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
+    print(
+        f"per chip: arguments {g(r['argument_bytes_per_chip'])} (donated/aliased "
+        f"{g(r['alias_bytes_per_chip'])}), outputs {g(r['output_bytes_per_chip'])}, "
+        f"temporaries {g(r['temp_bytes_per_chip'])}, code {g(r['generated_code_bytes_per_chip'])}"
+    )
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    print(f"peak {g(r['peak_bytes_per_chip'])} of {g(r['hbm_bytes_per_chip'])} HBM: {verdict}")
+    ratio = r["flops_per_step"] / r["model_flops_per_step"]
+    print(
+        f"FLOPs per step: XLA {r['flops_per_step']:.3e} ({r['xla_flops_per_chip']:.3e} per "
+        f"chip x {r['mesh_chips']}), model {r['model_flops_per_step']:.3e} (3 x forward, no "
+        f"remat); XLA / model = {ratio:.2f}"
+    )
+    print(
+        "collectives (static HLO counts): "
+        + ", ".join(f"{k} {v}" for k, v in r["collectives"].items())
+    )
+    print(f"compile {r['compile_s']} s")
+
+
+def main(argv):
+    del argv
+    config, topology = flags.FLAGS.config, flags.FLAGS.topology
+    if config is None or not topology:
+        raise app.UsageError("--config and --topology are required")
+    parse_topology(topology)  # a bad name fails before the config is even built
+    r = analyse(config, topology)
+    r["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+    report(r)
+    print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":  # flags defined here only: the module stays importable
+    config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5e-256, v6e-64.")
+    app.run(main)
