@@ -43,6 +43,7 @@ def test_compiles_runlocal_step_for_v5e_8():
     # kernel's FLOPs only as its custom call's estimate: the same order of magnitude.
     assert 0.3 < r["flops_per_step"] / r["model_flops_per_step"] < 3
     assert r["collectives"]["all-gather"] > 0  # FSDP gathers the weights
+    assert r["pallas_kernels"] > 0  # splash lowered to Mosaic kernels for the TPU
 
 
 def test_topology_names():

@@ -151,6 +151,7 @@ def _compiled_figures(compiled, chips: int, hbm: int) -> dict:
         + mem.temp_size_in_bytes
     )
     xla_flops = float(compiled.cost_analysis()["flops"])  # of the partitioned program: per chip
+    hlo = compiled.as_text()
     return dict(
         argument_bytes_per_chip=int(mem.argument_size_in_bytes),
         output_bytes_per_chip=int(mem.output_size_in_bytes),
@@ -162,7 +163,8 @@ def _compiled_figures(compiled, chips: int, hbm: int) -> dict:
         fits=peak <= hbm,
         xla_flops_per_chip=xla_flops,
         flops_per_step=xla_flops * chips,
-        collectives=count_collectives(compiled.as_text()),
+        collectives=count_collectives(hlo),
+        pallas_kernels=len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)),  # splash
     )
 
 
