@@ -5,6 +5,14 @@ python -m train --config configs/cogvideox1_5_5b.py:sft --workdir $RUN \
 python -m train --config configs/cogvideox1_5_5b.py:pretrain,frames=81,res=768x1360 --workdir $RUN
 python -m train --config configs/cogvideox1_5_5b.py:sft,runlocal --workdir $RUN
 python -m train --config configs/cogvideox1_5_5b.py:sft --workdir $RUN --config.mode=eval
+# With the defaults (mesh fsdp over all chips, remat full) and splash attention, SFT at 81 frames
+# fits a v5p-16 (not a v5p-8); pretraining at 161 frames fits a v5p-64 with context=2 and one
+# sample per data shard per micro-batch (tools.aot, BENCHMARKS.md):
+python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-16 \
+    --config.model.attention_impl=splash
+python -m tools.aot --config configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360 \
+    --topology v5p-64 --config.model.attention_impl=splash --config.mesh.context=2 \
+    --config.grad_accum_steps=64
 """
 
 from configs import common
