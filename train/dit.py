@@ -551,7 +551,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = int(state["step"])
     log = metrics.Logger(workdir, c.total_steps, step, progress=c.log.progress)
     last_saved, row = step if mngr.latest_step() is not None else None, {}
-    t0, steps_timed = time.perf_counter(), 0
+    t0, steps_timed, skipped = time.perf_counter(), 0, 0
     try:
         while step < c.total_steps:
             with jax.set_mesh(mesh):
@@ -566,6 +566,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     "(config.on_nonfinite='stop'). "
                     f"The last good checkpoint (step {last_saved}) is kept in {mngr.directory}"
                 )
+            if not finite:
+                skipped += 1
+                _note(f"step {step}: non-finite loss or gradient ({loss}); update skipped")
             is_log = step % c.log.every_steps == 0 or step == c.total_steps
             is_eval = step % c.evals.every_steps == 0
             if is_log or is_eval:
@@ -577,8 +580,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     steps_per_sec=steps_timed / dt,
                     tokens_per_sec=steps_timed * tokens / dt,
                 )
-                if not finite:
-                    row["skipped_nonfinite"] = 1
+                if skipped:  # steps skipped since the last logged row
+                    row["skipped_nonfinite"] = skipped
                 if is_eval:
                     row.update(run_eval(state))
                     if demo is not None:
@@ -586,7 +589,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             model = _merge(graphdef, templates, state["params"], state["buffers"])
                             row.update(demo.sample(model, step))
                 log.write(step, row)
-                t0, steps_timed = time.perf_counter(), 0
+                t0, steps_timed, skipped = time.perf_counter(), 0, 0
             if step % c.ckpt.every_steps == 0 or step == c.total_steps:
                 checkpoint.save(mngr, step, state, data_iter)
                 last_saved = step
