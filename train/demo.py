@@ -120,14 +120,17 @@ def train_vae(c, workdir: str) -> cj.AutoencoderKL:
 
 def _fit_vae(c, graphdef, params):
     d, inp = c.demo, c.input
-    tx = optax.adam(d.vae_lr)
+    lr = optax.cosine_decay_schedule(d.vae_lr, d.vae_steps, alpha=0.05)
+    tx = optax.adam(lr)
     opt_state = tx.init(params)
 
     def loss_fn(p, x, key):
         vae = nnx.merge(graphdef, p)
-        mean, logvar = vae.encode(x)
+        # Up to 9 frames (3 latents) are one frame-batching chunk, so the whole-clip path gives
+        # the same numbers as the default frame-batched one without its scan's overhead.
+        mean, logvar = vae.encode(x, frame_batching=False)
         z = vae_lib.sample_latents(key, mean, logvar)
-        rec = vae.decode(z)
+        rec = vae.decode(z, frame_batching=False)
         # The shapes cover a tenth of the frame: weight their pixels up so that the VAE does not
         # settle on reconstructing the background alone.
         weight = 1.0 + d.foreground_weight * (jnp.max(x, axis=-1, keepdims=True) > -0.5)
