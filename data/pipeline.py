@@ -30,12 +30,12 @@ def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray
 def batches(
     indices: grain.MapDataset,
     batch_size: int,
-    rows: np.ndarray,
+    rows: np.ndarray | None,
     load: Callable[[int], dict[str, np.ndarray]],
 ) -> grain.MapDataset:
     """Global batches of `batch_size` consecutive entries of `indices` (example indices), of
-    which only the `rows` are loaded with `load` and stacked: {key: (len(rows), ...)}."""
-    rows = np.asarray(rows)
+    which only the `rows` (None: all) are loaded with `load` and stacked: {key: (rows, ...)}."""
+    rows = np.arange(batch_size) if rows is None else np.asarray(rows)
 
     def load_rows(batch_indices):
         examples = [load(int(i)) for i in np.asarray(batch_indices)[rows]]

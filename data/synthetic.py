@@ -49,5 +49,4 @@ def dataset(
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    rows = np.arange(batch_size) if rows is None else rows
     return pipeline.batches(ds, batch_size, rows, lambda i: make_example(i, seed=seed, **shapes))

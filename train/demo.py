@@ -221,7 +221,6 @@ class Demo:
         if train:
             ds = ds.shuffle(seed=seed).repeat(None)
         offset = 0 if train else n
-        rows = np.arange(batch_size) if rows is None else rows
         return pipeline.batches(ds, batch_size, rows, lambda i: self.record(i + offset))
 
     def write_reconstructions(self) -> None:
