@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 import cogvideox_jax as cj
 from cogvideox_jax import diffusion, sharding
 from cogvideox_jax import vae as vae_lib
-from data import synthetic
+from data import pipeline, synthetic
 from train import checkpoint, evaluate, metrics, optim
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over these mesh axes (sharding rule "batch")
@@ -236,8 +236,17 @@ def validate(config) -> None:
             f"batch_size ({c.batch_size}) must be divisible by the data shards (mesh.data x "
             f"mesh.fsdp = {shards}) times grad_accum_steps ({c.grad_accum_steps})"
         )
-    if c.batch_size % jax.process_count():
-        raise ValueError(f"batch_size ({c.batch_size}) must be divisible by the process count")
+    if c.evals.batch_size % shards:
+        raise ValueError(
+            f"evals.batch_size ({c.evals.batch_size}) must be divisible by the data shards "
+            f"(mesh.data x mesh.fsdp = {shards})"
+        )
+    used = int(np.prod(_mesh_shape(c.mesh)))
+    if jax.process_count() > 1 and used < jax.device_count():
+        raise ValueError(
+            f"the mesh uses {used} of the {jax.device_count()} devices (mesh.num_devices="
+            f"{c.mesh.num_devices}): a multi-process run must use every process's devices"
+        )
     if c.init.checkpoint and not os.path.isdir(c.init.checkpoint):
         raise FileNotFoundError(
             f"init.checkpoint {c.init.checkpoint!r} does not exist (it must be a converted "
@@ -383,9 +392,9 @@ def _frozen_vae(c, mesh):
     return gd, abs_st
 
 
-def _global_batch(local, mesh):
-    spec = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), local)
+def _global_batch(local, mesh, batch_size):
+    """The global batch from this process's rows of it (data.pipeline.process_rows)."""
+    return pipeline.global_batch(local, NamedSharding(mesh, P(BATCH_AXES)), batch_size)
 
 
 def _note(msg: str) -> None:
@@ -406,7 +415,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
     ab = jnp.asarray(ab, jnp.float32)
     tokens = _tokens_per_example(c, tcfg) * c.batch_size
-    _note(f"per-process batch {c.batch_size // jax.process_count()}, {tokens} tokens per step")
 
     # ---- Mesh ----
     mesh = make_mesh(c.mesh)
@@ -415,28 +423,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- Data ----
     shapes = _example_shapes(c, tcfg)
-    local_batch = c.batch_size // jax.process_count()
+    # Each process loads only its rows of every global batch (data/pipeline.py).
+    rows = pipeline.process_rows(NamedSharding(mesh, P(BATCH_AXES)), c.batch_size)
+    eval_rows = pipeline.process_rows(NamedSharding(mesh, P(BATCH_AXES)), c.evals.batch_size)
+    _note(
+        f"{jax.process_count()} process(es), per-process batch {len(rows)} of {c.batch_size}, "
+        f"{tokens} tokens per step"
+    )
     demo = None
     if c.input.source == "demo":  # the built-in demo's stages (train/demo.py)
         from train import demo as demo_lib
 
         demo = demo_lib.Demo(c, workdir)
-        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-        train_ds = demo.dataset(local_batch, train=True, seed=c.seed, **shard)
-        eval_ds = demo.dataset(c.evals.batch_size, train=False, seed=c.seed)
+        train_ds = demo.dataset(c.batch_size, train=True, seed=c.seed, rows=rows)
+        eval_ds = demo.dataset(c.evals.batch_size, train=False, seed=c.seed, rows=eval_rows)
     else:
         train_ds = synthetic.dataset(
             c.input.num_examples,
-            local_batch,
+            c.batch_size,
             seed=c.seed,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            rows=rows,
             **shapes,
         )
         eval_ds = synthetic.dataset(
             c.input.eval_examples,
             c.evals.batch_size,
             seed=c.seed + 10_000,
+            rows=eval_rows,
             shuffle=False,
             repeat=False,
             **shapes,
@@ -516,7 +529,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             sc=sc,
             timesteps=tuple(c.evals.timesteps),
             seed=c.seed + 20_000,
-        )
+        ),
+        out_shardings=replicated,  # read back on every process
     )
 
     def run_eval(state):
@@ -524,7 +538,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return evaluate.held_out_loss(
                 functools.partial(p_eval, state["params"], state["buffers"]),
                 eval_ds,
-                lambda b: _global_batch(b, mesh),
+                lambda b: _global_batch(b, mesh, c.evals.batch_size),
                 frozen,
                 tuple(c.evals.timesteps),
             )
@@ -555,7 +569,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         while step < c.total_steps:
             with jax.set_mesh(mesh):
-                state, m = p_train(state, _global_batch(next(data_iter), mesh), frozen)
+                state, m = p_train(
+                    state, _global_batch(next(data_iter), mesh, c.batch_size), frozen
+                )
             step += 1
             steps_timed += 1
             loss, finite = float(m["loss"]), bool(m["finite"])
