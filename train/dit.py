@@ -13,6 +13,7 @@ Shape letters: B batch, T latent frames, H/W latent height/width, C channels, S 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cogvideox_jax as cj
-from cogvideox_jax import diffusion, sharding
+from cogvideox_jax import attention, diffusion, sharding, transformer
 from cogvideox_jax import vae as vae_lib
 from data import pipeline, synthetic
 from train import checkpoint, evaluate, metrics, optim
@@ -230,6 +231,7 @@ def validate(config) -> None:
         raise ValueError(
             f"model in_channels {tcfg.in_channels} != {want} for input.i2v={c.input.i2v}"
         )
+    _validate_model(c.model, tcfg, c.mesh)
     shards = _data_shards(c.mesh)
     if c.batch_size % (shards * c.grad_accum_steps):
         raise ValueError(
@@ -256,6 +258,33 @@ def validate(config) -> None:
         raise ValueError("input.i2v needs vae.checkpoint: the frozen VAE encodes the first frame")
     if c.input.source not in ("synthetic", "demo"):
         raise ValueError(f"input.source must be 'synthetic' or 'demo', got {c.input.source!r}")
+
+
+def _validate_model(m, tcfg, mesh) -> None:
+    """Attention and remat choices; Ulysses' head count rule for the default rules."""
+    if m.attention_impl not in attention.IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_impl must be one of {attention.IMPLEMENTATIONS}, "
+            f"got {m.attention_impl!r}"
+        )
+    if m.context_parallel not in attention.CONTEXT_PARALLEL:
+        raise ValueError(
+            f"model.context_parallel must be one of {attention.CONTEXT_PARALLEL}, "
+            f"got {m.context_parallel!r}"
+        )
+    if m.remat not in transformer.REMAT_POLICIES:
+        raise ValueError(
+            f"model.remat must be one of {sorted(transformer.REMAT_POLICIES)}, got {m.remat!r}"
+        )
+    _, _, context, tensor = _mesh_shape(mesh)
+    n = tcfg.num_heads
+    heads = n // tensor if n % tensor == 0 else n  # heads not dividing stay unsplit
+    if m.context_parallel == "ulysses" and heads % context:
+        raise ValueError(
+            f"model.context_parallel='ulysses' needs the heads of a tensor shard ({heads} of "
+            f"{n} heads, mesh.tensor={tensor}) to divide by mesh.context={context}; use "
+            "'allgather' or another mesh"
+        )
 
 
 def _mesh_shape(m) -> tuple[int, ...]:
@@ -418,8 +447,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     # ---- Mesh ----
     mesh = make_mesh(c.mesh)
-    rules = tuple(tuple(r) for r in c.sharding_rules)
+    rules = sharding.rules_with(c.sharding_rules)
     replicated = NamedSharding(mesh, P())
+
+    @contextlib.contextmanager
+    def on_mesh():  # the mesh and rules every traced function (steps, sampling) sees
+        with jax.set_mesh(mesh), sharding.use_rules(rules):
+            yield
 
     # ---- Data ----
     shapes = _example_shapes(c, tcfg)
@@ -464,6 +498,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             param_dtype=_dtype(c.model.param_dtype),
             remat=c.model.remat,
             attention_impl=c.model.attention_impl,
+            context_parallel=c.model.context_parallel,
             rngs=nnx.Rngs(seed),
         )
 
@@ -534,7 +569,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
 
     def run_eval(state):
-        with jax.set_mesh(mesh):
+        with on_mesh():
             return evaluate.held_out_loss(
                 functools.partial(p_eval, state["params"], state["buffers"]),
                 eval_ds,
@@ -568,7 +603,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t0, steps_timed, skipped = time.perf_counter(), 0, 0
     try:
         while step < c.total_steps:
-            with jax.set_mesh(mesh):
+            with on_mesh():
                 state, m = p_train(
                     state, _global_batch(next(data_iter), mesh, c.batch_size), frozen
                 )
@@ -601,7 +636,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if is_eval:
                     row.update(run_eval(state))
                     if demo is not None:
-                        with jax.set_mesh(mesh):
+                        with on_mesh():
                             model = _merge(graphdef, templates, state["params"], state["buffers"])
                             row.update(demo.sample(model, step))
                 log.write(step, row)
