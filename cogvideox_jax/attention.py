@@ -71,9 +71,9 @@ def dot_product_attention(
             f"{q.shape[1]} tokens do not divide over {cp} context shards; the transformer pads "
             "its sequence to a multiple of sharding.num_shards('length')"
         )
-    spec = sharding.mesh_spec(_NAMES, q.shape)
+    spec = sharding.mesh_spec(_NAMES, q.shape)  # (batch, length, heads, None) mesh axes
     length_axes = spec[1]
-    if length_axes is None or cp == 1:
+    if cp == 1:
         body = functools.partial(_kernel, impl=impl, kv_valid=kv_valid)
     elif context_parallel == "allgather":
         body = functools.partial(_allgather, axes=length_axes, impl=impl, kv_valid=kv_valid)
