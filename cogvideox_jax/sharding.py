@@ -3,7 +3,9 @@
 Model code never names mesh axes. Parameters carry logical names in their `logical_axes`
 metadata (set with `param`), activations are pinned with `constrain`. A run maps the names to
 mesh axes with a rules table, so FSDP, tensor or context parallelism is a rules change, not a
-model change (the idea MaxText popularised). This is the only module that touches sharding APIs.
+model change (the idea MaxText popularised). A run states only the rules it changes
+(`rules_with`). This is the only module that maps names to mesh axes; attention.py's
+`shard_map` takes its specs from `mesh_spec`.
 
 Vocabulary (parameters | activations):
   embed    model width of a weight               | act_embed  model width of an activation
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Sequence
 
 import jax
@@ -93,6 +96,40 @@ def spec(names: Sequence[str | None], rules: Rules | None = None) -> PartitionSp
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*out)
+
+
+def rules_with(overrides: Rules | Sequence[Sequence]) -> Rules:
+    """DEFAULT_RULES with each name of `overrides` remapped (names it adds are appended): a
+    run's `config.sharding_rules` states only what it changes."""
+    new = {name: tuple(t) if isinstance(t, list) else t for name, t in overrides}
+    out = tuple((name, new.pop(name, target)) for name, target in DEFAULT_RULES)
+    return out + tuple(new.items())
+
+
+def mesh_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    """`spec(names)` on the current mesh for an array of `shape`: mesh axes the mesh lacks, or
+    whose size does not divide their dimension, are dropped (that dimension is replicated)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    out = []
+    for dim, entry in zip(shape, spec(names), strict=True):
+        entry = _drop_missing(entry, () if mesh.empty else mesh.axis_names)
+        out.append(entry if entry is None or dim % _size(entry, mesh) == 0 else None)
+    return PartitionSpec(*out)
+
+
+def num_shards(name: str) -> int:
+    """How many pieces the current mesh and rules cut the logical axis `name` into (1 outside a
+    mesh): the transformer pads its token axis to a multiple of `num_shards("length")`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    entry = _drop_missing(spec((name,))[0], mesh.axis_names)
+    return 1 if entry is None else _size(entry, mesh)
+
+
+def _size(entry, mesh) -> int:
+    axes = (entry,) if isinstance(entry, str) else entry
+    return int(math.prod(mesh.shape[a] for a in axes))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -7,7 +7,9 @@ Text and video tokens run through the blocks as one joint sequence [text; video]
 `join`/`split` below), so every block is a per-token computation plus full attention. The expert
 adaptive LayerNorm picks the text or the video modulation per token. Holding one sequence also
 means context parallelism shards a single length axis, and RoPE tables simply carry the identity
-rotation on text rows.
+rotation on text rows. Under a mesh that splits that axis the sequence gets padding tokens at
+the end up to a multiple of the shard count (hidden as keys, dropped after the blocks), so text
+sits on the first shard and every position is global.
 
 Shape letters: B batch, T latent frames, H/W latent height/width, C channels, S text tokens,
 L video tokens, D width, N heads, K head dim, F MLP hidden, E time-embedding width.
@@ -172,6 +174,9 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    # Saves what save_dots saves, in host memory (the `pinned_host` memory kind; TPU and GPU,
+    # and XLA's CPU backend, which makes it a copy).
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -267,7 +272,9 @@ class ExpertAdaLN(nnx.Module):
 class Attention(nnx.Module):
     """Joint self-attention with per-head q/k LayerNorm and RoPE on video tokens only."""
 
-    def __init__(self, dim, num_heads, head_dim, *, impl, dtype, param_dtype, rngs):
+    def __init__(
+        self, dim, num_heads, head_dim, *, impl, context_parallel, dtype, param_dtype, rngs
+    ):
         def proj():
             k = _kernel_init(0, (1, 2))(rngs.params(), (dim, num_heads, head_dim), param_dtype)
             b = jnp.zeros((num_heads, head_dim), param_dtype)
@@ -284,20 +291,23 @@ class Attention(nnx.Module):
         self.to_out_bias = sharding.param(jnp.zeros((dim,), param_dtype), ("embed",))
         self.norm_q = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
         self.norm_k = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
-        self.impl, self.dtype = impl, dtype
+        self.impl, self.context_parallel, self.dtype = impl, context_parallel, dtype
 
     def _project(self, h, kernel, bias):
         y = jnp.einsum("BLD,DNK->BLNK", h, kernel[...].astype(self.dtype))
         y = y + bias[...].astype(self.dtype)
         return sharding.constrain(y, ("batch", "length", "act_heads", None))
 
-    def __call__(self, h, cos, sin):
-        """h (B, S + L, D); cos/sin (S + L, K) with identity rows for text -> (B, S + L, D)."""
+    def __call__(self, h, cos, sin, kv_valid=None):
+        """h (B, S + L, D); cos/sin (S + L, K) with identity rows for text -> (B, S + L, D).
+        Tokens from `kv_valid` on are padding: no token attends to them."""
         q = self.norm_q(self._project(h, self.to_q_kernel, self.to_q_bias))  # (B, S+L, N, K)
         k = self.norm_k(self._project(h, self.to_k_kernel, self.to_k_bias))
         v = self._project(h, self.to_v_kernel, self.to_v_bias)
         q, k = posemb.apply_rope(q, cos, sin), posemb.apply_rope(k, cos, sin)
-        o = attention.dot_product_attention(q, k, v, impl=self.impl)  # (B, S+L, N, K)
+        o = attention.dot_product_attention(
+            q, k, v, impl=self.impl, kv_valid=kv_valid, context_parallel=self.context_parallel
+        )  # (B, S+L, N, K)
         o = checkpoint_name(o, "attn_out")
         y = jnp.einsum("BLNK,NKD->BLD", o, self.to_out_kernel[...].astype(self.dtype))
         return y + self.to_out_bias[...].astype(self.dtype)
@@ -332,19 +342,27 @@ class Block(nnx.Module):
         eps,
         *,
         attention_impl,
+        context_parallel,
         dtype,
         param_dtype,
         rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
-        self.attn1 = Attention(dim, num_heads, head_dim, impl=attention_impl, **kw)
+        self.attn1 = Attention(
+            dim,
+            num_heads,
+            head_dim,
+            impl=attention_impl,
+            context_parallel=context_parallel,
+            **kw,
+        )
         self.norm2 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
         self.ff = FeedForward(dim, 4 * dim, **kw)
 
-    def __call__(self, h, temb, cos, sin, is_text):
+    def __call__(self, h, temb, cos, sin, is_text, kv_valid=None):
         n, gate = self.norm1(h, temb, is_text)
-        h = h + gate * self.attn1(n, cos, sin)
+        h = h + gate * self.attn1(n, cos, sin, kv_valid)
         n, gate = self.norm2(h, temb, is_text)
         h = h + gate * self.ff(n)
         return sharding.constrain(h, ("batch", "length", "act_embed"))
@@ -393,13 +411,16 @@ class Transformer(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         remat: str = "none",
-        attention_impl: str = "xla",
+        attention_impl: str = "auto",
+        context_parallel: str = "allgather",
         rngs: nnx.Rngs,
     ):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         if attention_impl not in attention.IMPLEMENTATIONS:
             raise ValueError(f"attention_impl must be one of {attention.IMPLEMENTATIONS}")
+        if context_parallel not in attention.CONTEXT_PARALLEL:
+            raise ValueError(f"context_parallel must be one of {attention.CONTEXT_PARALLEL}")
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = cfg.width
@@ -418,6 +439,7 @@ class Transformer(nnx.Module):
                 cfg.time_embed_dim,
                 cfg.norm_eps,
                 attention_impl=attention_impl,
+                context_parallel=context_parallel,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -461,13 +483,18 @@ class Transformer(nnx.Module):
         pos = self._absolute_posemb(*grid)
         if pos is not None:
             hh = hh + pos
-        cos, sin = self._rope_tables(*grid, text_len=s)
-        is_text = np.arange(hh.shape[1]) < s
+        n = hh.shape[1]
+        # Context parallelism splits the tokens evenly: append padding tokens (identity RoPE,
+        # video modulation) that attention hides as keys, and drop them after the blocks.
+        pad = -n % sharding.num_shards("length")
+        hh = jnp.pad(hh, ((0, 0), (0, pad), (0, 0)))  # (B, S + L + pad, D)
+        cos, sin = self._rope_tables(*grid, text_len=s, pad=pad)
+        is_text = np.arange(n + pad) < s
         hh = sharding.constrain(hh, ("batch", "length", "act_embed"))
 
-        hh = self._run_blocks(hh, temb, cos, sin, is_text)
+        hh = self._run_blocks(hh, temb, cos, sin, is_text, n if pad else None)
 
-        _, x = split(hh, s)
+        _, x = split(hh[:, :n], s)
         x = self.norm_out(self.norm_final(x), temb)
         return self._unpatchify(self.proj_out(x), t, h, w)
 
@@ -535,8 +562,8 @@ class Transformer(nnx.Module):
         # rounded once from float64 to the compute dtype, like torch's `.to(embeds.dtype)`.
         return jnp.asarray(_sincos_table(cfg, t, h, w).astype(self.dtype))
 
-    def _rope_tables(self, t, h, w, *, text_len):
-        """(S + L, K) cos/sin float32 tables; text rows are the identity rotation."""
+    def _rope_tables(self, t, h, w, *, text_len, pad=0):
+        """(S + L + pad, K) cos/sin float32 tables; text and padding rows are the identity."""
         cfg = self.cfg
         k = cfg.head_dim
         if not cfg.rope:
@@ -547,13 +574,17 @@ class Transformer(nnx.Module):
         else:
             max_h, max_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
             cos, sin = posemb.rope_3d(k, *posemb.rope_grid_arange(t, h, w, max_h, max_w))
-        cos = np.concatenate([np.ones((text_len, k), np.float32), cos])
-        sin = np.concatenate([np.zeros((text_len, k), np.float32), sin])
+        cos = np.concatenate(
+            [np.ones((text_len, k), np.float32), cos, np.ones((pad, k), np.float32)]
+        )
+        sin = np.concatenate(
+            [np.zeros((text_len, k), np.float32), sin, np.zeros((pad, k), np.float32)]
+        )
         return jnp.asarray(cos), jnp.asarray(sin)
 
-    def _run_blocks(self, h, temb, cos, sin, is_text):
+    def _run_blocks(self, h, temb, cos, sin, is_text, kv_valid):
         def body(h, block):
-            return block(h, temb, cos, sin, is_text)
+            return block(h, temb, cos, sin, is_text, kv_valid)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":

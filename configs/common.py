@@ -69,8 +69,9 @@ def dit_config(
         overrides={},  # TransformerConfig fields, e.g. {"num_layers": 2}
         dtype="bfloat16",
         param_dtype="float32",
-        remat="full",
-        attention_impl="xla",
+        remat="full",  # none | full | save_dots | save_attention | offload_dots
+        attention_impl="auto",  # cudnn on GPU, splash on TPU, else xla; or name one
+        context_parallel="allgather",  # or "ulysses" (heads per tensor shard % mesh.context == 0)
     )
     # Frozen VAE, used only to encode the I2V conditioning frame (latents are precomputed).
     # The I2V image latent is divided by scaling_factor when `invert_scale_latents` (1.5-I2V's VAE
@@ -112,7 +113,9 @@ def dit_config(
         ema_decay=0.0 if pretrain else 0.9999,  # 0: no EMA
     )
     c.mesh = dict(data=1, fsdp=-1, context=1, tensor=1, num_devices=0)  # 0: every device
-    c.sharding_rules = ()  # empty: cogvideox_jax.sharding.DEFAULT_RULES
+    # (logical name, mesh axes) pairs replacing those names' DEFAULT_RULES entries, e.g.
+    # (("embed", "fsdp"),) to keep weights whole across context shards.
+    c.sharding_rules = ()
     c.ckpt = dict(every_steps=500, keep=3, async_save=True)
     c.log = dict(every_steps=10, progress=True)
     c.evals = dict(every_steps=1000, timesteps=(100, 300, 500, 700, 900), batch_size=8)

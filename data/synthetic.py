@@ -10,6 +10,8 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from data import pipeline
+
 
 def make_example(
     index: int,
@@ -35,17 +37,16 @@ def dataset(
     batch_size: int,
     *,
     seed: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    rows: np.ndarray | None = None,
     shuffle: bool = True,
     repeat: bool = True,
     **shapes,
 ) -> grain.MapDataset:
-    """Batches of `batch_size` examples of this process's shard, shuffled per epoch."""
-    ds = grain.MapDataset.range(num_examples)[shard_index::shard_count]
+    """Global batches of `batch_size` examples, shuffled per epoch, of which this process loads
+    the `rows` (data.pipeline.process_rows; None: all of them)."""
+    ds = grain.MapDataset.range(num_examples)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(lambda i: make_example(int(i), seed=seed, **shapes))
-    return ds.batch(batch_size, drop_remainder=True)
+    return pipeline.batches(ds, batch_size, rows, lambda i: make_example(i, seed=seed, **shapes))

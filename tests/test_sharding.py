@@ -74,3 +74,50 @@ def test_sharded_forward_equals_one_device(shape):
         )
     # Sharded reductions add in another order: equal up to float32 rounding.
     assert ref.rel_l2(got, want) <= 1e-5, ref.rel_l2(got, want)
+
+
+# Representative weights of the full-size 5B model and the specs the default rules must give
+# them on a (data 1, fsdp 64, context 4, tensor 2) mesh: written out, not derived.
+FSDP = ("fsdp", "context")
+EXPECTED_5B = {
+    "transformer_blocks/attn1/to_q_kernel": ((42, 3072, 48, 64), P(None, FSDP, "tensor", None)),
+    "transformer_blocks/attn1/to_v_bias": ((42, 48, 64), P(None, "tensor", None)),
+    "transformer_blocks/attn1/to_out_kernel": ((42, 48, 64, 3072), P(None, "tensor", None, FSDP)),
+    "transformer_blocks/attn1/norm_q/scale": ((42, 64), P(None, None)),
+    "transformer_blocks/ff/proj/kernel": ((42, 3072, 12288), P(None, FSDP, "tensor")),
+    "transformer_blocks/ff/proj/bias": ((42, 12288), P(None, "tensor")),
+    "transformer_blocks/ff/out/kernel": ((42, 12288, 3072), P(None, "tensor", FSDP)),
+    "transformer_blocks/norm1/linear/kernel": ((42, 512, 18432), P(None, None, FSDP)),
+    "transformer_blocks/norm2/norm/scale": ((42, 3072), P(None, None)),
+    "patch_embed/proj/kernel": ((64, 3072), P(None, FSDP)),
+    "patch_embed/text_proj/kernel": ((4096, 3072), P(None, FSDP)),
+    "time_embedding/linear_1/kernel": ((3072, 512), P(FSDP, None)),
+    "norm_out/linear/kernel": ((512, 6144), P(None, FSDP)),
+    "norm_final/scale": ((3072,), P(None)),
+    "proj_out/kernel": ((3072, 64), P(FSDP, None)),
+}
+
+
+def test_full_size_5b_parameters_get_the_expected_specs():
+    """The trainer's placement of the abstract 5B model (nothing allocated) on an abstract mesh."""
+    from train import dit
+
+    model = nnx.eval_shape(lambda: cj.Transformer(cj.transformer_config("5b"), rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    mesh = jax.sharding.AbstractMesh((1, 64, 4, 2), sharding.MESH_AXES)
+    shardings = dit._shardings(params, mesh, sharding.DEFAULT_RULES)
+    flat = {
+        "/".join(str(k.key) for k in path): (x.shape, s.spec)
+        for (path, x), (_, s) in zip(
+            jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0],
+            jax.tree_util.tree_flatten_with_path(shardings)[0],
+            strict=True,
+        )
+    }
+    assert {k: flat[k] for k in EXPECTED_5B} == EXPECTED_5B
+    for name, (shape, spec) in flat.items():
+        assert len(spec) == len(shape), name
+        if name.startswith("transformer_blocks/"):
+            assert spec[0] is None, name  # the scanned layer axis is never split
+        if np.prod(shape) >= 2**20:  # every large weight is split over fsdp x context (256)
+            assert FSDP in tuple(spec), name

@@ -235,6 +235,33 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     resumed = [keys(r) for r in _rows(tmp_path / "killed")]
     assert [r["step"] for r in resumed] == list(range(1, 151))
     assert resumed == straight
+    # TensorBoard, as it reads the event files (events past a restart's purge step hidden),
+    # shows each step's loss once, with metrics.jsonl's values.
+    tb = _tensorboard_scalars(tmp_path / "killed" / "tb", "loss")
+    assert tb == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in resumed}
+
+
+def _tensorboard_scalars(folder, tag):
+    """{step: value} of `tag` over the event files of `folder` in order, dropping earlier events
+    at steps >= the step of a SessionLog START (TensorBoard's purge of orphaned data)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
+            pos += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                out = {k: v for k, v in out.items() if k < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    out[event.step] = value.simple_value
+    return out
 
 
 # ---- Bad input ----
@@ -275,6 +302,48 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     bad = int(str(err.value).split("at step ")[1].split()[0])
     assert bad < 20
     assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == bad - 1
+
+
+def test_nonfinite_loss_skip_mode_keeps_weights_and_continues(tmp_path):
+    import orbax.checkpoint as ocp
+
+    cfg = _config(
+        "cogvideox_5b",
+        total_steps=6,
+        on_nonfinite="skip",
+        **{"optim.lr": 1e30, "ckpt.every_steps": 100, "evals.every_steps": 100},
+    )
+    dit.train_and_evaluate(cfg, str(tmp_path))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 7))  # the run went on to the end
+    skipped = [r["step"] for r in rows if r.get("skipped_nonfinite")]
+    assert skipped and skipped[-1] == 6, rows
+    assert all(not np.isfinite(r["loss"]) for r in rows if r["step"] in skipped)
+    # Skipped updates leave the last finite weights and optimiser state in place.
+    state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "6" / "state")
+    leaves = jax.tree.leaves({k: state[k] for k in ("params", "opt_state")})
+    assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    assert int(state["step"]) == 6
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    # The same global batch in one pass or in micro-batches: same losses, gradients and updates
+    # (1.5-I2V: the image condition and the temporal padding are split with the batch too).
+    rows = {}
+    for accum in (1, 2):
+        cfg = _config(
+            "cogvideox1_5_5b_i2v",
+            total_steps=3,
+            batch_size=4,
+            grad_accum_steps=accum,
+            **{"mesh.num_devices": 1, "evals.every_steps": 3, "ckpt.every_steps": 100},
+        )
+        dit.train_and_evaluate(cfg, str(tmp_path / str(accum)))
+        rows[accum] = _rows(tmp_path / str(accum))
+    for one, two in zip(rows[1], rows[2], strict=True):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in one:
+                np.testing.assert_allclose(two[key], one[key], rtol=2e-5, err_msg=key)
 
 
 # ---- The built-in demo (configs/demo.py) ----

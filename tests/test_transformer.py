@@ -110,7 +110,7 @@ def _perturbed(cfg, **kw):
     return model
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention"])
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention", "offload_dots"])
 def test_remat_policies_give_same_outputs_and_gradients(remat):
     cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS["5b"] | {"num_layers": 3})
     base = _perturbed(cfg)

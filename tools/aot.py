@@ -37,6 +37,7 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import cogvideox_jax as cj  # noqa: E402
+from cogvideox_jax import sharding  # noqa: E402
 from train import dit  # noqa: E402
 
 GIB = 1024**3
@@ -88,6 +89,9 @@ def analyse(config, topology: str) -> dict:
     c = config
     gen, shape, chips = parse_topology(topology)
     dit.validate(c, num_devices=chips)  # config errors before libtpu is even loaded
+    if c.model.attention_impl == "auto":  # resolved on the compiling (CPU) backend otherwise
+        with c.unlocked():
+            c.model.attention_impl = "splash"
     devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu").devices
     assert len(devices) == chips, (topology, len(devices))
     mesh = dit.make_mesh(c.mesh, devices)
@@ -102,7 +106,7 @@ def analyse(config, topology: str) -> dict:
     args = dit.abstract_train_args(c, prog, mesh)
     step = dit.jit_train_step(prog, mesh)
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), sharding.use_rules(prog.rules):  # as the trainer's loop runs it
         lowered = step.lower(*args)
         try:
             compiled = lowered.compile()

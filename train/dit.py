@@ -13,6 +13,7 @@ Shape letters: B batch, T latent frames, H/W latent height/width, C channels, S 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -29,9 +30,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cogvideox_jax as cj
-from cogvideox_jax import diffusion, flops, sharding
+from cogvideox_jax import attention, diffusion, flops, sharding, transformer
 from cogvideox_jax import vae as vae_lib
-from data import synthetic
+from data import pipeline, synthetic
 from train import checkpoint, evaluate, metrics, optim
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over these mesh axes (sharding rule "batch")
@@ -233,14 +234,24 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ValueError(
             f"model in_channels {tcfg.in_channels} != {want} for input.i2v={c.input.i2v}"
         )
+    _validate_model(c.model, tcfg, c.mesh, num_devices)
     shards = _data_shards(c.mesh, num_devices)
     if c.batch_size % (shards * c.grad_accum_steps):
         raise ValueError(
             f"batch_size ({c.batch_size}) must be divisible by the data shards (mesh.data x "
             f"mesh.fsdp = {shards}) times grad_accum_steps ({c.grad_accum_steps})"
         )
-    if c.batch_size % jax.process_count():
-        raise ValueError(f"batch_size ({c.batch_size}) must be divisible by the process count")
+    if c.evals.batch_size % shards:
+        raise ValueError(
+            f"evals.batch_size ({c.evals.batch_size}) must be divisible by the data shards "
+            f"(mesh.data x mesh.fsdp = {shards})"
+        )
+    used = int(np.prod(_mesh_shape(c.mesh)))
+    if jax.process_count() > 1 and used < jax.device_count():
+        raise ValueError(
+            f"the mesh uses {used} of the {jax.device_count()} devices (mesh.num_devices="
+            f"{c.mesh.num_devices}): a multi-process run must use every process's devices"
+        )
     if c.init.checkpoint and not os.path.isdir(c.init.checkpoint):
         raise FileNotFoundError(
             f"init.checkpoint {c.init.checkpoint!r} does not exist (it must be a converted "
@@ -250,6 +261,33 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ValueError("input.i2v needs vae.checkpoint: the frozen VAE encodes the first frame")
     if c.input.source not in ("synthetic", "demo"):
         raise ValueError(f"input.source must be 'synthetic' or 'demo', got {c.input.source!r}")
+
+
+def _validate_model(m, tcfg, mesh, num_devices=None) -> None:
+    """Attention and remat choices; Ulysses' head count rule for the default rules."""
+    if m.attention_impl not in attention.IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention_impl must be one of {attention.IMPLEMENTATIONS}, "
+            f"got {m.attention_impl!r}"
+        )
+    if m.context_parallel not in attention.CONTEXT_PARALLEL:
+        raise ValueError(
+            f"model.context_parallel must be one of {attention.CONTEXT_PARALLEL}, "
+            f"got {m.context_parallel!r}"
+        )
+    if m.remat not in transformer.REMAT_POLICIES:
+        raise ValueError(
+            f"model.remat must be one of {sorted(transformer.REMAT_POLICIES)}, got {m.remat!r}"
+        )
+    _, _, context, tensor = _mesh_shape(mesh, num_devices)
+    n = tcfg.num_heads
+    heads = n // tensor if n % tensor == 0 else n  # heads not dividing stay unsplit
+    if m.context_parallel == "ulysses" and heads % context:
+        raise ValueError(
+            f"model.context_parallel='ulysses' needs the heads of a tensor shard ({heads} of "
+            f"{n} heads, mesh.tensor={tensor}) to divide by mesh.context={context}; use "
+            "'allgather' or another mesh"
+        )
 
 
 def _mesh_shape(m, num_devices: int | None = None) -> tuple[int, ...]:
@@ -419,6 +457,7 @@ class Program:
     state_sh: dict
     sc: StepConfig
     ab: np.ndarray  # alphas_cumprod (num_timesteps,) float32
+    rules: sharding.Rules  # the run's sharding rules (the activations' too: sharding.use_rules)
 
 
 def make_program(c, mesh) -> Program:
@@ -435,12 +474,13 @@ def make_program(c, mesh) -> Program:
             param_dtype=_dtype(c.model.param_dtype),
             remat=c.model.remat,
             attention_impl=c.model.attention_impl,
+            context_parallel=c.model.context_parallel,
             rngs=nnx.Rngs(seed),
         )
 
     graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: build(0)), nnx.Param, ...)
     tx, schedule = optim.make_optimizer(c.optim, c.total_steps)
-    rules = tuple(tuple(r) for r in c.sharding_rules)
+    rules = sharding.rules_with(c.sharding_rules)
     replicated = NamedSharding(mesh, P())
     param_sh = _shardings(abs_params, mesh, rules)
     abs_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abs_params))
@@ -457,7 +497,7 @@ def make_program(c, mesh) -> Program:
     )
     templates = (abs_params, abs_buffers)
     ab = np.asarray(ab, np.float32)
-    return Program(build, graphdef, templates, tx, schedule, state_sh, sc, ab)
+    return Program(build, graphdef, templates, tx, schedule, state_sh, sc, ab, rules)
 
 
 def fresh_state(prog: Program, seed: int, params, buffers) -> dict:
@@ -480,7 +520,7 @@ def init_state(prog: Program, seed: int) -> dict:
 
 def jit_train_step(prog: Program, mesh):
     """`train_step` jitted as the trainer runs it: state donated, state shardings kept. Call
-    (or lower) it under `jax.set_mesh(mesh)`."""
+    (or lower) it under `jax.set_mesh(mesh)` and `sharding.use_rules(prog.rules)`."""
     step = functools.partial(
         train_step,
         graphdef=prog.graphdef,
@@ -521,9 +561,9 @@ def abstract_train_args(c, prog: Program, mesh) -> tuple[dict, dict, dict]:
     return state, batch, frozen
 
 
-def _global_batch(local, mesh):
-    spec = NamedSharding(mesh, P(BATCH_AXES))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), local)
+def _global_batch(local, mesh, batch_size):
+    """The global batch from this process's rows of it (data.pipeline.process_rows)."""
+    return pipeline.global_batch(local, NamedSharding(mesh, P(BATCH_AXES)), batch_size)
 
 
 def _note(msg: str) -> None:
@@ -540,36 +580,47 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
     tokens = _tokens_per_example(c, tcfg) * c.batch_size
     step_flops = model_flops_per_step(c, tcfg)
-    _note(f"per-process batch {c.batch_size // jax.process_count()}, {tokens} tokens per step")
 
     # ---- Mesh ----
     mesh = make_mesh(c.mesh)
+    rules = sharding.rules_with(c.sharding_rules)
+    replicated = NamedSharding(mesh, P())
     peak_flops = metrics.peak_flops(mesh.devices.flat[0]) * mesh.devices.size  # 0: unknown (CPU)
+
+    @contextlib.contextmanager
+    def on_mesh():  # the mesh and rules every traced function (steps, sampling) sees
+        with jax.set_mesh(mesh), sharding.use_rules(rules):
+            yield
 
     # ---- Data ----
     shapes = _example_shapes(c)
-    local_batch = c.batch_size // jax.process_count()
+    # Each process loads only its rows of every global batch (data/pipeline.py).
+    rows = pipeline.process_rows(NamedSharding(mesh, P(BATCH_AXES)), c.batch_size)
+    eval_rows = pipeline.process_rows(NamedSharding(mesh, P(BATCH_AXES)), c.evals.batch_size)
+    _note(
+        f"{jax.process_count()} process(es), per-process batch {len(rows)} of {c.batch_size}, "
+        f"{tokens} tokens per step"
+    )
     demo = None
     if c.input.source == "demo":  # the built-in demo's stages (train/demo.py)
         from train import demo as demo_lib
 
         demo = demo_lib.Demo(c, workdir)
-        shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-        train_ds = demo.dataset(local_batch, train=True, seed=c.seed, **shard)
-        eval_ds = demo.dataset(c.evals.batch_size, train=False, seed=c.seed)
+        train_ds = demo.dataset(c.batch_size, train=True, seed=c.seed, rows=rows)
+        eval_ds = demo.dataset(c.evals.batch_size, train=False, seed=c.seed, rows=eval_rows)
     else:
         train_ds = synthetic.dataset(
             c.input.num_examples,
-            local_batch,
+            c.batch_size,
             seed=c.seed,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            rows=rows,
             **shapes,
         )
         eval_ds = synthetic.dataset(
             c.input.eval_examples,
             c.evals.batch_size,
             seed=c.seed + 10_000,
+            rows=eval_rows,
             shuffle=False,
             repeat=False,
             **shapes,
@@ -612,15 +663,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             sc=sc,
             timesteps=tuple(c.evals.timesteps),
             seed=c.seed + 20_000,
-        )
+        ),
+        out_shardings=replicated,  # read back on every process
     )
 
     def run_eval(state):
-        with jax.set_mesh(mesh):
+        with on_mesh():
             return evaluate.held_out_loss(
                 functools.partial(p_eval, state["params"], state["buffers"]),
                 eval_ds,
-                lambda b: _global_batch(b, mesh),
+                lambda b: _global_batch(b, mesh, c.evals.batch_size),
                 frozen,
                 tuple(c.evals.timesteps),
             )
@@ -643,11 +695,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = int(state["step"])
     log = metrics.Logger(workdir, c.total_steps, step, progress=c.log.progress)
     last_saved, row = step if mngr.latest_step() is not None else None, {}
-    t0, steps_timed = time.perf_counter(), 0
+    t0, steps_timed, skipped = time.perf_counter(), 0, 0
     try:
         while step < c.total_steps:
-            with jax.set_mesh(mesh):
-                state, m = p_train(state, _global_batch(next(data_iter), mesh), frozen)
+            with on_mesh():
+                state, m = p_train(
+                    state, _global_batch(next(data_iter), mesh, c.batch_size), frozen
+                )
             step += 1
             steps_timed += 1
             loss, finite = float(m["loss"]), bool(m["finite"])
@@ -658,6 +712,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     "(config.on_nonfinite='stop'). "
                     f"The last good checkpoint (step {last_saved}) is kept in {mngr.directory}"
                 )
+            if not finite:
+                skipped += 1
+                _note(f"step {step}: non-finite loss or gradient ({loss}); update skipped")
             is_log = step % c.log.every_steps == 0 or step == c.total_steps
             is_eval = step % c.evals.every_steps == 0
             if is_log or is_eval:
@@ -671,16 +728,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 )
                 if peak_flops:  # model FLOPs utilisation against the devices' bf16 peak
                     row["mfu"] = steps_timed * step_flops / dt / peak_flops
-                if not finite:
-                    row["skipped_nonfinite"] = 1
+                if skipped:  # steps skipped since the last logged row
+                    row["skipped_nonfinite"] = skipped
                 if is_eval:
                     row.update(run_eval(state))
                     if demo is not None:
-                        with jax.set_mesh(mesh):
+                        with on_mesh():
                             model = _merge(graphdef, templates, state["params"], state["buffers"])
                             row.update(demo.sample(model, step))
                 log.write(step, row)
-                t0, steps_timed = time.perf_counter(), 0
+                t0, steps_timed, skipped = time.perf_counter(), 0, 0
             if step % c.ckpt.every_steps == 0 or step == c.total_steps:
                 checkpoint.save(mngr, step, state, data_iter)
                 last_saved = step

@@ -38,7 +38,10 @@ class Logger:
         path = os.path.join(workdir, "metrics.jsonl")
         _truncate_after(path, start_step)
         self._jsonl = open(path, "a")
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+        # A resumed run purges TensorBoard events logged after its checkpoint (TensorBoard hides
+        # events at steps >= purge_step from the earlier files), as metrics.jsonl is truncated.
+        purge = start_step + 1 if start_step > 0 else None
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
         self._bar = tqdm.tqdm(
             total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True
         )
