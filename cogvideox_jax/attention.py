@@ -86,7 +86,10 @@ def dot_product_attention(
                 "context_parallel='allgather' or another mesh"
             )
         body = functools.partial(_ulysses, axes=length_axes, impl=impl, kv_valid=kv_valid)
-    return jax.shard_map(body, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+    # Pallas' splash kernel declares its outputs without varying-axes types, which
+    # check_vma=True rejects ("manual_axis_type ... must not be None"; found by tools.aot).
+    check_vma = impl != "splash"
+    return jax.shard_map(body, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma)(q, k, v)
 
 
 def resolve(impl: str, dtype) -> str:

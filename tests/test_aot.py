@@ -32,6 +32,7 @@ def test_compiles_runlocal_step_for_v5e_8():
         "--topology=v5e-8",
         "--config.mesh.num_devices=0",
         "--config.batch_size=8",
+        "--config.evals.batch_size=8",
         "--config.model.attention_impl=splash",
     )
     assert p.returncode == 0, p.stderr[-3000:]

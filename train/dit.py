@@ -246,7 +246,7 @@ def validate(config, num_devices: int | None = None) -> None:
             f"evals.batch_size ({c.evals.batch_size}) must be divisible by the data shards "
             f"(mesh.data x mesh.fsdp = {shards})"
         )
-    used = int(np.prod(_mesh_shape(c.mesh)))
+    used = int(np.prod(_mesh_shape(c.mesh, num_devices)))
     if jax.process_count() > 1 and used < jax.device_count():
         raise ValueError(
             f"the mesh uses {used} of the {jax.device_count()} devices (mesh.num_devices="
