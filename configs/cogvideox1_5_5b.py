@@ -12,7 +12,7 @@ python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-16 \
     --config.model.attention_impl=splash
 python -m tools.aot --config configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360 \
     --topology v5p-64 --config.model.attention_impl=splash --config.mesh.context=2 \
-    --config.grad_accum_steps=64
+    --config.grad_accum_steps=64 --config.evals.batch_size=16
 """
 
 from configs import common
