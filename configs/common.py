@@ -95,6 +95,7 @@ def dit_config(
         height=h,
         width=w,
         latent_channels=16,
+        spatial_compression=8,  # pixels per latent along height and width (the VAE's)
         text_len=text_len,
         text_dim=4096,
         num_examples=4096,

@@ -29,12 +29,12 @@ def get_config(arg=None):
     )
     text_dim, latent_channels = 32, 16
     h, w = common.parse_res(arg.res)
-    c.total_steps = 500
+    c.total_steps = 2000
     c.batch_size = 16
     c.model.update(dtype="float32", remat="none")
     c.model.overrides = dict(
-        num_layers=2,
-        num_heads=2,
+        num_layers=4,
+        num_heads=4,
         head_dim=32,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -61,9 +61,9 @@ def get_config(arg=None):
         lr=1e-3, schedule="cosine", warmup_steps=20, grad_clip=1.0, ema_decay=0.0, end_lr_factor=0.1
     )
     c.mesh.num_devices = 1
-    c.ckpt.update(every_steps=100, keep=2)
-    c.log.every_steps = 5
-    c.evals.update(every_steps=100, batch_size=16, timesteps=(100, 500, 900))
+    c.ckpt.update(every_steps=500, keep=2)
+    c.log.every_steps = 10
+    c.evals.update(every_steps=500, batch_size=16, timesteps=(100, 500, 900))
     c.demo = dict(
         text_dim=text_dim,
         text_heads=4,
@@ -71,12 +71,13 @@ def get_config(arg=None):
         latent_channels=latent_channels,
         vae_widths=(8, 16, 16, 16),
         vae_groups=2,
-        vae_steps=400,
-        vae_batch=2,
+        vae_steps=300,
+        vae_batch=8,
         vae_lr=3e-3,
         kl_weight=1e-4,
+        vae_init_logvar=-8.0,
         foreground_weight=9.0,
-        samples=4,
+        samples=8,
         sample_steps=20,
         guidance_scale=4.0,
     )

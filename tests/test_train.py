@@ -391,7 +391,7 @@ def test_demo_runlocal_end_to_end(demo_run):
     assert (demo_run / "demo_vae" / "meta.json").is_file()
 
 
-def test_demo_loss_goes_down(demo_run, tmp_path):
+def test_demo_loss_goes_down(demo_run, tmp_path, capsys):
     import shutil
 
     shutil.copytree(demo_run / "demo_vae", tmp_path / "demo_vae")  # skip the VAE stage
@@ -402,6 +402,7 @@ def test_demo_loss_goes_down(demo_run, tmp_path):
     cfg.log.progress = False
     cfg.lock()
     dit.train_and_evaluate(cfg, str(tmp_path))
+    assert "demo VAE: restored from" in capsys.readouterr().out  # same settings: cache reused
     losses = [r["loss"] for r in _rows(tmp_path)]
     assert len(losses) == 200
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])

@@ -98,16 +98,28 @@ def train_vae(c, workdir: str) -> cj.AutoencoderKL:
     d = c.demo
     cfg = _vae_config(d)
     vae = cj.AutoencoderKL(cfg, rngs=nnx.Rngs(c.seed + 3))
+    # The posterior starts narrow (logvar bias d.vae_init_logvar): with unit-variance samples
+    # from the start, a brief training only gets the latents to carry the coarse content (warm
+    # vs cool colours), not the hue.
+    bias = vae.encoder.conv_out.conv.bias
+    bias[...] = bias[...].at[cfg.latent_channels :].set(d.vae_init_logvar)
     graphdef, params = nnx.split(vae)
     folder = os.path.join(os.path.abspath(workdir), "demo_vae")
     meta_path = os.path.join(folder, "meta.json")
+    settings = _vae_settings(c)
+    meta = None
     if os.path.isfile(meta_path):
-        params = _load_tree(os.path.join(folder, "params"), params)
         with open(meta_path) as f:
             meta = json.load(f)
+        if meta.get("settings") != settings:  # trained with other settings: train anew
+            _note(f"demo VAE in {folder} was trained with other settings; training it again")
+            meta = None
+    if meta is not None:
+        params = _load_tree(os.path.join(folder, "params"), params)
         _note(f"demo VAE: restored from {folder}")
     else:
         params, meta = _fit_vae(c, graphdef, params)
+        meta["settings"] = settings
         os.makedirs(folder, exist_ok=True)
         _save_tree(os.path.join(folder, "params"), params)
         with open(meta_path + ".tmp", "w") as f:
@@ -116,6 +128,16 @@ def train_vae(c, workdir: str) -> cj.AutoencoderKL:
     vae = nnx.merge(graphdef, params)
     vae.cfg = dataclasses.replace(cfg, scaling_factor=meta["scaling_factor"])
     return vae
+
+
+def _vae_settings(c) -> dict:
+    """Everything the trained demo VAE depends on (a cached one is reused only if equal)."""
+    keys = ("vae_widths", "vae_groups", "latent_channels", "vae_steps", "vae_batch", "vae_lr")
+    keys += ("kl_weight", "foreground_weight", "vae_init_logvar")
+    out = {k: c.demo[k] for k in keys}
+    out.update(seed=c.seed, frames=c.input.num_frames, size=c.input.height)
+    out.update(num_examples=c.input.num_examples)
+    return json.loads(json.dumps(out))  # tuples as lists, as read back from meta.json
 
 
 def _fit_vae(c, graphdef, params):
@@ -193,6 +215,12 @@ class Demo:
             raise ValueError(
                 f"input.text_len ({inp.text_len}) must equal the caption tokenizer's length "
                 f"({demo_data.TEXT_LEN})"
+            )
+        factor = _vae_config(d).spatial_compression
+        if inp.spatial_compression != factor:
+            raise ValueError(
+                f"input.spatial_compression ({inp.spatial_compression}) must equal the demo "
+                f"VAE's ({factor}: {len(d.vae_widths)} levels of demo.vae_widths)"
             )
         self.encoder = text_encoder(d, c.seed + 5)
         self.vae = train_vae(c, workdir)

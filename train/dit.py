@@ -224,10 +224,12 @@ def validate(config, num_devices: int | None = None) -> None:
     if n < 1 or (n - 1) % k:
         extra = " (CogVideoX 1.5 needs an even latent count before padding)" if k == 8 else ""
         raise ValueError(f"input.num_frames={n}: the frame count must be {k}k+1{extra}")
-    if c.input.height % (8 * tcfg.patch_size) or c.input.width % (8 * tcfg.patch_size):
+    f = c.input.spatial_compression
+    if c.input.height % (f * tcfg.patch_size) or c.input.width % (f * tcfg.patch_size):
         raise ValueError(
             f"input height/width {c.input.height}x{c.input.width} must be multiples of "
-            f"{8 * tcfg.patch_size} (VAE factor 8 times patch size {tcfg.patch_size})"
+            f"{f * tcfg.patch_size} (input.spatial_compression {f} times patch size "
+            f"{tcfg.patch_size})"
         )
     want = c.input.latent_channels * (2 if c.input.i2v else 1)
     if tcfg.in_channels != want:
@@ -376,7 +378,8 @@ def _dtype(name: str):
 
 def _example_shapes(c):
     t = vae_lib.num_latent_frames(c.input.num_frames)
-    h, w = c.input.height // 8, c.input.width // 8
+    f = c.input.spatial_compression
+    h, w = c.input.height // f, c.input.width // f
     return dict(
         latent_shape=(t, h, w, c.input.latent_channels),
         text_shape=(c.input.text_len, c.input.text_dim),
@@ -388,7 +391,8 @@ def video_tokens(c, tcfg) -> int:
     """Video tokens of one example (latent frames padded to patch_size_t, then patched)."""
     pt = tcfg.patch_size_t or 1
     t = -(-vae_lib.num_latent_frames(c.input.num_frames) // pt)
-    return t * (c.input.height // 8 // tcfg.patch_size) * (c.input.width // 8 // tcfg.patch_size)
+    f = c.input.spatial_compression * tcfg.patch_size
+    return t * (c.input.height // f) * (c.input.width // f)
 
 
 def model_flops_per_step(c, tcfg) -> int:
