@@ -5,14 +5,12 @@ python -m train --config configs/cogvideox1_5_5b.py:sft --workdir $RUN \
 python -m train --config configs/cogvideox1_5_5b.py:pretrain,frames=81,res=768x1360 --workdir $RUN
 python -m train --config configs/cogvideox1_5_5b.py:sft,runlocal --workdir $RUN
 python -m train --config configs/cogvideox1_5_5b.py:sft --workdir $RUN --config.mode=eval
-# With the defaults (mesh fsdp over all chips, remat full) and splash attention, SFT at 81 frames
-# fits a v5p-16 (not a v5p-8); pretraining at 161 frames fits a v5p-64 with context=2 and one
-# sample per data shard per micro-batch (tools.aot, BENCHMARKS.md):
-python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-16 \
-    --config.model.attention_impl=splash
+# With the defaults (FSDP over all chips, full remat, `auto` attention: splash on TPU), SFT at 81
+# frames fits a v5p-16 (not a v5p-8); pretraining at 161 frames (context=2, auto accumulation:
+# one sample per data shard per micro-batch) fits a v5p-64 (tools.aot, BENCHMARKS.md):
+python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-16
 python -m tools.aot --config configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360 \
-    --topology v5p-64 --config.model.attention_impl=splash --config.mesh.context=2 \
-    --config.grad_accum_steps=64 --config.evals.batch_size=16
+    --topology v5p-64
 """
 
 from configs import common
@@ -21,7 +19,7 @@ from configs import common
 def get_config(arg=None):
     arg = common.parse_arg(arg, mode="sft", runlocal=False, frames=81, res="768x1360")
     # Source: diffusers THUDM/CogVideoX1.5-5B configs; SAT cogvideox1.5_5b.yaml (group_num 40).
-    return common.dit_config(
+    c = common.dit_config(
         arg,
         variant="1.5-5b",
         scaling_factor=0.7,
@@ -30,3 +28,10 @@ def get_config(arg=None):
         i2v=False,
         eus_groups=40,
     )
+    if arg.mode == "pretrain" and not arg.runlocal:
+        # 161x768x1360 clips: context parallelism over 2 chips per sample (fits a v5p-64 with
+        # the auto accumulation: tools.aot, BENCHMARKS.md); an eval batch that divides over up to
+        # 64 data shards.
+        c.mesh.context = 2
+        c.evals.batch_size = 64
+    return c

@@ -62,7 +62,9 @@ def dit_config(
     pretrain = arg.mode == "pretrain"
     c.total_steps = 100_000 if pretrain else 1000
     c.batch_size = 1024 if pretrain else 16
-    c.grad_accum_steps = 1
+    # 0: auto, one example per data shard per micro-batch (a pretraining batch of 1024 does not
+    # fit in one pass at CogVideoX's sizes; tools.aot shows which slices it fits).
+    c.grad_accum_steps = 0 if pretrain else 1
 
     c.model = dict(
         variant=variant,

@@ -168,6 +168,15 @@ def test_image_condition_scale_follows_the_vae_config(tmp_path):
         dit.train_and_evaluate(cfg, str(tmp_path / "run"))
 
 
+def test_auto_gradient_accumulation_is_one_example_per_data_shard():
+    cfg = _config("cogvideox1_5_5b", "pretrain,frames=161,res=768x1360")
+    assert cfg.grad_accum_steps == 0 and cfg.batch_size == 1024 and cfg.mesh.context == 2
+    assert dit.grad_accum_steps(cfg, 32) == 32 and dit.grad_accum_steps(cfg, 64) == 16
+    assert dit.grad_accum_steps(_config("cogvideox_5b", "sft"), 8) == 1  # SFT: one pass
+    with pytest.raises(ValueError, match="grad_accum_steps must be >= 0"):
+        dit.validate(_config("cogvideox_5b", grad_accum_steps=-1))
+
+
 def test_explicit_uniform_sampling_bands():
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
     t = np.stack([np.asarray(dit.eus_timesteps(k, 8, 4)) for k in keys])  # (400, 8)

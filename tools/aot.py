@@ -130,7 +130,7 @@ def analyse(config, topology: str) -> dict:
         remat=c.model.remat,
         attention_impl=c.model.attention_impl,
         batch_size=c.batch_size,
-        grad_accum_steps=c.grad_accum_steps,
+        grad_accum_steps=dit.grad_accum_steps(c, mesh.shape["data"] * mesh.shape["fsdp"]),
         tokens_per_sample=c.input.text_len + video,
         hbm_bytes_per_chip=HBM_BYTES[gen],
         model_flops_per_step=dit.model_flops_per_step(c, tcfg),

@@ -238,10 +238,13 @@ def validate(config, num_devices: int | None = None) -> None:
         )
     _validate_model(c.model, tcfg, c.mesh, num_devices)
     shards = _data_shards(c.mesh, num_devices)
-    if c.batch_size % (shards * c.grad_accum_steps):
+    if c.grad_accum_steps < 0:
+        raise ValueError(f"grad_accum_steps must be >= 0 (0: auto), got {c.grad_accum_steps}")
+    accum = grad_accum_steps(c, shards)
+    if c.batch_size % (shards * accum):
         raise ValueError(
             f"batch_size ({c.batch_size}) must be divisible by the data shards (mesh.data x "
-            f"mesh.fsdp = {shards}) times grad_accum_steps ({c.grad_accum_steps})"
+            f"mesh.fsdp = {shards}) times grad_accum_steps ({accum})"
         )
     if c.evals.batch_size % shards:
         raise ValueError(
@@ -348,8 +351,15 @@ def _shardings(abstract_vars, mesh, rules):
     )
 
 
-def step_config(c, tcfg) -> StepConfig:
-    """The objective's constants from a config (`tcfg`: the transformer's config)."""
+def grad_accum_steps(c, data_shards: int) -> int:
+    """config.grad_accum_steps; 0 (auto) gives one example per data shard per micro-batch, the
+    least activation memory for a global batch far larger than the data shards (pretraining)."""
+    return c.grad_accum_steps or max(c.batch_size // data_shards, 1)
+
+
+def step_config(c, tcfg, data_shards: int = 1) -> StepConfig:
+    """The objective's constants from a config (`tcfg`: the transformer's config; `data_shards`:
+    mesh.data x mesh.fsdp of the run's mesh)."""
     sf = c.diffusion.scaling_factor
     # The image latent's factor is the sampling pipeline's (VaeConfig.image_latent_scale).
     vae_cfg = vae_lib.vae_config(
@@ -366,7 +376,7 @@ def step_config(c, tcfg) -> StepConfig:
         ofs=c.diffusion.ofs if c.diffusion.ofs >= 0 else None,
         i2v=c.input.i2v,
         patch_size_t=tcfg.patch_size_t or 1,
-        grad_accum_steps=c.grad_accum_steps,
+        grad_accum_steps=grad_accum_steps(c, data_shards),
         ema_decay=c.optim.ema_decay,
         skip_nonfinite=c.on_nonfinite == "skip",
     )
@@ -466,7 +476,7 @@ class Program:
 
 def make_program(c, mesh) -> Program:
     tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
-    sc = step_config(c, tcfg)
+    sc = step_config(c, tcfg, mesh.shape["data"] * mesh.shape["fsdp"])
     ab = diffusion.alphas_cumprod(
         diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
     )
