@@ -2,8 +2,6 @@
 loss and gradients; the attention entry point's padding mask, kernel dispatch and errors."""
 
 import functools
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -138,21 +136,25 @@ def test_kv_valid_hides_appended_keys():
     np.testing.assert_allclose(got[:, :19], want, rtol=1e-6, atol=1e-6)
 
 
-def _fake_splash(calls):
-    """A stand-in for cogvideox_jax.splash with its contract: per-shard arrays, kv_valid int."""
+def _recording_splash(calls):
+    """cogvideox_jax.splash.attention in the Pallas interpreter (CPU), recording what each shard
+    passes it: per-shard shapes and the kv_valid int of its contract."""
+    from cogvideox_jax import splash
+
+    real = splash.attention
 
     def splash_attention(q, k, v, *, kv_valid=None):
         calls.append((q.shape, k.shape, kv_valid))
-        mask = None if kv_valid is None else (jnp.arange(k.shape[1]) < kv_valid)[None, None, None]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return real(q, k, v, kv_valid=kv_valid, interpret=True)
 
-    return types.SimpleNamespace(attention=splash_attention)
+    return splash, splash_attention
 
 
 @pytest.mark.parametrize("mode", ["allgather", "ulysses"])
 def test_splash_runs_per_shard_inside_context_parallel(monkeypatch, mode):
     calls = []
-    monkeypatch.setitem(sys.modules, "cogvideox_jax.splash", _fake_splash(calls))
+    module, recording = _recording_splash(calls)
+    monkeypatch.setattr(module, "attention", recording)
     q, k, v = _qkv(length=20)
     want = attention.dot_product_attention(q, k, v, impl="xla", kv_valid=19)
     mesh = jax.make_mesh((1, 2, 2, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
