@@ -96,15 +96,11 @@ def _one_device(variant):
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
-# Every layout and mode for the 5B variant; the 1.5 variant (two frames a token) once per mode
-# and context size, and with tensor parallelism, under full remat (the shard_map inside
-# nnx.remat inside nnx.scan). CPU compiles are what the time goes to.
+# Every layout and mode for the 5B variant (RoPE) and the 1.5 variant (two frames a token); 1.5
+# under full remat (the shard_map inside nnx.remat inside nnx.scan).
 CASES = [
-    *(("5b", name, "allgather") for name in LAYOUTS),
-    *(("5b", name, "ulysses") for name in CONTEXT_LAYOUTS),
-    ("1.5-5b", "tensor2_fsdp4", "allgather"),
-    ("1.5-5b", "fsdp2_context4", "allgather"),
-    ("1.5-5b", "context8", "ulysses"),
+    *((variant, name, "allgather") for variant in _LATENTS for name in LAYOUTS),
+    *((variant, name, "ulysses") for variant in _LATENTS for name in CONTEXT_LAYOUTS),
 ]
 
 
