@@ -85,7 +85,7 @@ class VaeConfig:
     @property
     def image_latent_scale(self) -> float:
         """The factor on an image-to-video model's first-frame latent (training and sampling)."""
-        return 1.0 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
+        return image_latent_scale(self.scaling_factor, self.invert_scale_latents)
 
     def __post_init__(self):
         # Hub configs store lists and may store the ratio as a float (diffusers types it so).
@@ -161,6 +161,12 @@ def vae_config(variant: str, **overrides) -> VaeConfig:
 
 
 _DIFFUSERS_DEFAULTS = vae_config("cogvideox").to_diffusers()
+
+
+def image_latent_scale(scaling_factor: float, invert_scale_latents: bool) -> float:
+    """An image-to-video condition latent is multiplied by `scaling_factor`, or divided by it
+    where the VAE config says `invert_scale_latents` (CogVideoX1.5-I2V)."""
+    return 1.0 / scaling_factor if invert_scale_latents else scaling_factor
 
 
 def num_latent_frames(num_frames: int, temporal_compression_ratio: int = 4) -> int:

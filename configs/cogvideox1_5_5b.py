@@ -19,7 +19,7 @@ from configs import common
 def get_config(arg=None):
     arg = common.parse_arg(arg, mode="sft", runlocal=False, frames=81, res="768x1360")
     # Source: diffusers THUDM/CogVideoX1.5-5B configs; SAT cogvideox1.5_5b.yaml (group_num 40).
-    c = common.dit_config(
+    return common.dit_config(
         arg,
         variant="1.5-5b",
         scaling_factor=0.7,
@@ -27,11 +27,5 @@ def get_config(arg=None):
         text_len=226,
         i2v=False,
         eus_groups=40,
+        pretrain_context=2,
     )
-    if arg.mode == "pretrain" and not arg.runlocal:
-        # 161x768x1360 clips: context parallelism over 2 chips per sample (fits a v5p-64 with
-        # the auto accumulation: tools.aot, BENCHMARKS.md); an eval batch that divides over up to
-        # 64 data shards.
-        c.mesh.context = 2
-        c.evals.batch_size = 64
-    return c

@@ -14,7 +14,7 @@ from configs import common
 def get_config(arg=None):
     arg = common.parse_arg(arg, mode="sft", runlocal=False, frames=81, res="768x1360")
     # Source: diffusers THUDM/CogVideoX1.5-5B-I2V configs; ofs 2.0 from SAT sample_video.py.
-    c = common.dit_config(
+    return common.dit_config(
         arg,
         variant="1.5-5b-i2v",
         scaling_factor=0.7,
@@ -23,12 +23,6 @@ def get_config(arg=None):
         i2v=True,
         ofs=2.0,
         eus_groups=40,
+        pretrain_context=2,
         invert_scale_latents=True,  # the released VAE config's flag (diffusers' pipeline)
     )
-    if arg.mode == "pretrain" and not arg.runlocal:
-        # 161x768x1360 clips: context parallelism over 2 chips per sample (fits a v5p-64 with
-        # the auto accumulation: tools.aot, BENCHMARKS.md); an eval batch that divides over up to
-        # 64 data shards.
-        c.mesh.context = 2
-        c.evals.batch_size = 64
-    return c

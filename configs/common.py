@@ -53,6 +53,7 @@ def dit_config(
     ofs: float | None = None,
     eus_groups: int = 1,
     invert_scale_latents: bool = False,
+    pretrain_context: int = 1,
 ) -> ml_collections.ConfigDict:
     """The sections of a transformer run (STYLE 9.4); the caller states the checkpoint facts."""
     c = ml_collections.ConfigDict()
@@ -125,6 +126,12 @@ def dit_config(
     c.init = dict(checkpoint="")  # a diffusers/Orbax transformer folder to start from
     c.on_nonfinite = "stop"  # or "skip": drop the update of a step with a NaN/Inf loss
 
+    if pretrain and pretrain_context > 1 and not arg.runlocal:
+        # Long pretraining clips (1.5: 161x768x1360) split each sample over `pretrain_context`
+        # chips (fits a v5p-64 with the auto accumulation: tools.aot, BENCHMARKS.md); an eval
+        # batch that divides over up to 64 data shards.
+        c.mesh.context = pretrain_context
+        c.evals.batch_size = 64
     if arg.runlocal:
         runlocal(c)
     return c

@@ -361,13 +361,10 @@ def step_config(c, tcfg, data_shards: int = 1) -> StepConfig:
     """The objective's constants from a config (`tcfg`: the transformer's config; `data_shards`:
     mesh.data x mesh.fsdp of the run's mesh)."""
     sf = c.diffusion.scaling_factor
-    # The image latent's factor is the sampling pipeline's (VaeConfig.image_latent_scale).
-    vae_cfg = vae_lib.vae_config(
-        "tiny", scaling_factor=sf, invert_scale_latents=c.vae.invert_scale_latents
-    )
     return StepConfig(
         scaling_factor=sf,
-        image_scale=vae_cfg.image_latent_scale,
+        # The sampling pipeline's factor (VaeConfig.image_latent_scale).
+        image_scale=vae_lib.image_latent_scale(sf, c.vae.invert_scale_latents),
         eus_groups=c.diffusion.eus_groups,
         text_dropout=c.diffusion.text_dropout,
         image_dropout=c.diffusion.image_dropout,
