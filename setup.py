@@ -37,6 +37,9 @@ setup(
         "Pillow",
         # Training logs (TensorBoard event files without TensorFlow).
         "tensorboardX",
+        # Prepared datasets: ArrayRecord files written and read through TFDS (no TensorFlow).
+        "tensorflow-datasets==4.9.10",
+        "array_record",
     ],
     extras_require={
         # The libtpu that jax 0.10.2's own `jax[tpu]` extra pins (its METADATA: libtpu==0.0.42.*).
