@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,140 @@ def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     if not frames:
         raise ValueError(f"{path}: no video frames")
     return np.stack(frames), fps
+
+
+class BadClip(Exception):
+    """A video file that cannot give a clip: unreadable, truncated, or too short. The message
+    names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def allowed_frames(max_frames: int, frame_multiple: int) -> int:
+    """The largest k * frame_multiple + 1 <= max_frames (the 4k+1 rule; 8k+1 for CogVideoX 1.5)."""
+    if frame_multiple < 1 or max_frames < 1:
+        raise ValueError(
+            f"need frame_multiple >= 1 and max_frames >= 1, got {frame_multiple}, {max_frames}"
+        )
+    return (max_frames - 1) // frame_multiple * frame_multiple + 1
+
+
+def sample_indices(source_fps: float, fps: float, count: int) -> np.ndarray:
+    """Source frame indices of `count` frames taken at `fps` from the start of a clip recorded at
+    `source_fps`: every (source_fps / fps)-th frame, or consecutive frames when the source is
+    slower than the target."""
+    step = max(source_fps / fps, 1.0) if source_fps > 0 else 1.0
+    return np.floor(np.arange(count) * step + 1e-6).astype(np.int64)
+
+
+def choose_bucket(
+    num_available: int, height: int, width: int, buckets: Sequence[tuple[int, int, int]]
+) -> tuple[int, int, int] | None:
+    """Among the (F, H, W) buckets with F <= num_available, the one whose aspect ratio is nearest
+    the clip's (|log ratio|), then the one with the most frames, then the first listed. None if
+    the clip is shorter than every bucket."""
+    fits = [b for b in buckets if b[0] <= num_available]
+    if not fits:
+        return None
+    aspect = math.log(width / height)
+    return min(fits, key=lambda b: (round(abs(math.log(b[2] / b[1]) - aspect), 9), -b[0]))
+
+
+def resize_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(F, h, w, 3) uint8 -> (F, height, width, 3) uint8: scaled, aspect kept, so that the target
+    is covered (area averaging when shrinking, bicubic when enlarging), then centre-cropped."""
+    from PIL import Image
+
+    h, w = frames.shape[1:3]
+    scale = max(height / h, width / w)
+    rh, rw = max(height, round(h * scale)), max(width, round(w * scale))
+    top, left = (rh - height) // 2, (rw - width) // 2
+    box = (left, top, left + width, top + height)
+    method = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+    out = [np.asarray(Image.fromarray(f).resize((rw, rh), method).crop(box)) for f in frames]
+    return np.stack(out)
+
+
+def load_clip(
+    path: str | os.PathLike,
+    *,
+    fps: float,
+    max_frames: int | None = None,
+    frame_multiple: int = 4,
+    size: tuple[int, int] | None = None,
+    buckets: Sequence[tuple[int, int, int]] | None = None,
+) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames of a video file, sampled at `fps` from its start.
+
+    F is the largest k * frame_multiple + 1 (k >= 1) the clip can supply, at most `max_frames`,
+    and (H, W) = `size`; or, with `buckets` ((F, H, W) triples), the clip goes to the bucket
+    chosen by `choose_bucket` and takes its F, H and W. Frames are resized and centre-cropped
+    by `resize_crop`. Raises BadClip for a file PyAV cannot decode, one that decodes to fewer
+    frames than its container declares (truncated) or to none, and one too short for the
+    smallest allowed frame count; clips are never padded.
+    """
+    if (size is None) == (buckets is None):
+        raise ValueError("pass exactly one of size=(H, W) and buckets=[(F, H, W), ...]")
+    if buckets is not None:
+        for b in buckets:
+            if (b[0] - 1) % frame_multiple or b[0] < 1 + frame_multiple:
+                raise ValueError(f"bucket {b}: frames must be k * {frame_multiple} + 1, k >= 1")
+        top = max(b[0] for b in buckets)
+    else:
+        if max_frames is None:
+            raise ValueError("size=(H, W) needs max_frames")
+        top = allowed_frames(max_frames, frame_multiple)
+        if top < 1 + frame_multiple:
+            raise ValueError(f"max_frames ({max_frames}) is below {1 + frame_multiple}")
+    frames, source_fps = _decode_frames(path, fps, top)
+    if buckets is not None:
+        bucket = choose_bucket(len(frames), *frames.shape[1:3], buckets)
+        if bucket is None:
+            short = min(b[0] for b in buckets)
+            raise BadClip(path, f"too short: {len(frames)} frames at {fps} fps, need {short}")
+        count, height, width = bucket
+    else:
+        count = allowed_frames(len(frames), frame_multiple)
+        if count < 1 + frame_multiple:
+            raise BadClip(
+                path, f"too short: {len(frames)} frames at {fps} fps, need {1 + frame_multiple}"
+            )
+        height, width = size
+    return resize_crop(frames[:count], height, width)
+
+
+def _decode_frames(path, fps: float, count: int) -> tuple[np.ndarray, float]:
+    """Up to `count` frames sampled at `fps` (fewer if the clip ends first) and the source fps.
+    The whole stream is decoded, so that a truncated file is noticed."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise BadClip(path, "no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            source_fps = float(stream.average_rate or stream.guessed_rate or 0)
+            wanted = sample_indices(source_fps, fps, count)
+            position = {int(i): k for k, i in enumerate(wanted)}
+            kept, decoded = {}, 0
+            for frame in container.decode(stream):
+                if decoded in position:
+                    kept[position[decoded]] = frame.to_ndarray(format="rgb24")
+                decoded += 1
+            declared = stream.frames
+    except av.FFmpegError as e:
+        raise BadClip(path, f"unreadable ({type(e).__name__}: {e})") from e
+    if decoded == 0:
+        raise BadClip(path, "no frames decoded")
+    if declared and decoded < declared:
+        raise BadClip(path, f"truncated: decoded {decoded} of the {declared} frames declared")
+    n = len(kept)  # frames 0..n-1 of `wanted` exist: the indices increase
+    return np.stack([kept[k] for k in range(n)]), source_fps
+
+
+def to_unit_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames -> float32 in [-1, 1] (the VAE's input range)."""
+    return np.asarray(frames, np.float32) / 127.5 - 1.0

@@ -1,0 +1,318 @@
+"""Dataset listings, clip decoding and `python -m tools.prepare_data`, on real mp4 files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from data import prepared, sources, video
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 32, 48  # the target size of the CLI runs
+
+
+def _frames(n, h, w, seed=0):
+    """Smooth frames (a colour ramp that changes with time): a lossy codec keeps them close."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, 3)
+    y = np.linspace(0, 40, h)[:, None, None]
+    x = np.linspace(0, 40, w)[None, :, None]
+    return np.stack([np.clip(base + y + x + 6 * t, 0, 255) for t in range(n)]).astype(np.uint8)
+
+
+def _counter(n, h=16, w=16):
+    """Frame i is a flat grey of 8 * i: the frame index can be read back from the pixels."""
+    return np.stack([np.full((h, w, 3), 8 * i, np.uint8) for i in range(n)])
+
+
+def _index_of(frames):
+    return np.round(frames.reshape(len(frames), -1).mean(1) / 8).astype(int)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A videos.txt/prompts.txt folder with three good clips and five bad entries."""
+    root = tmp_path_factory.mktemp("ds")
+    folder = root / "data"
+    (folder / "clips").mkdir(parents=True)
+    good = {"clips/a.mp4": (12, H, W), "clips/b.mp4": (10, 64, 48), "c.mp4": (7, H, W)}
+    for i, (name, shape) in enumerate(good.items()):
+        video.write_mp4(folder / name, _frames(*shape, seed=i), fps=8)
+    video.write_mp4(folder / "short.mp4", _frames(3, H, W), fps=8)
+    video.write_mp4(folder / "nocap.mp4", _frames(9, H, W), fps=8)
+    video.write_mp4(root / "outside.mp4", _frames(9, H, W), fps=8)
+    data = (folder / "clips/a.mp4").read_bytes()
+    (folder / "corrupt.mp4").write_bytes(data[: len(data) // 2])
+    rows = [
+        ("clips/a.mp4", "a red fox"),
+        ("nocap.mp4", ""),
+        ("corrupt.mp4", "a broken file"),
+        ("clips/b.mp4", "a tall view"),
+        ("../outside.mp4", "escapes the folder"),
+        ("short.mp4", "too short"),
+        ("c.mp4", "a short clip"),
+    ]
+    (folder / "videos.txt").write_text("\n".join(r[0] for r in rows) + "\n")
+    (folder / "prompts.txt").write_text("\n".join(r[1] for r in rows) + "\n")
+    return folder
+
+
+def _cli(*args, check=True):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "tools.prepare_data", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+RAW = ("--fps", 8, "--frames", 9, "--size", f"{H}x{W}", "--shard_size", 2, "--eval_examples", 1)
+BAD = {
+    "nocap.mp4": "missing caption",
+    "corrupt.mp4": "unreadable",
+    "../outside.mp4": "outside the dataset folder",
+    "short.mp4": "too short",
+}
+
+
+@pytest.fixture(scope="module")
+def raw(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw") / "out"
+    proc = _cli(dataset, out, *RAW)
+    return out, proc
+
+
+def _all(src):
+    return [src[i] for i in range(len(src))]
+
+
+def test_listing_skips_bad_entries(dataset):
+    entries, skipped = sources.list_dataset(dataset)
+    assert [e.name for e in entries] == [
+        "clips/a.mp4",
+        "corrupt.mp4",
+        "clips/b.mp4",
+        "short.mp4",
+        "c.mp4",
+    ]
+    assert {s.path: s.reason for s in skipped} == {
+        "nocap.mp4": "missing caption",
+        "../outside.mp4": f"outside the dataset folder {dataset.resolve()}",
+    }
+
+
+def test_listing_manifests_and_escapes(dataset, tmp_path):
+    (dataset / "link.mp4").symlink_to(dataset.parent / "outside.mp4")
+    try:
+        manifest = dataset / "list.csv"
+        manifest.write_text(
+            "path,caption\nclips/a.mp4,a red fox\nlink.mp4,a link out\n"
+            f"{dataset / 'c.mp4'},absolute inside\n/etc/hostname,absolute outside\n"
+            "gone.mp4,no file\nc.mp4,\n"
+        )
+        entries, skipped = sources.list_dataset(manifest)
+        assert [(e.name, e.caption) for e in entries] == [
+            ("clips/a.mp4", "a red fox"),
+            (str(dataset / "c.mp4"), "absolute inside"),
+        ]
+        reasons = {s.path: s.reason.split(" /")[0] for s in skipped}
+        assert reasons == {
+            "link.mp4": "outside the dataset folder",
+            "/etc/hostname": "outside the dataset folder",
+            "gone.mp4": "missing file",
+            "c.mp4": "missing caption",
+        }
+        jsonl = dataset / "list.jsonl"
+        jsonl.write_text(json.dumps({"path": "c.mp4", "caption": "x"}) + "\n")
+        assert [e.name for e in sources.list_dataset(jsonl)[0]] == ["c.mp4"]
+        with pytest.raises(FileNotFoundError, match="no videos.txt"):
+            sources.list_dataset(tmp_path)
+    finally:
+        (dataset / "link.mp4").unlink()
+        (dataset / "list.csv").unlink(missing_ok=True)
+        (dataset / "list.jsonl").unlink(missing_ok=True)
+
+
+def test_fewer_prompt_lines_is_a_missing_caption(tmp_path):
+    for name in ("a.mp4", "b.mp4"):
+        video.write_mp4(tmp_path / name, _frames(5, 16, 16), fps=8)
+    (tmp_path / "videos.txt").write_text("a.mp4\nb.mp4\n")
+    (tmp_path / "prompts.txt").write_text("only one\n")
+    entries, skipped = sources.list_dataset(tmp_path)
+    assert [e.name for e in entries] == ["a.mp4"]
+    assert skipped == [sources.Skipped("b.mp4", "missing caption")]
+
+
+def test_sampling_at_a_lower_fps_takes_every_third_frame(tmp_path):
+    video.write_mp4(tmp_path / "count.mp4", _counter(30), fps=30)
+    clip = video.load_clip(tmp_path / "count.mp4", fps=10, max_frames=9, size=(16, 16))
+    assert clip.shape == (9, 16, 16, 3) and clip.dtype == np.uint8
+    np.testing.assert_array_equal(_index_of(clip), np.arange(9) * 3)
+    # 30 frames at 10 fps supply 10: the largest 4k+1 is 9, also with room for 17.
+    again = video.load_clip(tmp_path / "count.mp4", fps=10, max_frames=17, size=(16, 16))
+    np.testing.assert_array_equal(again, clip)
+    # A source slower than the target gives consecutive frames; 8k+1 counts for 1.5.
+    video.write_mp4(tmp_path / "slow.mp4", _counter(12), fps=8)
+    slow = video.load_clip(
+        tmp_path / "slow.mp4", fps=16, max_frames=49, frame_multiple=8, size=(16, 16)
+    )
+    np.testing.assert_array_equal(_index_of(slow), np.arange(9))
+
+
+def test_resize_covers_then_centre_crops():
+    frames = np.zeros((1, 20, 40, 3), np.uint8)
+    frames[:, :, 10:30] = 255  # the centre half of the width is white
+    out = video.resize_crop(frames, 10, 10)  # scale 0.5 -> 10x20, crop the middle 10 columns
+    assert out.shape == (1, 10, 10, 3)
+    assert out.min() == 255
+    up = video.resize_crop(frames, 40, 40)  # scale 2 -> 40x80, crop columns 20..60 of white
+    assert up.shape == (1, 40, 40, 3) and up[:, :, 2:-2].min() > 250
+
+
+def test_buckets_by_aspect_then_frames(tmp_path):
+    buckets = [(9, 16, 24), (5, 16, 24), (9, 24, 16), (17, 16, 16)]
+    video.write_mp4(tmp_path / "wide.mp4", _frames(12, 32, 48), fps=8)
+    video.write_mp4(tmp_path / "tall.mp4", _frames(6, 48, 32), fps=8)
+    video.write_mp4(tmp_path / "square_short.mp4", _frames(7, 32, 32), fps=8)
+    shape = lambda name: video.load_clip(tmp_path / name, fps=8, buckets=buckets).shape  # noqa
+    assert shape("wide.mp4") == (9, 16, 24, 3)
+    assert shape("tall.mp4") == (5, 16, 24, 3)  # too short for 9x24x16: the nearest that fits
+    assert shape("square_short.mp4") == (5, 16, 24, 3)
+    assert video.choose_bucket(17, 32, 32, buckets) == (17, 16, 16)
+    assert video.choose_bucket(4, 32, 32, buckets) is None
+
+
+def test_bad_clips_raise(tmp_path, dataset):
+    with pytest.raises(video.BadClip, match="corrupt.mp4: unreadable"):
+        video.load_clip(dataset / "corrupt.mp4", fps=8, max_frames=9, size=(H, W))
+    with pytest.raises(video.BadClip, match="short.mp4: too short: 3 frames"):
+        video.load_clip(dataset / "short.mp4", fps=8, max_frames=9, size=(H, W))
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(video.BadClip, match="noise.mp4: unreadable"):
+        video.load_clip(tmp_path / "noise.mp4", fps=8, max_frames=9, size=(H, W))
+    # Index at the front (faststart), data cut: the container still declares every frame.
+    path = tmp_path / "cut.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("libx264", rate=8)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        noise = np.random.default_rng(1).integers(0, 256, (40, 32, 48, 3), np.uint8)
+        for f in noise:  # big frames: the cut falls between whole frames
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(video.BadClip, match="cut.mp4: truncated: decoded [0-9]+ of the 40 frames"):
+        video.load_clip(path, fps=8, max_frames=9, size=(H, W))
+
+
+def test_raw_dataset(raw, dataset):
+    out, proc = raw
+    ds = prepared.open_prepared(out)
+    assert ds.kind == "clips" and ds.splits == ("train", "eval")
+    assert ds.meta["counts"] == {"train": 2, "eval": 1}
+    assert ds.meta["fps"] == 8 and ds.meta["size"] == [H, W] and ds.meta["frame_multiple"] == 4
+    train, evals = _all(ds.source("train")), _all(ds.source("eval"))
+    assert [r["path"] for r in evals] == ["clips/a.mp4"]
+    assert [r["path"] for r in train] == ["clips/b.mp4", "c.mp4"]
+    assert [r["caption"] for r in train] == ["a tall view", "a short clip"]
+    np.testing.assert_array_equal(ds.shapes("train"), [[9, H, W], [5, H, W]])
+    np.testing.assert_array_equal(ds.shapes("eval"), [[9, H, W]])
+    for r, shape in zip(train, ds.shapes("train"), strict=True):
+        assert r["frames"].shape == (*shape, 3) and r["frames"].dtype == np.uint8
+    # a.mp4 is already 32x48: the frames are the first 9 written, up to the codec's loss.
+    got = evals[0]["frames"].astype(float)
+    assert np.abs(got - _frames(12, H, W, seed=0)[:9]).mean() < 2.0
+    # b.mp4 (64x48) is scaled to 48 wide (64 high) and its middle 32 rows kept.
+    want_b = video.resize_crop(_frames(10, 64, 48, seed=1)[:9], H, W).astype(float)
+    assert np.abs(train[0]["frames"] - want_b).mean() < 2.0
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["path"] for s in skipped] == [
+        "nocap.mp4",
+        "../outside.mp4",
+        "corrupt.mp4",
+        "short.mp4",
+    ]
+    for s in skipped:
+        assert BAD[s["path"]] in s["reason"]
+        assert f"skipped {s['path']}: {s['reason']}" in proc.stdout
+    assert ds.skipped() == skipped
+
+
+def test_raw_source_feeds_grain(raw):
+    import grain
+
+    ds = grain.MapDataset.source(prepared.open_prepared(raw[0]).source()).map(
+        lambda r: video.to_unit_range(r["frames"])
+    )
+    x = ds[1]
+    assert x.shape == (5, H, W, 3) and -1 <= x.min() and x.max() <= 1
+
+
+def test_on_bad_error_names_the_first_bad_entry(dataset, tmp_path):
+    proc = _cli(dataset, tmp_path / "out", *RAW, "--on_bad", "error", check=False)
+    assert proc.returncode == 1
+    assert "nocap.mp4: missing caption (--on_bad error)" in proc.stderr
+    # Clips too: the first bad one in listing order.
+    proc = _cli(dataset / "bad.csv", tmp_path / "out2", "--on_bad", "error", check=False)
+    assert proc.returncode == 1 and "bad.csv: no such" in proc.stderr
+    (dataset / "bad.csv").write_text("path,caption\nclips/a.mp4,x\nshort.mp4,y\ncorrupt.mp4,z\n")
+    try:
+        proc = _cli(dataset / "bad.csv", tmp_path / "out3", *RAW, "--on_bad", "error", check=False)
+    finally:
+        (dataset / "bad.csv").unlink()
+    assert proc.returncode == 1
+    assert "short.mp4: too short: 3 frames at 8.0 fps, need 5 (--on_bad error)" in proc.stderr
+
+
+def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli(dataset, out, *RAW, "--max_shards", 1, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert not (out / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="preparation not finished"):
+        prepared.open_prepared(out)
+    _cli(dataset, out, *RAW, "--max_shards", 1, check=False)
+    assert len(list((out / "train").glob("shard-*.json"))) == 2  # eval shard, then one of train
+    _cli(dataset, out, *RAW)
+    a, b = prepared.open_prepared(raw[0]), prepared.open_prepared(out)
+    for split in ("train", "eval"):
+        np.testing.assert_array_equal(a.shapes(split), b.shapes(split))
+        for ra, rb in zip(_all(a.source(split)), _all(b.source(split)), strict=True):
+            assert ra.keys() == rb.keys()
+            for k in ra:
+                np.testing.assert_array_equal(ra[k], rb[k])
+    assert a.skipped() == b.skipped()
+    proc = _cli(dataset, out, *RAW[:-2], "--eval_examples", 0, check=False)
+    assert proc.returncode == 1
+    assert "prepared with other settings" in proc.stderr and "eval_examples: was 1" in proc.stderr
+
+
+def test_csv_manifest_and_slices(dataset, tmp_path):
+    manifest = tmp_path / "m.csv"
+    for name in ("clips/a.mp4", "c.mp4"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes((dataset / name).read_bytes())
+    manifest.write_text('path,caption\nclips/a.mp4,"a fox, red"\nc.mp4,short\n')
+    _cli(manifest, tmp_path / "out", "--fps", 8, "--frames", 9, "--size", f"{H}x{W}")
+    ds = prepared.open_prepared(tmp_path / "out")
+    assert [r["caption"] for r in _all(ds.source())] == ["a fox, red", "short"]
+    # Two slices, one process each, read back as one dataset.
+    sliced = tmp_path / "sliced"
+    common = (manifest, sliced, "--fps", 8, "--frames", 9, "--size", f"{H}x{W}", "--num_shards", 2)
+    _cli(*common, "--shard_index", 0)
+    with pytest.raises(FileNotFoundError, match="incomplete parts.*part-00001-of-00002"):
+        prepared.open_prepared(sliced)
+    _cli(*common, "--shard_index", 1)
+    parts = prepared.open_prepared(sliced)
+    assert [r["path"] for r in _all(parts.source())] == ["clips/a.mp4", "c.mp4"]
+    np.testing.assert_array_equal(parts.shapes(), ds.shapes())
+
+
+def test_not_a_prepared_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a prepared dataset"):
+        prepared.open_prepared(tmp_path)

@@ -1,0 +1,370 @@
+r"""Prepare a video dataset for training: decoded clips, or VAE latents and T5 text states.
+
+  python -m tools.prepare_data SRC OUT [--fps 8] [--frames 49] [--size 480x720]
+  python -m tools.prepare_data SRC OUT --buckets 49x480x720,25x480x720,49x768x432
+  python -m tools.prepare_data SRC OUT --model MODEL_DIR    # latents + text embeddings
+
+SRC is a folder with videos.txt and prompts.txt, or a .csv / .jsonl manifest (path, caption); see
+data/sources.py. OUT is read with `data.prepared.open_prepared` (format in data/prepared.py).
+
+Without --model, records hold the clips as uint8 frames. With --model (a diffusers-layout folder
+with vae/, text_encoder/, tokenizer/), our VAE computes each clip's posterior (mean, logvar) and
+our T5 its caption's states (the transformer's max_text_seq_length tokens, 226 if it has no
+transformer/), in batches sharded over all local devices.
+
+Entries that cannot be used are skipped and listed at the end and in OUT/skipped.jsonl
+(--on_bad error stops at the first instead: listing problems first, then clips in order).
+The output is written in shards of --shard_size entries; an interrupted run started again with
+the same arguments continues after the last complete shard. A large dataset can be prepared in
+slices, one process each: --shard_index i --num_shards n takes every n-th entry and writes
+OUT/part-0000i-of-0000n/; open_prepared(OUT) reads all the parts as one dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import prepared
+from data.sources import Entry, Skipped, list_dataset
+from data.video import BadClip, load_clip, to_unit_range
+
+
+class BadEntry(Exception):
+    """Raised with --on_bad error: the first entry that cannot be used."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--size must be HxW, e.g. 480x720, got {text!r}"
+        ) from None
+    return h, w
+
+
+def parse_buckets(text: str) -> list[tuple[int, int, int]]:
+    try:
+        out = [tuple(int(v) for v in b.lower().split("x")) for b in text.split(",") if b]
+    except ValueError:
+        out = []
+    if not out or any(len(b) != 3 for b in out):
+        raise argparse.ArgumentTypeError(f"--buckets must be FxHxW,FxHxW,..., got {text!r}")
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m tools.prepare_data",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", help="dataset folder (videos.txt + prompts.txt) or .csv/.jsonl")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--model", default=None, help="model folder: write latents, not clips")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are sampled at")
+    p.add_argument("--frames", type=int, default=49, help="most frames a clip (--size mode)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--size", type=parse_size, default=None, help="HxW (default 480x720)")
+    group.add_argument("--buckets", type=parse_buckets, default=None, help="FxHxW,...")
+    p.add_argument("--frame_multiple", type=int, default=4, help="4: 4k+1 frames; 8 for 1.5")
+    p.add_argument("--eval_examples", type=int, default=0, help="first N entries -> 'eval'")
+    p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
+    p.add_argument("--batch", type=int, default=8, help="encode batch (rounded up to devices)")
+    p.add_argument("--shard_size", type=int, default=256, help="entries per output shard")
+    p.add_argument("--shard_index", type=int, default=0, help="this slice of the listing")
+    p.add_argument("--num_shards", type=int, default=1, help="number of slices")
+    p.add_argument("--max_shards", type=int, default=None, help="debug: stop after k shards")
+    args = p.parse_args(argv)
+    if args.size is None and args.buckets is None:
+        args.size = (480, 720)
+    if not 0 <= args.shard_index < args.num_shards:
+        p.error(f"--shard_index ({args.shard_index}) must be in [0, {args.num_shards})")
+    if args.shard_size < 1 or args.batch < 1:
+        p.error("--shard_size and --batch must be positive")
+    m = args.frame_multiple
+    bad = [b for b in args.buckets or () if (b[0] - 1) % m or b[0] < m + 1]
+    if bad or (args.buckets is None and args.frames < m + 1):
+        p.error(f"frame counts must be k * {m} + 1 with k >= 1 (--frame_multiple {m}): {bad}")
+    return args
+
+
+def listing_digest(entries: list[Entry], skipped: list[Skipped]) -> str:
+    """A fingerprint of the listing, so that a resumed run refuses a changed dataset."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(json.dumps([e.name, e.caption]).encode())
+    for s in skipped:
+        h.update(json.dumps([s.path, s.reason]).encode())
+    return h.hexdigest()
+
+
+def settings_of(args, digest: str, text_len: int | None) -> dict:
+    """What determines the output; a resumed run must match it exactly."""
+    return {
+        "src": str(Path(args.src).resolve()),
+        "listing_sha256": digest,
+        "kind": "latents" if args.model else "clips",
+        "model": str(Path(args.model).resolve()) if args.model else None,
+        "text_len": text_len,
+        "fps": args.fps,
+        "frames": None if args.buckets else args.frames,
+        "size": list(args.size) if args.size else None,
+        "buckets": [list(b) for b in args.buckets] if args.buckets else None,
+        "frame_multiple": args.frame_multiple,
+        "eval_examples": args.eval_examples,
+        "shard_size": args.shard_size,
+        "shard_index": args.shard_index,
+        "num_shards": args.num_shards,
+    }
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Record the settings in a new OUT, or refuse to resume one prepared differently."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            lines = "\n".join(f"  {k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise SystemExit(
+                f"error: {out} was prepared with other settings; use a new OUT or the same "
+                f"arguments:\n{lines}"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    prepared.atomic_write(path, json.dumps(settings, indent=1))
+
+
+def text_length(model: Path) -> int:
+    """The transformer's text length (diffusers' max_text_seq_length), 226 without one."""
+    config = model / "transformer" / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text()).get("max_text_seq_length", 226))
+    return 226
+
+
+class Encoder:
+    """Our VAE and T5 from a model folder, run on batches sharded over all local devices."""
+
+    def __init__(self, model: Path, text_len: int, batch: int):
+        import jax
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from cogvideox_jax import convert, t5
+
+        self.jax, self.text_len = jax, text_len
+        devices = jax.local_devices()
+        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+        self.batch_sharding = NamedSharding(mesh, P("batch"))
+        replicated = NamedSharding(mesh, P())
+        self.batch = -(-batch // len(devices)) * len(devices)  # a multiple of the devices
+        self.vae = convert.load_vae(model)
+        self.tokenizer = t5.load_tokenizer(model / "tokenizer")
+        text_encoder = convert.load_text_encoder(model)
+        vae_def, vae_state = nnx.split(self.vae)
+        t5_def, t5_state = nnx.split(text_encoder)
+        self._vae_state = jax.device_put(vae_state, replicated)
+        self._t5_state = jax.device_put(t5_state, replicated)
+        self._encode = jax.jit(lambda s, x: nnx.merge(vae_def, s).encode(x))
+        self._text = jax.jit(lambda s, ids: nnx.merge(t5_def, s)(ids).astype(np.float32))
+        self.text_dim = text_encoder.cfg.d_model
+
+    def meta(self) -> dict:
+        cfg = self.vae.cfg
+        return {
+            "latent_channels": cfg.latent_channels,
+            "scaling_factor": cfg.scaling_factor,
+            "invert_scale_latents": cfg.invert_scale_latents,
+            "image_latent_scale": cfg.image_latent_scale,
+            "temporal_compression_ratio": cfg.temporal_compression_ratio,
+            "spatial_compression": cfg.spatial_compression,
+            "text_dim": self.text_dim,
+        }
+
+    def _batched(self, fn, state, items: np.ndarray) -> list:
+        """fn(state, batch) over `items` (N, ...) in padded batches; outputs per item."""
+        outs = []
+        for start in range(0, len(items), self.batch):
+            chunk = items[start : start + self.batch]
+            pad = self.batch - len(chunk)  # the last batch repeats its last item
+            full = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            x = self.jax.device_put(full, self.batch_sharding)
+            y = self.jax.tree.map(np.asarray, fn(state, x))
+            outs += [self.jax.tree.map(lambda a, i=i: a[i], y) for i in range(len(chunk))]
+        return outs
+
+    def latents(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(mean, logvar) (T, h, w, C) of each (F, H, W, 3) uint8 clip; equal shapes batched."""
+        out = [None] * len(clips)
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(clips):
+            groups.setdefault(c.shape, []).append(i)
+        for idx in groups.values():
+            x = to_unit_range(np.stack([clips[i] for i in idx]))
+            for i, y in zip(idx, self._batched(self._encode, self._vae_state, x), strict=True):
+                out[i] = y
+        return out
+
+    def texts(self, captions: list[str]) -> list[np.ndarray]:
+        """(S, Dt) float32 T5 states of each caption."""
+        from cogvideox_jax import t5
+
+        if not captions:
+            return []
+        ids = t5.tokenize(self.tokenizer, captions, self.text_len)
+        return self._batched(self._text, self._t5_state, ids)
+
+
+def prepare_shard(entries: list[Entry], args, encoder: Encoder | None, bar) -> tuple[list, dict]:
+    """Records and sidecar info (shapes, paths, skipped) of one shard of entries."""
+    clips, good, skipped = [], [], []
+    for e in entries:
+        try:
+            clips.append(
+                load_clip(
+                    e.path,
+                    fps=args.fps,
+                    max_frames=args.frames,
+                    frame_multiple=args.frame_multiple,
+                    size=args.size,
+                    buckets=args.buckets,
+                )
+            )
+            good.append(e)
+        except BadClip as err:
+            if args.on_bad == "error":
+                raise BadEntry(f"{e.name}: {err.reason}") from err
+            skipped.append(Skipped(e.name, err.reason).to_json())
+        bar.update(1)
+    records, shapes = [], []
+    if encoder is None:
+        for e, c in zip(good, clips, strict=True):
+            records.append({"frames": c, "caption": e.caption, "path": e.name})
+            shapes.append(c.shape[:3])
+    else:
+        latents = encoder.latents(clips)
+        texts = encoder.texts([e.caption for e in good])
+        for e, c, (mean, logvar), text in zip(good, clips, latents, texts, strict=True):
+            records.append(
+                {
+                    "latent_mean": mean.astype(np.float32),
+                    "latent_logvar": logvar.astype(np.float32),
+                    "text": text,
+                    "first_frame": c[0],
+                    "caption": e.caption,
+                    "path": e.name,
+                }
+            )
+            shapes.append(mean.shape[:3])
+    info = {"shapes": [list(s) for s in shapes], "paths": [e.name for e in good]}
+    info["skipped"] = skipped
+    return [prepared.encode_record(r) for r in records], info
+
+
+def split_entries(entries: list[Entry], args) -> dict[str, list[Entry]]:
+    """'eval': the first --eval_examples usable entries, 'train': the rest; then this slice's
+    every --num_shards-th entry of each."""
+    n = args.eval_examples
+    splits = {"train": entries[n:]}
+    if n > 0:
+        splits["eval"] = entries[:n]
+    return {k: v[args.shard_index :: args.num_shards] for k, v in splits.items()}
+
+
+def finalize(out: Path, splits, args, settings, source_skipped, extra_meta) -> dict:
+    """shapes.npy per split, skipped.jsonl and meta.json (last) from the shard sidecars."""
+    meta_splits, skipped = {}, [s.to_json() for s in source_skipped]
+    for split, entries in splits.items():
+        folder = out / split
+        num = -(-len(entries) // args.shard_size)
+        infos = [prepared.read_shard_info(folder, k) for k in range(num)]
+        shapes = np.asarray([s for i in infos for s in i["shapes"]], np.int64).reshape(-1, 3)
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, shapes)
+        prepared.atomic_write(folder / "shapes.npy", buf.getvalue())
+        skipped += [s for i in infos for s in i["skipped"]]
+        counts = [len(i["shapes"]) for i in infos]
+        meta_splits[split] = {"count": int(sum(counts)), "shard_counts": counts}
+    text = "".join(json.dumps(s) + "\n" for s in skipped)
+    prepared.atomic_write(out / "skipped.jsonl", text)
+    meta = {
+        "format": prepared.FORMAT,
+        **settings,
+        **extra_meta,
+        "splits": meta_splits,
+        "num_skipped": len(skipped),
+    }
+    prepared.atomic_write(out / "meta.json", json.dumps(meta, indent=1))
+    return {"skipped": skipped, "meta": meta}
+
+
+def run(args) -> int:
+    from tqdm.auto import tqdm
+
+    out = Path(args.out)
+    if args.num_shards > 1:
+        out = out / prepared.part_name(args.shard_index, args.num_shards)
+    entries, source_skipped = list_dataset(args.src)
+    model = Path(args.model) if args.model else None
+    if model is not None and not model.is_dir():
+        raise SystemExit(f"error: --model {model}: not a folder")
+    text_len = text_length(model) if model else None
+    settings = settings_of(args, listing_digest(entries, source_skipped), text_len)
+    check_settings(out, settings)
+    if prepared.read_meta(out) is not None:
+        print(f"{out}: already complete")
+        return 0
+    source_skipped = source_skipped[args.shard_index :: args.num_shards]
+    if args.on_bad == "error" and source_skipped:
+        s = source_skipped[0]
+        raise BadEntry(f"{s.path}: {s.reason}")
+    splits = split_entries(entries, args)
+    encoder = Encoder(model, text_len, args.batch) if model else None
+    written = 0
+    with tqdm(total=sum(map(len, splits.values())), unit="clip", desc="preparing") as bar:
+        for split, items in splits.items():
+            for k, start in enumerate(range(0, len(items), args.shard_size)):
+                shard = items[start : start + args.shard_size]
+                if prepared.shard_done(out / split, k):
+                    bar.update(len(shard))
+                    continue
+                if args.max_shards is not None and written >= args.max_shards:
+                    print(f"stopped after {written} shards (--max_shards); run again to resume")
+                    return 3
+                records, info = prepare_shard(shard, args, encoder, bar)
+                prepared.write_shard(out / split, k, records, info)
+                written += 1
+    extra = encoder.meta() if encoder else {}
+    report = finalize(out, splits, args, settings, source_skipped, extra)
+    for s in report["skipped"]:
+        print(f"skipped {s['path']}: {s['reason']}")
+    counts = {k: v["count"] for k, v in report["meta"]["splits"].items()}
+    print(f"wrote {out}: {counts}, {len(report['skipped'])} skipped")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except BadEntry as e:
+        print(f"error: {e} (--on_bad error)", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
