@@ -17,7 +17,9 @@ Records (numpy arrays and str):
     latents:  latent_mean, latent_logvar (T, h, w, C) float32 (unscaled: not multiplied by the
               VAE scaling factor), text (S, Dt) float32 T5 states, first_frame (H, W, 3) uint8
               (the image-to-video condition), caption, path
-Each record is an `.npz` archive (numpy's format, no pickle) of those fields.
+Each record is an `.npz` archive (numpy's format, no pickle) of those fields. Clip records follow
+the listing's order; latent records the order their encode batches ran (clips of one shape are
+batched together), the same on every run with the same arguments.
 """
 
 from __future__ import annotations
@@ -68,20 +70,34 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(folder: Path, index: int, records: list[bytes], info: dict) -> None:
-    """Shard `index` of a split folder: its ArrayRecord file, then its sidecar json `info`
-    (shapes, paths, skipped). A shard counts as written once its sidecar exists."""
-    from array_record.python.array_record_module import ArrayRecordWriter
+class ShardWriter:
+    """Writes shard `index` of a split folder record by record: the ArrayRecord file under a
+    temporary name, renamed on `close`, then the sidecar json (shapes, paths, skipped). A shard
+    counts as written once its sidecar exists (`shard_done`)."""
 
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{shard_name(index)}.array_record"
-    tmp = folder / f".{final.name}.partial"
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")
-    for r in records:
-        writer.write(r)
-    writer.close()
-    os.replace(tmp, final)
-    atomic_write(folder / f"{shard_name(index)}.json", json.dumps(info))
+    def __init__(self, folder: Path, index: int):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.final = folder / f"{shard_name(index)}.array_record"
+        self.sidecar = folder / f"{shard_name(index)}.json"
+        self.tmp = folder / f".{self.final.name}.partial"
+        self.writer = ArrayRecordWriter(str(self.tmp), "group_size:1")
+        self.shapes, self.paths, self.skipped = [], [], []
+
+    def add(self, example: dict, shape: tuple[int, int, int]) -> None:
+        self.writer.write(encode_record(example))
+        self.shapes.append([int(v) for v in shape])
+        self.paths.append(example["path"])
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"path": path, "reason": reason})
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.final)
+        info = {"shapes": self.shapes, "paths": self.paths, "skipped": self.skipped}
+        atomic_write(self.sidecar, json.dumps(info))
 
 
 def shard_done(folder: Path, index: int) -> bool:

@@ -62,8 +62,9 @@ def dataset(tmp_path_factory):
     return folder
 
 
-def _cli(*args, check=True):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _cli(*args, check=True, devices=8):
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     cmd = [sys.executable, "-m", "tools.prepare_data", *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -277,7 +278,11 @@ def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="preparation not finished"):
         prepared.open_prepared(out)
     _cli(dataset, out, *RAW, "--max_shards", 1, check=False)
-    assert len(list((out / "train").glob("shard-*.json"))) == 2  # eval shard, then one of train
+    # train (4 entries) is written first, in 2 shards; then eval.
+    assert len(list((out / "train").glob("shard-*.json"))) == 2 and not (out / "eval").exists()
+    # What a killed run leaves: a half-written shard under its temporary name.
+    (out / "eval").mkdir()
+    (out / "eval" / ".shard-00000.array_record.partial").write_bytes(b"half a shard")
     _cli(dataset, out, *RAW)
     a, b = prepared.open_prepared(raw[0]), prepared.open_prepared(out)
     for split in ("train", "eval"):
@@ -290,6 +295,17 @@ def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
     proc = _cli(dataset, out, *RAW[:-2], "--eval_examples", 0, check=False)
     assert proc.returncode == 1
     assert "prepared with other settings" in proc.stderr and "eval_examples: was 1" in proc.stderr
+
+
+def test_buckets_from_the_command_line(dataset, tmp_path):
+    _cli(dataset, tmp_path / "out", "--fps", 8, "--buckets", "9x32x48,5x48x32")
+    ds = prepared.open_prepared(tmp_path / "out")
+    assert [r["path"] for r in _all(ds.source())] == ["clips/a.mp4", "clips/b.mp4", "c.mp4"]
+    # b (64x48) is nearest 48x32 in aspect; c (7 frames) only fits the 5-frame bucket.
+    np.testing.assert_array_equal(ds.shapes(), [[9, 32, 48], [5, 48, 32], [5, 48, 32]])
+    assert ds.meta["buckets"] == [[9, 32, 48], [5, 48, 32]] and ds.meta["size"] is None
+    bad = _cli(dataset, tmp_path / "x", "--buckets", "8x32x48", check=False)
+    assert bad.returncode == 2 and "k * 4 + 1" in bad.stderr
 
 
 def test_csv_manifest_and_slices(dataset, tmp_path):
@@ -316,3 +332,60 @@ def test_csv_manifest_and_slices(dataset, tmp_path):
 def test_not_a_prepared_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a prepared dataset"):
         prepared.open_prepared(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random model folder: diffusers VAE, transformers T5 encoder, a T5 tokenizer, and
+    the transformer's config (its text length)."""
+    import reference as ref
+    import torch
+    import transformers
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_jax import t5, vae
+
+    folder = tmp_path_factory.mktemp("model") / "model"
+    torch.manual_seed(0)
+    cfg = vae.vae_config("tiny", scaling_factor=0.7)
+    autoencoder = AutoencoderKLCogVideoX(**cfg.to_diffusers()).eval()
+    ref.perturb_(autoencoder, 1, scale=0.05)
+    autoencoder.save_pretrained(folder / "vae")
+    ref.build_tokenizer(folder / "tokenizer")
+    t5_cfg = t5.T5Config(vocab_size=200, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
+    encoder = transformers.T5EncoderModel(transformers.T5Config(**t5_cfg.to_transformers()))
+    ref.perturb_(encoder.eval(), 2, scale=0.1)
+    encoder.save_pretrained(folder / "text_encoder")
+    (folder / "transformer").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps({"max_text_seq_length": 12}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    return folder
+
+
+def test_latents_equal_our_vae_and_t5(model, dataset, tmp_path):
+    import jax.numpy as jnp
+
+    from cogvideox_jax import convert, t5
+
+    out = tmp_path / "out"
+    size = ("--fps", 8, "--frames", 9, "--size", f"{H}x{W}")
+    # Two devices, batches of 2: a and b (9 frames) fill one batch; c (5) is padded.
+    proc = _cli(dataset, out, "--model", model, *size, "--batch", 2, devices=2)
+    assert "wrote" in proc.stdout
+    ds = prepared.open_prepared(out)
+    assert ds.kind == "latents" and ds.meta["counts"] == {"train": 3}
+    assert ds.meta["text_len"] == 12 and ds.meta["latent_channels"] == 16
+    assert ds.meta["scaling_factor"] == 0.7
+    np.testing.assert_array_equal(ds.shapes(), [[3, 4, 6], [3, 4, 6], [2, 4, 6]])
+    vae_model, encoder = convert.load_vae(model), convert.load_text_encoder(model)
+    tokenizer = t5.load_tokenizer(model / "tokenizer")
+    for r, shape in zip(_all(ds.source()), ds.shapes(), strict=True):
+        clip = video.load_clip(dataset / r["path"], fps=8, max_frames=9, size=(H, W))
+        mean, logvar = vae_model.encode(jnp.asarray(video.to_unit_range(clip))[None])
+        assert r["latent_mean"].shape == (*shape, 16) and r["latent_mean"].dtype == np.float32
+        np.testing.assert_allclose(r["latent_mean"], mean[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["latent_logvar"], logvar[0], rtol=1e-5, atol=1e-5)
+        text = encoder(jnp.asarray(t5.tokenize(tokenizer, [r["caption"]], 12)))[0]
+        assert r["text"].shape == (12, 16) and r["text"].dtype == np.float32
+        np.testing.assert_allclose(r["text"], text, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(r["first_frame"], clip[0])

@@ -78,7 +78,7 @@ def parse_args(argv):
     p.add_argument("--eval_examples", type=int, default=0, help="first N entries -> 'eval'")
     p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
     p.add_argument("--batch", type=int, default=8, help="encode batch (rounded up to devices)")
-    p.add_argument("--shard_size", type=int, default=256, help="entries per output shard")
+    p.add_argument("--shard_size", type=int, default=128, help="entries per output shard")
     p.add_argument("--shard_index", type=int, default=0, help="this slice of the listing")
     p.add_argument("--num_shards", type=int, default=1, help="number of slices")
     p.add_argument("--max_shards", type=int, default=None, help="debug: stop after k shards")
@@ -204,16 +204,8 @@ class Encoder:
         return outs
 
     def latents(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(mean, logvar) (T, h, w, C) of each (F, H, W, 3) uint8 clip; equal shapes batched."""
-        out = [None] * len(clips)
-        groups: dict[tuple, list[int]] = {}
-        for i, c in enumerate(clips):
-            groups.setdefault(c.shape, []).append(i)
-        for idx in groups.values():
-            x = to_unit_range(np.stack([clips[i] for i in idx]))
-            for i, y in zip(idx, self._batched(self._encode, self._vae_state, x), strict=True):
-                out[i] = y
-        return out
+        """(mean, logvar) (T, h, w, C) of each (F, H, W, 3) uint8 clip (all of one shape)."""
+        return self._batched(self._encode, self._vae_state, to_unit_range(np.stack(clips)))
 
     def texts(self, captions: list[str]) -> list[np.ndarray]:
         """(S, Dt) float32 T5 states of each caption."""
@@ -225,50 +217,53 @@ class Encoder:
         return self._batched(self._text, self._t5_state, ids)
 
 
-def prepare_shard(entries: list[Entry], args, encoder: Encoder | None, bar) -> tuple[list, dict]:
-    """Records and sidecar info (shapes, paths, skipped) of one shard of entries."""
-    clips, good, skipped = [], [], []
+def prepare_shard(entries: list[Entry], args, encoder, writer: prepared.ShardWriter, bar):
+    """Write the records of one shard of entries. Clips are written as they are decoded; with
+    an encoder, clips of equal shape wait until a batch is full (or the shard ends), so latent
+    records come in the order their batches were encoded."""
+    pending: dict[tuple, list] = {}
     for e in entries:
         try:
-            clips.append(
-                load_clip(
-                    e.path,
-                    fps=args.fps,
-                    max_frames=args.frames,
-                    frame_multiple=args.frame_multiple,
-                    size=args.size,
-                    buckets=args.buckets,
-                )
+            clip = load_clip(
+                e.path,
+                fps=args.fps,
+                max_frames=args.frames,
+                frame_multiple=args.frame_multiple,
+                size=args.size,
+                buckets=args.buckets,
             )
-            good.append(e)
         except BadClip as err:
             if args.on_bad == "error":
                 raise BadEntry(f"{e.name}: {err.reason}") from err
-            skipped.append(Skipped(e.name, err.reason).to_json())
+            writer.skip(e.name, err.reason)
+            bar.update(1)
+            continue
+        if encoder is None:
+            writer.add({"frames": clip, "caption": e.caption, "path": e.name}, clip.shape[:3])
+        else:
+            group = pending.setdefault(clip.shape, [])
+            group.append((e, clip))
+            if len(group) == encoder.batch:
+                write_latents(pending.pop(clip.shape), encoder, writer)
         bar.update(1)
-    records, shapes = [], []
-    if encoder is None:
-        for e, c in zip(good, clips, strict=True):
-            records.append({"frames": c, "caption": e.caption, "path": e.name})
-            shapes.append(c.shape[:3])
-    else:
-        latents = encoder.latents(clips)
-        texts = encoder.texts([e.caption for e in good])
-        for e, c, (mean, logvar), text in zip(good, clips, latents, texts, strict=True):
-            records.append(
-                {
-                    "latent_mean": mean.astype(np.float32),
-                    "latent_logvar": logvar.astype(np.float32),
-                    "text": text,
-                    "first_frame": c[0],
-                    "caption": e.caption,
-                    "path": e.name,
-                }
-            )
-            shapes.append(mean.shape[:3])
-    info = {"shapes": [list(s) for s in shapes], "paths": [e.name for e in good]}
-    info["skipped"] = skipped
-    return [prepared.encode_record(r) for r in records], info
+    for group in pending.values():
+        write_latents(group, encoder, writer)
+
+
+def write_latents(group: list[tuple[Entry, np.ndarray]], encoder: Encoder, writer) -> None:
+    """Encode clips of one shape and their captions; add their latent records."""
+    latents = encoder.latents([clip for _, clip in group])
+    texts = encoder.texts([e.caption for e, _ in group])
+    for (e, clip), (mean, logvar), text in zip(group, latents, texts, strict=True):
+        record = {
+            "latent_mean": mean.astype(np.float32),
+            "latent_logvar": logvar.astype(np.float32),
+            "text": text,
+            "first_frame": clip[0],
+            "caption": e.caption,
+            "path": e.name,
+        }
+        writer.add(record, mean.shape[:3])
 
 
 def split_entries(entries: list[Entry], args) -> dict[str, list[Entry]]:
@@ -342,8 +337,9 @@ def run(args) -> int:
                 if args.max_shards is not None and written >= args.max_shards:
                     print(f"stopped after {written} shards (--max_shards); run again to resume")
                     return 3
-                records, info = prepare_shard(shard, args, encoder, bar)
-                prepared.write_shard(out / split, k, records, info)
+                writer = prepared.ShardWriter(out / split, k)
+                prepare_shard(shard, args, encoder, writer, bar)
+                writer.close()
                 written += 1
     extra = encoder.meta() if encoder else {}
     report = finalize(out, splits, args, settings, source_skipped, extra)
