@@ -228,23 +228,31 @@ def _clip_stream(n, batch_size, rows, *, seed, shuffle, repeat) -> grain.MapData
 
 def _bucket_stream(shapes, batch_size, rows, *, seed, shuffle, repeat) -> grain.MapDataset:
     """Per global batch: [(position, record index)] of this process's rows."""
-    per_epoch = len(bucket_plan(shapes, batch_size, seed=seed, epoch=0, shuffle=False))
-    if not per_epoch:
-        raise ValueError(
-            f"bucketing: no shape has {batch_size} clips (batch_size); shapes {shapes}"
-        )
-    plan = functools.lru_cache(maxsize=2)(
-        lambda epoch: bucket_plan(shapes, batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-    )
-
-    def items(k, _):
-        epoch, j = divmod(k, per_epoch)
-        batch = plan(epoch)[j]
-        return [(k * batch_size + int(r), int(batch[r])) for r in rows]
-
-    ds = grain.MapDataset.range(per_epoch)
+    items = _BucketItems(shapes, batch_size, rows, seed=seed, shuffle=shuffle)
+    ds = grain.MapDataset.range(items.per_epoch)
     ds = ds.repeat(None) if repeat else ds
     return ds.map_with_index(items)
+
+
+class _BucketItems:
+    """Global batch k -> [(position, record index)] of `rows`; keeps the current epoch's plan
+    (a class rather than a cached closure so that Grain can pickle it into worker processes)."""
+
+    def __init__(self, shapes, batch_size, rows, *, seed, shuffle):
+        self.shapes, self.batch_size, self.rows = shapes, batch_size, rows
+        self.seed, self.shuffle = seed, shuffle
+        self.per_epoch = len(bucket_plan(shapes, batch_size, seed=seed, epoch=0, shuffle=False))
+        if not self.per_epoch:
+            raise ValueError(f"bucketing: no shape has batch_size={batch_size} clips: {shapes}")
+        self.epoch, self.plan = None, None
+
+    def __call__(self, k: int, _) -> list[tuple[int, int]]:
+        epoch, j = divmod(k, self.per_epoch)
+        if epoch != self.epoch:
+            kw = dict(seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+            self.epoch, self.plan = epoch, bucket_plan(self.shapes, self.batch_size, **kw)
+        batch = self.plan[j]
+        return [(k * self.batch_size + int(r), int(batch[r])) for r in self.rows]
 
 
 def _prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
