@@ -266,3 +266,97 @@ def test_resume_is_bit_equal_with_worker_processes(packing_mode):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["want"] == out["got"]
     assert out == resume_batches(packing_mode, workers=0)  # workers change nothing
+
+
+class ClipSource:
+    """Random-access "clips" records: (F, H, W, 3) uint8 frames."""
+
+    def __init__(self, shapes):
+        self.shapes = np.asarray(shapes).reshape(-1, 3)
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        frames = np.random.default_rng(i).integers(0, 256, (*self.shapes[i], 3), dtype=np.uint8)
+        return {"frames": frames, "caption": f"caption {i}", "path": f"clip{i}.mp4"}
+
+
+def latent_shape(f, h, w):
+    return (f - 1) // 4 + 1, h // 8, w // 8
+
+
+def encode(rec):
+    """A stand-in for the VAE and text encoder; records its process id."""
+    ENCODE_PIDS.add(os.getpid())
+    x = rec["frames"][::4, ::8, ::8].astype(np.float32) / 255  # (T, h, w, 3)
+    i = int(rec["path"][4:-4])
+    return {
+        "latent_mean": x,
+        "latent_logvar": np.full_like(x, -2.0),
+        "text": np.random.default_rng((99, i)).standard_normal((S, DT), dtype=np.float32),
+        "first_frame": rec["frames"][0],
+    }
+
+
+ENCODE_PIDS = set()
+
+
+class Encoded:
+    """The clips source as the "latents" records `encode` makes of it."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        return encode(self.src[i])
+
+
+def clips_batches(workers):
+    """One unshuffled pass over a clips source (so position = record index)."""
+    src = ClipSource([(17, 32, 48), (9, 48, 32), (17, 64, 64), (5, 32, 32)] * 3)
+    ds = loader.train_dataset(
+        src, src.shapes, batch_size=2, rows=None, seed=2, packing=True, video_budget=256,
+        max_clips=4, text_len=S, workers=workers, encode=encode, latent_shape=latent_shape,
+        shuffle=False, repeat=False,
+    )  # fmt: skip
+    it = iter(ds)
+    out = list(it)
+    close(it)
+    return out, src
+
+
+def test_clips_records_are_encoded_then_packed():
+    batches, src = clips_batches(workers=0)
+    seen = []
+    for batch in batches:
+        seen += check_packed_batch(batch, Encoded(src), 2, lambda i: i, pt=1)
+    assert sorted(seen) == list(range(len(src)))
+
+
+CLIPS_SCRIPT = """
+import hashlib, json, os
+from test_data_pipeline import ENCODE_PIDS, clips_batches
+
+batches, _ = clips_batches(workers=2)
+print(json.dumps({"pids": sorted(ENCODE_PIDS), "me": os.getpid(), "digest": [
+    {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in b.items()} for b in batches]}))
+"""
+
+
+def test_clips_encode_stays_in_main_process_with_workers():
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIPS_SCRIPT], env=env, capture_output=True, text=True,
+        timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pids"] == [out["me"]]
+    want, _ = clips_batches(workers=0)
+    assert out["digest"] == [
+        {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in b.items()} for b in want
+    ]
