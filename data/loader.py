@@ -111,44 +111,43 @@ def train_dataset(
     if (encode is None) != (latent_shape is None):
         raise ValueError("encode and latent_shape go together (both for clips records, or none)")
     rows = np.arange(batch_size) if rows is None else np.asarray(rows)
+    order = dict(seed=seed, shuffle=shuffle, repeat=repeat)
     finish = functools.partial(_example, seed=seed, image=image)
-    if packing:
-        if video_budget is None or max_clips is None:
-            raise ValueError("packing needs video_budget and max_clips (see default_budget)")
-        lat = shapes if latent_shape is None else np.array([latent_shape(*s) for s in shapes])
-        _check_budget(source, lat, patch_size, patch_size_t, video_budget)
-        finish = _then(
-            finish,
-            functools.partial(
-                _tokens, patch_size=patch_size, patch_size_t=patch_size_t, video_budget=video_budget
-            ),
-        )
-        ds = _clip_stream(len(source), batch_size, rows, seed=seed, shuffle=shuffle, repeat=repeat)
-    else:
-        ds = _bucket_stream(shapes, batch_size, rows, seed=seed, shuffle=shuffle, repeat=repeat)
-    # Worker side: read (and, without `encode`, sample + patchify); main side: encode + the rest.
+    if not packing:
+        load, main = _stages(source, finish, encode)
+        ds = _bucket_stream(shapes, batch_size, rows, **order)
+        ds = _prefetch(ds.map(lambda items: [load(it) for it in items]).to_iter_dataset(), workers)
+        ds = ds if main is None else ds.map(lambda exs: [main(e) for e in exs])
+        return ds.map(_stack)
+
+    if video_budget is None or max_clips is None:
+        raise ValueError("packing needs video_budget and max_clips (see default_budget)")
+    if text_len is None and encode is not None:
+        raise ValueError("packing clips records (encode given) needs text_len")
+    text_len = np.shape(source[0]["text"])[0] if text_len is None else text_len
+    lat = shapes if latent_shape is None else np.array([latent_shape(*s) for s in shapes])
+    _check_budget(source, lat, patch_size, patch_size_t, video_budget)
+    tokens = functools.partial(
+        _tokens, patch_size=patch_size, patch_size_t=patch_size_t, video_budget=video_budget
+    )
+    load, main = _stages(source, _then(finish, tokens), encode)
+    ds = _clip_stream(len(source), batch_size, rows, **order)
+    ds = _prefetch(ds.map(load).to_iter_dataset(), workers)
+    ds = ds if main is None else ds.map(main)
+    ds = packing_lib.pack(
+        ds, video_budget=video_budget, max_clips=max_clips, text_len=text_len, num_bins=num_bins
+    )
+    b = len(rows)
+    return ds.batch(b, drop_remainder=repeat, batch_fn=lambda r: packing_lib.stack_rows(r, b))
+
+
+def _stages(source, finish, encode):
+    """(load, main): per-clip work for the worker processes and for the main process (None: no
+    work). Without `encode`, workers read and finish; with it, they read and the main process
+    encodes (it calls JAX) and finishes."""
     if encode is None:
-        load, main = _then(functools.partial(_read, source), finish), None
-    else:
-        load, main = functools.partial(_read, source), _then(_encoded(encode), finish)
-    if packing:
-        ds = ds.map(load).to_iter_dataset()
-        ds = _prefetch(ds, workers)
-        ds = ds if main is None else ds.map(main)
-        if text_len is None:
-            if encode is not None:
-                raise ValueError("packing clips records (encode given) needs text_len")
-            text_len = np.shape(source[0]["text"])[0]
-        ds = packing_lib.pack(
-            ds, video_budget=video_budget, max_clips=max_clips, text_len=text_len, num_bins=num_bins
-        )
-        b = len(rows)
-        return ds.batch(b, drop_remainder=repeat, batch_fn=lambda r: packing_lib.stack_rows(r, b))
-    ds = ds.map(lambda items: [load(it) for it in items]).to_iter_dataset()
-    ds = _prefetch(ds, workers)
-    if main is not None:
-        ds = ds.map(lambda exs: [main(e) for e in exs])
-    return ds.map(_stack)
+        return _then(functools.partial(_read, source), finish), None
+    return functools.partial(_read, source), _then(_encoded(encode), finish)
 
 
 def _then(f, g):

@@ -218,7 +218,7 @@ print(json.dumps(resume_batches(packing_mode, workers)))
 """
 
 
-def resume_batches(packing_mode, workers, k=3, n=3):
+def resume_batches(packing_mode, workers, k=3, n=5):
     """Digests of batches k..k+n of a pipeline and of a fresh one restored at batch k."""
     src = mixed_source(per_shape=4)
     kw = dict(
@@ -329,12 +329,27 @@ def clips_batches(workers):
     return out, src
 
 
-def test_clips_records_are_encoded_then_packed():
+def test_clips_records_are_encoded():
     batches, src = clips_batches(workers=0)
     seen = []
     for batch in batches:
         seen += check_packed_batch(batch, Encoded(src), 2, lambda i: i, pt=1)
     assert sorted(seen) == list(range(len(src)))
+    # Bucketing: same-shape batches of the encoded latents; the bucket plan on pixel shapes.
+    ds = loader.train_dataset(
+        src, src.shapes, batch_size=3, rows=None, seed=2, packing=False, image=True,
+        encode=encode, latent_shape=latent_shape, shuffle=False, repeat=False,
+    )  # fmt: skip
+    plan = loader.bucket_plan(src.shapes, 3, seed=2, epoch=0, shuffle=False)
+    batches = list(ds)
+    assert len(batches) == len(plan) == 4
+    for k, (batch, idx) in enumerate(zip(batches, plan, strict=True)):
+        recs = [Encoded(src)[i] for i in idx]
+        want = [expected_sample(r, 2, 3 * k + j) for j, r in enumerate(recs)]
+        np.testing.assert_allclose(batch["latents"], np.stack(want), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(batch["text"], np.stack([r["text"] for r in recs]))
+        want_image = np.stack([r["first_frame"] for r in recs]) / 127.5 - 1
+        np.testing.assert_allclose(batch["image"], want_image, rtol=1e-6, atol=1e-6)
 
 
 CLIPS_SCRIPT = """
