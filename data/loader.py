@@ -128,7 +128,11 @@ def train_dataset(
     lat = shapes if latent_shape is None else np.array([latent_shape(*s) for s in shapes])
     _check_budget(source, lat, patch_size, patch_size_t, video_budget)
     tokens = functools.partial(
-        _tokens, patch_size=patch_size, patch_size_t=patch_size_t, video_budget=video_budget
+        _tokens,
+        patch_size=patch_size,
+        patch_size_t=patch_size_t,
+        video_budget=video_budget,
+        text_len=text_len,
     )
     load, main = _stages(source, _then(finish, tokens), encode)
     ds = _clip_stream(len(source), batch_size, rows, **order)

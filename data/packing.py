@@ -71,12 +71,16 @@ def clip_tokens(
     patch_size: int,
     patch_size_t: int | None,
     video_budget: int,
+    text_len: int,
     path: str,
 ) -> dict[str, np.ndarray]:
     """One clip's packer input from its latent sample (T, h, w, C) and text (S, Dt):
     {"video" (L, P) float32, "coords" (L, 3) int32, "text" (S, Dt) float32, "grid" (3,) int32}.
-    A clip over the budget or with h, w not divisible by the patch is an error naming `path`."""
+    A clip over the budget, with h, w not divisible by the patch or with other than `text_len`
+    text rows is an error naming `path`."""
     p, pt = patch_size, patch_size_t or 1
+    if np.shape(text)[0] != text_len:
+        raise ValueError(f"{path}: text {np.shape(text)}: every clip needs {text_len} text rows")
     if latents.shape[1] % p or latents.shape[2] % p:
         raise ValueError(
             f"{path}: latent (T, h, w, C) = {latents.shape}: h and w must be divisible by "

@@ -155,7 +155,7 @@ def test_packed_rows_follow_contract_one_epoch(patch_size_t):
     assert sorted(seen[0] + seen[2]) == list(range(len(src)))  # each clip exactly once
 
 
-def test_oversized_clip_is_an_error_naming_it():
+def test_bad_clips_are_errors_naming_them():
     src = MemSource([(4, 8, 8), (13, 16, 22), (4, 8, 8)])
     with pytest.raises(ValueError, match=r"clip1\.mp4.*1144 video tokens"):
         loader.train_dataset(
@@ -165,7 +165,17 @@ def test_oversized_clip_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"clip1\.mp4"):
         packing.clip_tokens(
             np.zeros((13, 16, 22, 4)), np.zeros((S, DT)), patch_size=2, patch_size_t=None,
-            video_budget=1000, path="clip1.mp4",
+            video_budget=1000, text_len=S, path="clip1.mp4",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"clip2\.mp4.*16 text rows"):
+        packing.clip_tokens(
+            np.zeros((4, 8, 8, 4)), np.zeros((S + 1, DT)), patch_size=2, patch_size_t=None,
+            video_budget=1000, text_len=S, path="clip2.mp4",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"clip3\.mp4.*divisible by patch_size 2"):
+        packing.clip_tokens(
+            np.zeros((4, 8, 7, 4)), np.zeros((S, DT)), patch_size=2, patch_size_t=None,
+            video_budget=1000, text_len=S, path="clip3.mp4",
         )  # fmt: skip
 
 
