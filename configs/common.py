@@ -101,8 +101,21 @@ def dit_config(
         spatial_compression=8,  # pixels per latent along height and width (the VAE's)
         text_len=text_len,
         text_dim=4096,
-        num_examples=4096,
+        num_examples=4096,  # synthetic source only
         eval_examples=64,
+        # A dataset written by `python -m tools.prepare_data SRC OUT` ("" : synthetic data).
+        # Clips of many sizes are bucketed (batches of one shape) or, with packing=True, packed
+        # into rows of video_budget video tokens and up to max_clips clips (0: defaults, from
+        # the config's clip size; data/packing.py).
+        data_dir="",
+        packing=False,
+        video_budget=0,
+        max_clips=0,
+        workers=0,  # Grain worker processes decoding and sampling records (0: in-process)
+        # Datasets of raw clips are encoded on the fly by the vae/, text_encoder/ and tokenizer/
+        # of this diffusers-layout model folder (as tools.prepare_data --model does; the demo
+        # brings its own encoders).
+        encoder_model="",
     )
     c.optim = dict(
         lr=1e-4 if pretrain else 1e-5,

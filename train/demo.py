@@ -189,6 +189,11 @@ def _encode(vae, x):
 
 
 @nnx.jit
+def _encode_posterior(vae, x):
+    return vae.encode(x)
+
+
+@nnx.jit
 def _reconstruct(vae, x):
     return vae.decode(vae.encode(x)[0])
 
@@ -253,6 +258,19 @@ class Demo:
             ds = ds.shuffle(seed=seed).repeat(None)
         offset = 0 if train else n
         return pipeline.batches(ds, batch_size, rows, lambda i: self.record(i + offset))
+
+    def encode(self, record: dict) -> dict[str, np.ndarray]:
+        """A raw clip record {frames (F, H, W, 3) uint8, caption} of a prepared dataset ->
+        {latent_mean, latent_logvar (scaled: the demo's diffusion scale is 1), text}, by the
+        demo's VAE and text encoder (input.data_dir with a dataset of raw clips)."""
+        x = record["frames"].astype(np.float32)[None] / 127.5 - 1.0
+        mean, logvar = _encode_posterior(self.vae, jnp.asarray(x))
+        sf = self.vae.cfg.scaling_factor
+        return {
+            "latent_mean": np.asarray(mean[0]) * sf,
+            "latent_logvar": np.asarray(logvar[0]) + 2.0 * np.log(sf),  # of the scaled latent
+            "text": embed(self.encoder, [record["caption"]], self.c.input.text_len)[0],
+        }
 
     def write_reconstructions(self) -> None:
         """WORKDIR/samples/vae_reconstruction.mp4: clips (top) over their reconstructions."""

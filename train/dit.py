@@ -32,8 +32,8 @@ from jax.sharding import PartitionSpec as P
 import cogvideox_jax as cj
 from cogvideox_jax import attention, diffusion, flops, sharding, transformer
 from cogvideox_jax import vae as vae_lib
-from data import pipeline, synthetic
-from train import checkpoint, evaluate, metrics, optim
+from data import pipeline
+from train import checkpoint, evaluate, inputs, metrics, optim, packed
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over these mesh axes (sharding rule "batch")
 
@@ -55,6 +55,7 @@ class StepConfig:
     grad_accum_steps: int
     ema_decay: float
     skip_nonfinite: bool
+    packed: bool = False  # batches are packed rows of clips (train/packed.py)
     num_timesteps: int = 1000
 
 
@@ -141,8 +142,17 @@ def prepare_batch(batch, key, frozen, sc: StepConfig, *, train: bool):
     return out
 
 
+def _prepare(batch, key, frozen, sc: StepConfig, *, train: bool):
+    if sc.packed:
+        return packed.prepare(batch, key, sc, train=train)
+    return prepare_batch(batch, key, frozen, sc, train=train)
+
+
 def _loss(params, buffers, inputs, *, graphdef, templates, ab, sc: StepConfig):
     model = _merge(graphdef, templates, params, buffers)
+    if sc.packed:
+        i = inputs
+        return packed.loss(model, i["z0"], i["text"], i["t"], i["noise"], i["segments"], ab, sc.ofs)
     return diffusion_loss(
         model,
         inputs["z0"],
@@ -159,7 +169,7 @@ def train_step(state, batch, frozen, *, graphdef, templates, tx, ab, sc: StepCon
     """One optimiser update -> (new state, metrics). `state` holds params, opt_state, ema,
     buffers, step and rng; the step's randomness is fold_in(rng, step)."""
     key = jax.random.fold_in(state["rng"], state["step"])
-    inputs = prepare_batch(batch, key, frozen, sc, train=True)
+    inputs = _prepare(batch, key, frozen, sc, train=True)
     grad_fn = jax.value_and_grad(
         functools.partial(_loss, graphdef=graphdef, templates=templates, ab=ab, sc=sc)
     )
@@ -187,7 +197,11 @@ def train_step(state, batch, frozen, *, graphdef, templates, tx, ab, sc: StepCon
         kept = {k: new[k] for k in ("params", "opt_state", "ema")}
         old = {k: state[k] for k in kept}
         new.update(jax.tree.map(lambda n, o: jnp.where(finite, n, o), kept, old))
-    return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    if sc.packed:  # the host counts tokens and FLOPs from the clips' token grids
+        out["packing_efficiency"] = packed.efficiency(batch)
+        out["clip_tokens"] = jnp.where(packed.clips_in(batch), batch["grids"].prod(-1), 0)
+    return new, out
 
 
 def eval_step(
@@ -196,11 +210,12 @@ def eval_step(
     """Held-out loss (len(timesteps),) of one batch at each fixed timestep, with noise fixed by
     (seed, batch index): deterministic, so comparable across runs and checkpoints."""
     key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-    inputs = prepare_batch(batch, key, frozen, sc, train=False)
-    b = inputs["z0"].shape[0]
+    inputs = _prepare(batch, key, frozen, sc, train=False)
+    # One timestep per sample (B,), or per clip of each packed row (B, G).
+    shape = batch["grids"].shape[:2] if sc.packed else inputs["z0"].shape[:1]
     losses = []
     for t in timesteps:
-        inputs["t"] = jnp.full((b,), t, jnp.int32)
+        inputs["t"] = jnp.full(shape, t, jnp.int32)
         losses.append(
             _loss(params, buffers, inputs, graphdef=graphdef, templates=templates, ab=ab, sc=sc)
         )
@@ -266,6 +281,21 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ValueError("input.i2v needs vae.checkpoint: the frozen VAE encodes the first frame")
     if c.input.source not in ("synthetic", "demo"):
         raise ValueError(f"input.source must be 'synthetic' or 'demo', got {c.input.source!r}")
+    if c.input.data_dir and not os.path.isdir(c.input.data_dir):
+        raise FileNotFoundError(
+            f"input.data_dir {c.input.data_dir!r} does not exist (write one with "
+            "`python -m tools.prepare_data SRC OUT`)"
+        )
+    if c.input.packing and not c.input.data_dir:
+        raise ValueError("input.packing=True needs input.data_dir (a prepared dataset)")
+    if c.input.packing and c.input.i2v:
+        raise ValueError(
+            "input.packing=True is not supported for image-to-video models (input.i2v): the "
+            "first-frame condition is VAE-encoded per clip shape; use bucketing (packing=False)"
+        )
+    for key in ("video_budget", "max_clips", "workers"):
+        if c.input[key] < 0:
+            raise ValueError(f"input.{key} must be >= 0, got {c.input[key]}")
 
 
 def _validate_model(m, tcfg, mesh, num_devices=None) -> None:
@@ -376,22 +406,12 @@ def step_config(c, tcfg, data_shards: int = 1) -> StepConfig:
         grad_accum_steps=grad_accum_steps(c, data_shards),
         ema_decay=c.optim.ema_decay,
         skip_nonfinite=c.on_nonfinite == "skip",
+        packed=bool(c.input.packing),
     )
 
 
 def _dtype(name: str):
     return jnp.dtype(name)
-
-
-def _example_shapes(c):
-    t = vae_lib.num_latent_frames(c.input.num_frames)
-    f = c.input.spatial_compression
-    h, w = c.input.height // f, c.input.width // f
-    return dict(
-        latent_shape=(t, h, w, c.input.latent_channels),
-        text_shape=(c.input.text_len, c.input.text_dim),
-        image_shape=(c.input.height, c.input.width, 3) if c.input.i2v else None,
-    )
 
 
 def video_tokens(c, tcfg) -> int:
@@ -550,7 +570,7 @@ def abstract_train_args(c, prog: Program, mesh) -> tuple[dict, dict, dict]:
     state = checkpoint.abstract(
         jax.eval_shape(functools.partial(init_state, prog, c.seed)), prog.state_sh
     )
-    shapes = _example_shapes(c)
+    shapes = inputs.example_shapes(c)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     batch = {
         "latents": jax.ShapeDtypeStruct((c.batch_size, *shapes["latent_shape"]), jnp.float32),
@@ -604,38 +624,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
             yield
 
     # ---- Data ----
-    shapes = _example_shapes(c)
     # Each process loads only its rows of every global batch (data/pipeline.py).
     rows = pipeline.process_rows(NamedSharding(mesh, P(BATCH_AXES)), c.batch_size)
     eval_rows = pipeline.process_rows(NamedSharding(mesh, P(BATCH_AXES)), c.evals.batch_size)
     _note(
-        f"{jax.process_count()} process(es), per-process batch {len(rows)} of {c.batch_size}, "
-        f"{tokens} tokens per step"
+        f"{jax.process_count()} process(es), per-process batch {len(rows)} of {c.batch_size}"
+        + ("" if c.input.packing else f", {tokens} tokens per step")
     )
     demo = None
     if c.input.source == "demo":  # the built-in demo's stages (train/demo.py)
         from train import demo as demo_lib
 
         demo = demo_lib.Demo(c, workdir)
-        train_ds = demo.dataset(c.batch_size, train=True, seed=c.seed, rows=rows)
-        eval_ds = demo.dataset(c.evals.batch_size, train=False, seed=c.seed, rows=eval_rows)
-    else:
-        train_ds = synthetic.dataset(
-            c.input.num_examples,
-            c.batch_size,
-            seed=c.seed,
-            rows=rows,
-            **shapes,
-        )
-        eval_ds = synthetic.dataset(
-            c.input.eval_examples,
-            c.evals.batch_size,
-            seed=c.seed + 10_000,
-            rows=eval_rows,
-            shuffle=False,
-            repeat=False,
-            **shapes,
-        )
+    train_ds, eval_ds = inputs.datasets(c, tcfg, rows, eval_rows, demo)
     data_iter = iter(train_ds)
 
     # ---- Model, abstract state, shardings ----
@@ -679,14 +680,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
 
     def run_eval(state):
-        with on_mesh():
-            return evaluate.held_out_loss(
-                functools.partial(p_eval, state["params"], state["buffers"]),
-                eval_ds,
-                lambda b: _global_batch(b, mesh, c.evals.batch_size),
-                frozen,
-                tuple(c.evals.timesteps),
-            )
+        if eval_ds is None:
+            return {}
+
+        def eval_fn(batch, index, frozen):  # the batch is read outside the mesh, as in training
+            with on_mesh():
+                batch = _global_batch(batch, mesh, c.evals.batch_size)
+                return p_eval(state["params"], state["buffers"], batch, index, frozen)
+
+        return evaluate.held_out_loss(eval_fn, eval_ds, frozen, tuple(c.evals.timesteps))
 
     if c.mode == "eval":
         return evaluate.evaluate_checkpoint(mngr, abstract_state, run_eval, workdir)
@@ -707,14 +709,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log = metrics.Logger(workdir, c.total_steps, step, progress=c.log.progress)
     last_saved, row = step if mngr.latest_step() is not None else None, {}
     t0, steps_timed, skipped = time.perf_counter(), 0, 0
+    done = dict(tokens=0.0, flops=0.0, efficiency=0.0)  # since the last logged row
     try:
         while step < c.total_steps:
+            local = next(data_iter)  # outside the mesh: raw clips may be encoded here
             with on_mesh():
-                state, m = p_train(
-                    state, _global_batch(next(data_iter), mesh, c.batch_size), frozen
-                )
+                state, m = p_train(state, _global_batch(local, mesh, c.batch_size), frozen)
             step += 1
             steps_timed += 1
+            if sc.packed:  # each clip counts its own tokens (attention is per clip)
+                lengths = np.asarray(m["clip_tokens"], np.float64)
+                lengths = lengths[lengths > 0]
+                done["tokens"] += lengths.sum() + lengths.size * c.input.text_len
+                done["flops"] += flops.train_flops(tcfg, c.input.text_len, lengths).sum()
+                done["efficiency"] += float(m["packing_efficiency"])
+            else:
+                done["tokens"] += tokens
+                done["flops"] += step_flops
             loss, finite = float(m["loss"]), bool(m["finite"])
             if not finite and c.on_nonfinite == "stop":
                 mngr.wait_until_finished()
@@ -735,10 +746,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     lr=float(schedule(step - 1)),
                     grad_norm=float(m["grad_norm"]),
                     steps_per_sec=steps_timed / dt,
-                    tokens_per_sec=steps_timed * tokens / dt,
+                    tokens_per_sec=done["tokens"] / dt,
                 )
+                if sc.packed:  # mean real tokens / token budget of the steps since the last row
+                    row["packing_efficiency"] = done["efficiency"] / steps_timed
                 if peak_flops:  # model FLOPs utilisation against the devices' bf16 peak
-                    row["mfu"] = steps_timed * step_flops / dt / peak_flops
+                    row["mfu"] = done["flops"] / dt / peak_flops
                 if skipped:  # steps skipped since the last logged row
                     row["skipped_nonfinite"] = skipped
                 if is_eval:
@@ -749,6 +762,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             row.update(demo.sample(model, step))
                 log.write(step, row)
                 t0, steps_timed, skipped = time.perf_counter(), 0, 0
+                done = dict.fromkeys(done, 0.0)
             if step % c.ckpt.every_steps == 0 or step == c.total_steps:
                 checkpoint.save(mngr, step, state, data_iter)
                 last_saved = step

@@ -16,14 +16,14 @@ import numpy as np
 from train import checkpoint
 
 
-def held_out_loss(eval_fn, dataset, to_global, frozen, timesteps) -> dict[str, float]:
+def held_out_loss(eval_fn, dataset, frozen, timesteps) -> dict[str, float]:
     """{'eval_loss': mean over batches and timesteps, 'eval_loss_t{t}': per timestep}.
 
     `eval_fn(batch, index, frozen)` returns the (len(timesteps),) losses of one batch.
     """
     total, count = np.zeros(len(timesteps)), 0
     for index, batch in enumerate(dataset):
-        total += np.asarray(jax.device_get(eval_fn(to_global(batch), index, frozen)))
+        total += np.asarray(jax.device_get(eval_fn(batch, index, frozen)))
         count += 1
     if not count:
         raise ValueError("the eval set is empty: input.eval_examples must be >= evals.batch_size")

@@ -1,0 +1,144 @@
+"""Training on packed rows: the packed loss is the mean of the per-clip losses of the unpacked
+objective (same model, clips, timesteps and noise), and gradients agree too."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import cogvideox_jax as cj
+from cogvideox_jax import diffusion, transformer
+from train import dit, packed
+
+TINY = dict(
+    num_layers=2,
+    num_heads=2,
+    head_dim=16,
+    text_embed_dim=12,
+    time_embed_dim=16,
+    max_text_len=6,
+    sample_height=8,
+    sample_width=12,
+    sample_frames=9,
+)
+
+
+def _perturbed(variant):
+    cfg = cj.transformer_config(variant, **TINY)
+    model = cj.Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):  # zero-initialised projections and unit norms included
+            var[...] = var[...] + 0.1 * rng.standard_normal(var.shape).astype(np.float32)
+    return cfg, model
+
+
+def _pack(cfg, clips, texts, budget, max_clips):
+    """One packed row (batch of 1) from latents (T, h, w, C) and texts (S, Dt), by hand."""
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1
+    s = texts[0].shape[0]
+    video = np.zeros((1, budget, cfg.patch_features), np.float32)
+    vseg = np.zeros((1, budget), np.int32)
+    vpos = np.zeros((1, budget, 3), np.int32)
+    text = np.zeros((1, max_clips * s, texts[0].shape[1]), np.float32)
+    tseg = np.zeros((1, max_clips * s), np.int32)
+    grids = np.zeros((1, max_clips, 3), np.int32)
+    at = 0
+    for i, (z, e) in enumerate(zip(clips, texts, strict=True)):
+        tok = transformer.patchify(z, p, pt)
+        grid = (z.shape[0] // pt, z.shape[1] // p, z.shape[2] // p)
+        n = tok.shape[0]
+        video[0, at : at + n] = tok
+        vseg[0, at : at + n] = i + 1
+        vpos[0, at : at + n] = np.stack(
+            np.meshgrid(*map(np.arange, grid), indexing="ij"), -1
+        ).reshape(-1, 3)
+        text[0, i * s : (i + 1) * s] = e
+        tseg[0, i * s : (i + 1) * s] = i + 1
+        grids[0, i] = grid
+        at += n
+    return dict(
+        video=video,
+        video_segment_ids=vseg,
+        video_positions=vpos,
+        text=text,
+        text_segment_ids=tseg,
+        grids=grids,
+    )
+
+
+@pytest.mark.parametrize("variant", ["5b", "1.5-5b"])
+def test_packed_loss_is_the_mean_of_per_clip_losses(variant):
+    cfg, model = _perturbed(variant)
+    pt = cfg.patch_size_t or 1
+    rng = np.random.default_rng(2)
+    shapes = [(2 * pt, 4, 6), (1 * pt, 6, 4), (2 * pt, 2, 2)]
+    clips = [rng.standard_normal((*sh, cfg.in_channels)).astype(np.float32) for sh in shapes]
+    texts = [rng.standard_normal((6, cfg.text_embed_dim)).astype(np.float32) for _ in shapes]
+    batch = _pack(cfg, clips, texts, budget=40, max_clips=4)
+    t = np.array([[50, 400, 930, 0]], np.int32)
+    ab = jnp.asarray(diffusion.alphas_cumprod(diffusion.ScheduleConfig()), jnp.float32)
+    noise = rng.standard_normal(batch["video"].shape).astype(np.float32)
+    segs = {k: jnp.asarray(batch[k]) for k in packed.SEGMENT_KEYS}
+
+    def packed_loss(m):
+        return packed.loss(
+            m,
+            jnp.asarray(batch["video"]),
+            jnp.asarray(batch["text"]),
+            jnp.asarray(t),
+            jnp.asarray(noise),
+            segs,
+            ab,
+        )
+
+    def per_clip_loss(m):
+        losses, at = [], 0
+        for i, z in enumerate(clips):
+            n = int(np.prod(shapes[i])) // (pt * cfg.patch_size**2)
+            tok_noise = noise[0, at : at + n]
+            at += n
+            z_noise = transformer.unpatchify(
+                tok_noise[None], shapes[i][0], *shapes[i][1:], cfg.patch_size, pt, cfg.in_channels
+            )
+            losses.append(
+                dit.diffusion_loss(
+                    m,
+                    jnp.asarray(z[None]),
+                    jnp.asarray(texts[i][None]),
+                    jnp.asarray(t[0, i : i + 1]),
+                    z_noise,
+                    ab,
+                )
+            )
+        return jnp.mean(jnp.stack(losses))
+
+    graphdef, params = nnx.split(model)
+
+    def grads(fn):
+        return jax.value_and_grad(lambda p: fn(nnx.merge(graphdef, p)))(params)
+
+    (lp, gp), (lc, gc) = grads(packed_loss), grads(per_clip_loss)
+    np.testing.assert_allclose(float(lp), float(lc), rtol=1e-5)
+    flat_p, flat_c = jax.tree.leaves(gp), jax.tree.leaves(gc)
+    worst = max(
+        float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-12))
+        for a, b in zip(flat_p, flat_c, strict=True)
+    )
+    assert worst < 1e-4, worst
+    # A clip's loss weighs as one clip whatever its size: the mean is not token-weighted.
+    assert abs(float(lp) - float(lc)) < 1e-5 * abs(float(lc)) + 1e-7
+
+
+def test_packing_efficiency_and_flops_count_only_clips():
+    cfg = cj.transformer_config("5b", **TINY)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal((2, 4, 6, 16)).astype(np.float32)]
+    texts = [rng.standard_normal((6, 12)).astype(np.float32)]
+    batch = _pack(cfg, clips, texts, budget=20, max_clips=2)
+    assert np.isclose(float(packed.efficiency(batch)), (12 + 6) / (20 + 12))
+    from cogvideox_jax import flops
+
+    want = flops.train_flops(cfg, 6, 12)
+    assert np.isclose(float(packed.model_flops(cfg, batch, 6)), want, rtol=1e-6)

@@ -1,0 +1,184 @@
+"""The trainer's input: training and held-out datasets from the config.
+
+  synthetic   random latents and text (data/synthetic.py), one shape: smoke tests, compiling.
+  demo        the built-in demo's procedural clips, encoded by its own VAE and text encoder.
+  data_dir    a dataset written by `python -m tools.prepare_data` (data/prepared.py): latent
+              distributions and text embeddings, or raw clips that the run encodes as it reads
+              them (the demo's encoders, or input.encoder_model's). Clips of many sizes are
+              bucketed into batches of one shape or, with input.packing, packed into rows of
+              several clips (data/loader.py, data/packing.py). Held-out loss uses the dataset's
+              "eval" split when it has one.
+
+Every dataset is a Grain dataset whose iterator is checkpointed with the train state, and each
+process loads only its rows of every global batch (data/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cogvideox_jax import vae as vae_lib
+from data import loader, packing, prepared, synthetic
+
+
+def datasets(c, tcfg, rows, eval_rows, demo=None):
+    """(train dataset, held-out dataset or None) for this process's `rows` of each batch."""
+    if c.input.data_dir:
+        return _prepared(c, tcfg, rows, eval_rows, demo)
+    if demo is not None:
+        train = demo.dataset(c.batch_size, train=True, seed=c.seed, rows=rows)
+        return train, demo.dataset(c.evals.batch_size, train=False, seed=c.seed, rows=eval_rows)
+    shapes = example_shapes(c)
+    train = synthetic.dataset(c.input.num_examples, c.batch_size, seed=c.seed, rows=rows, **shapes)
+    held_out = synthetic.dataset(
+        c.input.eval_examples,
+        c.evals.batch_size,
+        seed=c.seed + 10_000,
+        rows=eval_rows,
+        shuffle=False,
+        repeat=False,
+        **shapes,
+    )
+    return train, held_out
+
+
+def example_shapes(c) -> dict:
+    """The synthetic examples' shapes: the config's clip size."""
+    t = vae_lib.num_latent_frames(c.input.num_frames)
+    f = c.input.spatial_compression
+    h, w = c.input.height // f, c.input.width // f
+    return dict(
+        latent_shape=(t, h, w, c.input.latent_channels),
+        text_shape=(c.input.text_len, c.input.text_dim),
+        image_shape=(c.input.height, c.input.width, 3) if c.input.i2v else None,
+    )
+
+
+def _prepared(c, tcfg, rows, eval_rows, demo):
+    ds = prepared.open_prepared(c.input.data_dir)
+    check_prepared(ds, c, demo is not None)
+    encode = None
+    if ds.kind == "clips":  # encoded as they are read
+        encode = demo.encode if demo is not None else model_encoder(c)
+    f = c.input.spatial_compression
+
+    def latent_shape(frames, height, width):
+        return vae_lib.num_latent_frames(int(frames)), int(height) // f, int(width) // f
+
+    kw = dict(
+        packing=bool(c.input.packing),
+        patch_size=tcfg.patch_size,
+        patch_size_t=tcfg.patch_size_t,
+        text_len=c.input.text_len,
+        workers=c.input.workers,
+        encode=encode,
+        latent_shape=latent_shape if ds.kind == "clips" else None,
+        image=bool(c.input.i2v),
+    )
+    if c.input.packing:
+        kw["video_budget"], kw["max_clips"] = packing_budget(c, tcfg, ds, latent_shape)
+    train = loader.train_dataset(
+        ds.source("train"),
+        ds.shapes("train"),
+        batch_size=c.batch_size,
+        rows=rows,
+        seed=c.seed,
+        **kw,
+    )
+    if "eval" not in ds.splits:
+        print(f"{c.input.data_dir}: no 'eval' split, so no held-out loss", flush=True)
+        return train, None
+    held_out = loader.train_dataset(
+        ds.source("eval"),
+        ds.shapes("eval"),
+        batch_size=c.evals.batch_size,
+        rows=eval_rows,
+        seed=c.seed + 10_000,
+        shuffle=False,
+        repeat=False,
+        **kw,
+    )
+    return train, held_out
+
+
+def packing_budget(c, tcfg, ds, latent_shape) -> tuple[int, int]:
+    """(video tokens V, clips G) per packed row: input.video_budget / input.max_clips, or where
+    0 the budget data/packing.py finds for this dataset's mix of clip sizes."""
+    shapes = ds.shapes("train")
+    if ds.kind == "clips":
+        shapes = np.array([latent_shape(*s) for s in shapes])
+    tokens = packing.video_tokens(shapes, tcfg.patch_size, tcfg.patch_size_t)
+    v, g = c.input.video_budget, c.input.max_clips
+    if not (v and g):
+        found = packing.default_budget(tokens, text_len=c.input.text_len)
+        v, g = v or found.video, g or found.clips
+    if tokens.max() > v:
+        raise ValueError(
+            f"input.video_budget={v} is smaller than the dataset's largest clip "
+            f"({int(tokens.max())} video tokens)"
+        )
+    print(f"packing: rows of {v} video tokens and up to {g} clips", flush=True)
+    return int(v), int(g)
+
+
+def check_prepared(ds, c, demo: bool) -> None:
+    """The prepared dataset agrees with the config (channels, text shape, latent scale)."""
+    where = f"input.data_dir {c.input.data_dir}"
+    meta = ds.meta
+    if ds.kind == "latents":
+        if meta.get("latent_channels") != c.input.latent_channels:
+            raise ValueError(
+                f"{where}: latents have {meta.get('latent_channels')} channels, the config "
+                f"input.latent_channels is {c.input.latent_channels}"
+            )
+        if meta.get("text_len") != c.input.text_len or meta.get("text_dim") != c.input.text_dim:
+            raise ValueError(
+                f"{where}: text embeddings are {meta.get('text_len')}x{meta.get('text_dim')}, "
+                f"the config wants input.text_len x input.text_dim = "
+                f"{c.input.text_len}x{c.input.text_dim}"
+            )
+        sf = meta.get("scaling_factor")
+        if sf is not None and not np.isclose(sf, c.diffusion.scaling_factor):
+            raise ValueError(
+                f"{where}: its VAE's scaling_factor is {sf} but config.diffusion.scaling_factor "
+                f"is {c.diffusion.scaling_factor}; the latents were made by another VAE"
+            )
+    elif not demo and not c.input.encoder_model:
+        raise ValueError(
+            f"{where} holds raw clips: set input.encoder_model (a diffusers-layout model folder "
+            "whose VAE and T5 encode them as they are read), or encode the dataset once with "
+            "`python -m tools.prepare_data SRC OUT --model DIR`"
+        )
+
+
+def model_encoder(c):
+    """record {frames (F, H, W, 3) uint8, caption} -> {latent_mean, latent_logvar, text,
+    first_frame} by the VAE and T5 of input.encoder_model: tools.prepare_data's encoder, run
+    on each clip as it is read."""
+    from pathlib import Path
+
+    from tools.prepare_data import Encoder
+
+    enc = Encoder(Path(c.input.encoder_model), c.input.text_len, batch=1)
+    meta = enc.meta()
+    where = f"input.encoder_model {c.input.encoder_model}"
+    if not np.isclose(meta["scaling_factor"], c.diffusion.scaling_factor):
+        raise ValueError(
+            f"{where}: its VAE's scaling_factor {meta['scaling_factor']} != "
+            f"config.diffusion.scaling_factor {c.diffusion.scaling_factor}"
+        )
+    if (meta["latent_channels"], meta["text_dim"]) != (c.input.latent_channels, c.input.text_dim):
+        raise ValueError(
+            f"{where}: {meta['latent_channels']} latent channels and text width "
+            f"{meta['text_dim']}, the config wants {c.input.latent_channels} and "
+            f"{c.input.text_dim}"
+        )
+
+    def encode(record):
+        ((mean, logvar),) = enc.latents([record["frames"]])
+        (text,) = enc.texts([record["caption"]])
+        return dict(
+            latent_mean=mean, latent_logvar=logvar, text=text, first_frame=record["frames"][0]
+        )
+
+    return encode
