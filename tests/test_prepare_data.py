@@ -326,6 +326,10 @@ def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
             for k in ra:
                 np.testing.assert_array_equal(ra[k], rb[k])
     assert a.skipped() == b.skipped()
+    import tensorflow_datasets as tfds
+
+    splits = tfds.builder_from_directory(out).info.splits
+    assert {k: v.shard_lengths for k, v in splits.items()} == {"train": [1, 1], "eval": [1]}
     proc = _cli(dataset, out, *RAW[:-2], "--eval_examples", 0, check=False)
     assert proc.returncode == 1
     assert "prepared with other settings" in proc.stderr and "eval_examples: was 1" in proc.stderr
@@ -380,6 +384,10 @@ def test_csv_manifest_and_slices(dataset, tmp_path):
 
 def test_not_a_prepared_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a prepared dataset"):
+        prepared.open_prepared(tmp_path)
+    # A folder in the earlier format (.npz records, no TFDS metadata) is refused by name.
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "cogvideox-prepared/1"}))
+    with pytest.raises(ValueError, match="meta.json: format 'cogvideox-prepared/1', this reader"):
         prepared.open_prepared(tmp_path)
 
 
