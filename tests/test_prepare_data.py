@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -244,6 +245,33 @@ def test_raw_dataset(raw, dataset):
     assert ds.skipped() == skipped
 
 
+def test_raw_dataset_is_a_tfds_dataset(raw):
+    import tensorflow_datasets as tfds
+
+    out = raw[0]
+    assert sorted(p.name for p in out.glob("cogvideox_prepared-*")) == [
+        "cogvideox_prepared-eval.array_record-00000-of-00001",
+        "cogvideox_prepared-train.array_record-00000-of-00002",
+        "cogvideox_prepared-train.array_record-00001-of-00002",
+    ]
+    builder = tfds.builder_from_directory(out)
+    info = builder.info
+    assert info.name == "cogvideox_prepared"
+    assert {k: v.num_examples for k, v in info.splits.items()} == {"train": 2, "eval": 1}
+    # train: a shard of b and the corrupt entry, a shard of c and the short one.
+    assert info.splits["train"].shard_lengths == [1, 1]
+    assert set(info.features.keys()) == {"frames", "caption", "path"}
+    assert info.features["frames"].shape == (None, None, None, 3)
+    assert info.features["frames"].np_dtype == np.uint8
+    ours = prepared.open_prepared(out).source("train")
+    theirs = builder.as_data_source()["train"]
+    for i in range(2):
+        assert theirs[i]["caption"] == ours[i]["caption"].encode()
+        np.testing.assert_array_equal(theirs[i]["frames"], ours[i]["frames"])
+    evals = builder.as_data_source(split="eval")
+    assert len(evals) == 1 and evals[0]["path"] == b"clips/a.mp4"
+
+
 def test_raw_source_feeds_grain(raw):
     import grain
 
@@ -252,6 +280,12 @@ def test_raw_source_feeds_grain(raw):
     )
     x = ds[1]
     assert x.shape == (5, H, W, 3) and -1 <= x.min() and x.max() <= 1
+    # Grain's worker processes get the source pickled, after it has been read from.
+    src = prepared.open_prepared(raw[0]).source()
+    first = src[0]
+    clone = pickle.loads(pickle.dumps(src))
+    assert clone._sources is None and clone[0]["path"] == first["path"] == "clips/b.mp4"
+    np.testing.assert_array_equal(clone[0]["frames"], first["frames"])
 
 
 def test_on_bad_error_names_the_first_bad_entry(dataset, tmp_path):
@@ -282,7 +316,7 @@ def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
     assert len(list((out / "train").glob("shard-*.json"))) == 2 and not (out / "eval").exists()
     # What a killed run leaves: a half-written shard under its temporary name.
     (out / "eval").mkdir()
-    (out / "eval" / ".shard-00000.array_record.partial").write_bytes(b"half a shard")
+    (out / "eval" / "shard-00000.array_record.partial").write_bytes(b"half a shard")
     _cli(dataset, out, *RAW)
     a, b = prepared.open_prepared(raw[0]), prepared.open_prepared(out)
     for split in ("train", "eval"):
@@ -292,6 +326,10 @@ def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
             for k in ra:
                 np.testing.assert_array_equal(ra[k], rb[k])
     assert a.skipped() == b.skipped()
+    import tensorflow_datasets as tfds
+
+    splits = tfds.builder_from_directory(out).info.splits
+    assert {k: v.shard_lengths for k, v in splits.items()} == {"train": [1, 1], "eval": [1]}
     proc = _cli(dataset, out, *RAW[:-2], "--eval_examples", 0, check=False)
     assert proc.returncode == 1
     assert "prepared with other settings" in proc.stderr and "eval_examples: was 1" in proc.stderr
@@ -327,10 +365,29 @@ def test_csv_manifest_and_slices(dataset, tmp_path):
     parts = prepared.open_prepared(sliced)
     assert [r["path"] for r in _all(parts.source())] == ["clips/a.mp4", "c.mp4"]
     np.testing.assert_array_equal(parts.shapes(), ds.shapes())
+    # Each slice is a TFDS dataset; a third slice of two entries has none: one empty shard.
+    import tensorflow_datasets as tfds
+
+    _cli(manifest, tmp_path / "thirds", *common[2:-1], 3, "--shard_index", 2)
+    for folder, want in [
+        (sliced / "part-00000-of-00002", ["clips/a.mp4"]),
+        (sliced / "part-00001-of-00002", ["c.mp4"]),
+        (tmp_path / "thirds" / "part-00002-of-00003", []),
+    ]:
+        builder = tfds.builder_from_directory(folder)
+        assert builder.info.splits["train"].num_examples == len(want)
+        if want:  # TFDS has no data source for a split with no records
+            src = builder.as_data_source()["train"]
+            assert [src[i]["path"].decode() for i in range(len(src))] == want
+        assert [r["path"] for r in _all(prepared.open_prepared(folder).source())] == want
 
 
 def test_not_a_prepared_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: not a prepared dataset"):
+        prepared.open_prepared(tmp_path)
+    # A folder in the earlier format (.npz records, no TFDS metadata) is refused by name.
+    (tmp_path / "meta.json").write_text(json.dumps({"format": "cogvideox-prepared/1"}))
+    with pytest.raises(ValueError, match="meta.json: format 'cogvideox-prepared/1', this reader"):
         prepared.open_prepared(tmp_path)
 
 
@@ -377,6 +434,17 @@ def test_latents_equal_our_vae_and_t5(model, dataset, tmp_path):
     assert ds.meta["text_len"] == 12 and ds.meta["latent_channels"] == 16
     assert ds.meta["scaling_factor"] == 0.7
     np.testing.assert_array_equal(ds.shapes(), [[3, 4, 6], [3, 4, 6], [2, 4, 6]])
+    import tensorflow_datasets as tfds
+
+    info = tfds.builder_from_directory(out).info
+    assert info.splits["train"].num_examples == 3
+    feats = info.features
+    assert set(feats.keys()) == set(prepared.FIELDS["latents"])
+    assert feats["latent_mean"].shape == (None, None, None, 16)
+    assert feats["latent_logvar"].np_dtype == np.float32 and feats["text"].shape == (12, 16)
+    assert (
+        feats["first_frame"].shape == (None, None, 3) and feats["first_frame"].np_dtype == np.uint8
+    )
     vae_model, encoder = convert.load_vae(model), convert.load_text_encoder(model)
     tokenizer = t5.load_tokenizer(model / "tokenizer")
     for r, shape in zip(_all(ds.source()), ds.shapes(), strict=True):

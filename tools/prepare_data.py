@@ -5,7 +5,10 @@ r"""Prepare a video dataset for training: decoded clips, or VAE latents and T5 t
   python -m tools.prepare_data SRC OUT --model MODEL_DIR    # latents + text embeddings
 
 SRC is a folder with videos.txt and prompts.txt, or a .csv / .jsonl manifest (path, caption); see
-data/sources.py. OUT is read with `data.prepared.open_prepared` (format in data/prepared.py).
+data/sources.py. OUT is a TFDS dataset (ArrayRecord shards and TFDS metadata, written with
+tensorflow-datasets, no TensorFlow), plus our meta.json, shapes and skipped list; read it with
+`data.prepared.open_prepared(OUT)` or `tfds.builder_from_directory(OUT)` (format in
+data/prepared.py).
 
 Without --model, records hold the clips as uint8 frames. With --model (a diffusers-layout folder
 with vae/, text_encoder/, tokenizer/), our VAE computes each clip's posterior (mean, logvar) and
@@ -17,7 +20,8 @@ Entries that cannot be used are skipped and listed at the end and in OUT/skipped
 The output is written in shards of --shard_size entries; an interrupted run started again with
 the same arguments continues after the last complete shard. A large dataset can be prepared in
 slices, one process each: --shard_index i --num_shards n takes every n-th entry and writes
-OUT/part-0000i-of-0000n/; open_prepared(OUT) reads all the parts as one dataset.
+OUT/part-0000i-of-0000n/ (a TFDS dataset of its own); open_prepared(OUT) reads all the parts as
+one dataset.
 """
 
 from __future__ import annotations
@@ -276,13 +280,20 @@ def split_entries(entries: list[Entry], args) -> dict[str, list[Entry]]:
     return {k: v[args.shard_index :: args.num_shards] for k, v in splits.items()}
 
 
-def finalize(out: Path, splits, args, settings, source_skipped, extra_meta) -> dict:
-    """shapes.npy per split, skipped.jsonl and meta.json (last) from the shard sidecars."""
-    meta_splits, skipped = {}, [s.to_json() for s in source_skipped]
+def num_shards(entries: list, shard_size: int) -> int:
+    """Shards of a split: one per --shard_size entries, and one (empty) for no entries, so
+    that every split has a file for TFDS."""
+    return max(1, -(-len(entries) // shard_size))
+
+
+def finalize(out: Path, splits, args, settings, source_skipped, extra_meta, feats) -> dict:
+    """From the shard sidecars: shapes.npy per split, skipped.jsonl, the TFDS metadata, and
+    meta.json last."""
+    meta_splits, skipped, shard_counts = {}, [s.to_json() for s in source_skipped], {}
     for split, entries in splits.items():
         folder = out / split
-        num = -(-len(entries) // args.shard_size)
-        infos = [prepared.read_shard_info(folder, k) for k in range(num)]
+        num = num_shards(entries, args.shard_size)
+        infos = [prepared.read_shard_info(out, split, k) for k in range(num)]
         shapes = np.asarray([s for i in infos for s in i["shapes"]], np.int64).reshape(-1, 3)
         folder.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
@@ -291,8 +302,10 @@ def finalize(out: Path, splits, args, settings, source_skipped, extra_meta) -> d
         skipped += [s for i in infos for s in i["skipped"]]
         counts = [len(i["shapes"]) for i in infos]
         meta_splits[split] = {"count": int(sum(counts)), "shard_counts": counts}
+        shard_counts[split] = counts
     text = "".join(json.dumps(s) + "\n" for s in skipped)
     prepared.atomic_write(out / "skipped.jsonl", text)
+    prepared.write_tfds_metadata(out, feats, shard_counts)
     meta = {
         "format": prepared.FORMAT,
         **settings,
@@ -326,23 +339,25 @@ def run(args) -> int:
         raise BadEntry(f"{s.path}: {s.reason}")
     splits = split_entries(entries, args)
     encoder = Encoder(model, text_len, args.batch) if model else None
+    extra = encoder.meta() if encoder else {}
+    feats = prepared.features(settings["kind"], {**settings, **extra})
     written = 0
     with tqdm(total=sum(map(len, splits.values())), unit="clip", desc="preparing") as bar:
         for split, items in splits.items():
-            for k, start in enumerate(range(0, len(items), args.shard_size)):
-                shard = items[start : start + args.shard_size]
-                if prepared.shard_done(out / split, k):
+            num = num_shards(items, args.shard_size)
+            for k in range(num):
+                shard = items[k * args.shard_size : (k + 1) * args.shard_size]
+                if prepared.shard_done(out, split, k, num):
                     bar.update(len(shard))
                     continue
                 if args.max_shards is not None and written >= args.max_shards:
                     print(f"stopped after {written} shards (--max_shards); run again to resume")
                     return 3
-                writer = prepared.ShardWriter(out / split, k)
+                writer = prepared.ShardWriter(out, split, k, num, feats)
                 prepare_shard(shard, args, encoder, writer, bar)
                 writer.close()
                 written += 1
-    extra = encoder.meta() if encoder else {}
-    report = finalize(out, splits, args, settings, source_skipped, extra)
+    report = finalize(out, splits, args, settings, source_skipped, extra, feats)
     for s in report["skipped"]:
         print(f"skipped {s['path']}: {s['reason']}")
     counts = {k: v["count"] for k, v in report["meta"]["splits"].items()}
