@@ -136,3 +136,32 @@ def build_tokenizer(folder) -> None:
     )
     # T5's layout: pad 0, eos 1, unk 2, then 100 sentinel tokens at the end of the vocabulary.
     transformers.T5Tokenizer.from_pretrained(folder.parent, extra_ids=100).save_pretrained(folder)
+
+
+def tiny_model_folder(folder, *, text_len: int, scaling_factor: float) -> None:
+    """A tiny random diffusers-layout model folder for the data tools: the tiny diffusers VAE,
+    a transformers T5 encoder of width 16, a T5 tokenizer, and a transformer config.json that
+    gives the text length."""
+    import json
+    from pathlib import Path
+
+    import transformers
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvideox_jax import t5, vae
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    cfg = vae.vae_config("tiny", scaling_factor=scaling_factor)
+    autoencoder = AutoencoderKLCogVideoX(**cfg.to_diffusers()).eval()
+    perturb_(autoencoder, 1, scale=0.05)
+    autoencoder.save_pretrained(folder / "vae")
+    build_tokenizer(folder / "tokenizer")
+    t5_cfg = t5.T5Config(vocab_size=200, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
+    encoder = transformers.T5EncoderModel(transformers.T5Config(**t5_cfg.to_transformers()))
+    perturb_(encoder.eval(), 2, scale=0.1)
+    encoder.save_pretrained(folder / "text_encoder")
+    (folder / "transformer").mkdir()
+    config = {"max_text_seq_length": text_len}
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))

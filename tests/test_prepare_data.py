@@ -393,29 +393,11 @@ def test_not_a_prepared_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny random model folder: diffusers VAE, transformers T5 encoder, a T5 tokenizer, and
-    the transformer's config (its text length)."""
+    """A tiny random model folder with a text length of 12 (reference.tiny_model_folder)."""
     import reference as ref
-    import torch
-    import transformers
-    from diffusers import AutoencoderKLCogVideoX
-
-    from cogvideox_jax import t5, vae
 
     folder = tmp_path_factory.mktemp("model") / "model"
-    torch.manual_seed(0)
-    cfg = vae.vae_config("tiny", scaling_factor=0.7)
-    autoencoder = AutoencoderKLCogVideoX(**cfg.to_diffusers()).eval()
-    ref.perturb_(autoencoder, 1, scale=0.05)
-    autoencoder.save_pretrained(folder / "vae")
-    ref.build_tokenizer(folder / "tokenizer")
-    t5_cfg = t5.T5Config(vocab_size=200, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4)
-    encoder = transformers.T5EncoderModel(transformers.T5Config(**t5_cfg.to_transformers()))
-    ref.perturb_(encoder.eval(), 2, scale=0.1)
-    encoder.save_pretrained(folder / "text_encoder")
-    (folder / "transformer").mkdir()
-    (folder / "transformer" / "config.json").write_text(json.dumps({"max_text_seq_length": 12}))
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    ref.tiny_model_folder(folder, text_len=12, scaling_factor=0.7)
     return folder
 
 

@@ -39,7 +39,7 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     rows = []
     sizes = [(9, 32, 32), (9, 32, 48), (5, 32, 32)]
-    for i in range(12):
+    for i in range(24):
         colour, shape, direction = demo_data.caption_parts(i)
         frames, height, width = sizes[i % 3]
         clip = demo_data.render(colour, shape, direction, num_frames=frames, size=48)
@@ -57,7 +57,8 @@ def folder(tmp_path_factory):
     return root
 
 
-BUCKETS = ("--fps", 8, "--buckets", "9x32x32,9x32x48,5x32x32", "--eval_examples", 3)
+# 18 training clips (6 of each shape) and 6 held out (2 of each): bucketed batches of 2 and 4.
+BUCKETS = ("--fps", 8, "--buckets", "9x32x32,9x32x48,5x32x32", "--eval_examples", 6)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_prepared_folder_reports_the_bad_entries(raw):
     out, stdout = raw
     ds = prepared.open_prepared(out)
     assert ds.kind == "clips"
-    assert len(ds.source("train")) + len(ds.source("eval")) == 12
+    assert (len(ds.source("train")), len(ds.source("eval"))) == (18, 6)
     skipped = {r["path"] for r in ds.skipped()}
     assert skipped == {"short.mp4", "corrupt.mp4", "nocaption.mp4"}
     for name in skipped:
@@ -89,6 +90,7 @@ def test_demo_trains_on_a_prepared_folder(raw, packing, tmp_path):
             "input.data_dir": str(out),
             "input.packing": packing,
             "evals.every_steps": 4,
+            "evals.batch_size": 2,
             "ckpt.every_steps": 4,
         },
     )
