@@ -1,19 +1,26 @@
 """The one attention entry point of the library; kernel choice and context parallelism live here.
 
 Layout (B, L, N, K): batch, tokens, heads, head dim. Scale 1/sqrt(K). CogVideoX attends over the
-whole [text; video] sequence, text padding included (diffusers' CogVideoXAttnProcessor2_0); the
-only mask is `kv_valid`, which hides the tokens the transformer appends so that the sequence
-divides over the context-parallel shards. Logits and softmax run in float32 whatever the input
-dtype (all kernels below).
+whole [text; video] sequence, text padding included (diffusers' CogVideoXAttnProcessor2_0). Two
+masks, never both: `kv_valid` hides the tokens the transformer appends so that the sequence
+divides over the context-parallel shards; `segment_ids` (B, L) int32 makes attention
+block-diagonal for packed rows of several clips (a token attends exactly the tokens with its
+id; the packer's padding, id 0, attends only padding). Logits and softmax run in float32
+whatever the input dtype (all kernels below).
 
 Kernels (`impl`):
   xla     jax.nn.dot_product_attention(implementation="xla"); every backend.
   cudnn   cuDNN flash attention through jax.nn.dot_product_attention; GPU, bf16/fp16 only.
-  splash  `cogvideox_jax.splash.attention(q, k, v, *, kv_valid=None)`, the TPU Pallas splash
-          kernel (imported on first use). Contract: q (B, Lq, N, K), k and v (B, Lk, N, K), one
-          device's shard (it is called inside `jax.shard_map` whenever a mesh is set); keys at
-          positions >= kv_valid (a Python int, or None for all) get zero weight; returns
-          (B, Lq, N, K) in q's dtype, softmax(q k^T / sqrt(K)) v.
+          Segment ids become its boolean `mask`, which jax 0.10 turns into an additive
+          (B, 1, Lq, Lk) bias (`combine_bias_and_mask`): correct, but O(L^2) memory. cuDNN's
+          own packed layout (q/kv offsets) needs each segment contiguous, and a packed joint
+          sequence is not ([text of clips 1..G; video of clips 1..G]).
+  splash  `cogvideox_jax.splash.attention(q, k, v, *, kv_valid=None, segment_ids=None)`, the
+          TPU Pallas splash kernel (imported on first use). Contract: q (B, Lq, N, K), k and v
+          (B, Lk, N, K), one device's shard (it is called inside `jax.shard_map` whenever a
+          mesh is set); keys at positions >= kv_valid (a Python int, or None for all) get zero
+          weight; segment_ids (q ids (B, Lq), kv ids (B, Lk)) go to the kernel's SegmentIds;
+          returns (B, Lq, N, K) in q's dtype, softmax(q k^T / sqrt(K)) v.
   auto    cudnn on GPU for bf16/fp16 inputs, splash on TPU, xla otherwise.
 
 Context parallelism (`context_parallel`), used when the current mesh (jax.set_mesh) splits the
@@ -24,6 +31,8 @@ split as `batch` and the heads as `act_heads`:
   ulysses    all-to-all from token-sharded to head-sharded, full-length attention on the local
              heads, all-to-all back (DeepSpeed-Ulysses, arXiv 2309.14509). The heads of a tensor
              shard must divide by the number of token shards.
+Segment ids are sharded like the tokens; both modes all-gather them for the keys (and ulysses
+for its full-length queries too).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from cogvideox_jax import sharding
 
@@ -49,23 +59,33 @@ def dot_product_attention(
     *,
     impl: str = "auto",
     kv_valid: int | None = None,
+    segment_ids: jax.Array | None = None,
     context_parallel: str = "allgather",
 ) -> jax.Array:
     """softmax(q k^T / sqrt(K)) v for (B, L, N, K) inputs; keys at positions >= kv_valid (a
-    Python int) are ignored."""
+    Python int) are ignored; with segment_ids (B, L) int32 (q and k/v the same sequence) a query
+    attends only the keys of its own id."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if context_parallel not in CONTEXT_PARALLEL:
         raise ValueError(
             f"context_parallel must be one of {CONTEXT_PARALLEL}, got {context_parallel!r}"
         )
+    if segment_ids is not None:
+        if kv_valid is not None:
+            raise ValueError("pass kv_valid or segment_ids, not both (give padding its own id)")
+        if segment_ids.shape != q.shape[:2] or q.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"segment_ids must be (B, L) = {q.shape[:2]} for self-attention over one "
+                f"sequence, got {segment_ids.shape} with k {k.shape}"
+            )
     impl = resolve(impl, q.dtype)
     mesh = jax.sharding.get_abstract_mesh()
     cp = sharding.num_shards("length")
     # Without a mesh, or with an unsplit token axis, the XLA and cuDNN calls are partitioned by
     # the compiler (batch and heads); a Pallas kernel is not, so splash always runs per shard.
     if mesh.empty or (cp == 1 and impl != "splash"):
-        return _kernel(q, k, v, impl, kv_valid)
+        return _kernel(q, k, v, impl, kv_valid, segment_ids, segment_ids)
     if q.shape[1] % cp:
         raise ValueError(
             f"{q.shape[1]} tokens do not divide over {cp} context shards; the transformer pads "
@@ -73,10 +93,11 @@ def dot_product_attention(
         )
     spec = sharding.mesh_spec(_NAMES, q.shape)  # (batch, length, heads, None) mesh axes
     length_axes = spec[1]
+    kw = dict(impl=impl, kv_valid=kv_valid)
     if cp == 1:
-        body = functools.partial(_kernel, impl=impl, kv_valid=kv_valid)
+        body = _local
     elif context_parallel == "allgather":
-        body = functools.partial(_allgather, axes=length_axes, impl=impl, kv_valid=kv_valid)
+        body = functools.partial(_allgather, axes=length_axes)
     else:
         heads = q.shape[2] // _size(spec[2], mesh)
         if heads % cp:
@@ -85,11 +106,22 @@ def dot_product_attention(
                 f"{q.shape[2]}) to divide by the context size {cp}; use "
                 "context_parallel='allgather' or another mesh"
             )
-        body = functools.partial(_ulysses, axes=length_axes, impl=impl, kv_valid=kv_valid)
+        body = functools.partial(_ulysses, axes=length_axes)
+    body = functools.partial(body, **kw)
     # Pallas' splash kernel declares its outputs without varying-axes types, which
     # check_vma=True rejects ("manual_axis_type ... must not be None"; found by tools.aot).
     check_vma = impl != "splash"
-    return jax.shard_map(body, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma)(q, k, v)
+    if segment_ids is None:
+        f = jax.shard_map(
+            lambda q, k, v: body(q, k, v, None),
+            in_specs=(spec,) * 3,
+            out_specs=spec,
+            check_vma=check_vma,
+        )
+        return f(q, k, v)
+    ids_spec = P(spec[0], spec[1])  # sharded like the tokens
+    f = jax.shard_map(body, in_specs=(spec,) * 3 + (ids_spec,), out_specs=spec, check_vma=check_vma)
+    return f(q, k, v, segment_ids)
 
 
 def resolve(impl: str, dtype) -> str:
@@ -104,30 +136,43 @@ def resolve(impl: str, dtype) -> str:
     return "xla"
 
 
-def _kernel(q, k, v, impl, kv_valid):
-    """One device's (or the compiler-partitioned) attention; K/V may be longer than q."""
+def _kernel(q, k, v, impl, kv_valid, q_ids=None, kv_ids=None):
+    """One device's (or the compiler-partitioned) attention; K/V may be longer than q.
+    q_ids (B, Lq) and kv_ids (B, Lk): segment ids, or both None."""
     if kv_valid is not None and kv_valid >= k.shape[1]:
         kv_valid = None
     if impl == "splash":
         from cogvideox_jax import splash
 
-        return splash.attention(q, k, v, kv_valid=kv_valid)
+        if q_ids is None:
+            return splash.attention(q, k, v, kv_valid=kv_valid)
+        return splash.attention(q, k, v, segment_ids=(q_ids, kv_ids))
     lengths = None if kv_valid is None else jnp.full((q.shape[0],), kv_valid, jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=impl)
+    mask = None if q_ids is None else (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, key_value_seq_lengths=lengths, implementation=impl
+    )  # mask (B, 1, Lq, Lk)
 
 
-def _allgather(q, k, v, *, axes, impl, kv_valid):
+def _local(q, k, v, ids, *, impl, kv_valid):
+    """The kernel on one shard when the token axis is not split."""
+    return _kernel(q, k, v, impl, kv_valid, ids, ids)
+
+
+def _allgather(q, k, v, ids, *, axes, impl, kv_valid):
     """Local queries (b, L/c, n, K) against the gathered keys and values (b, L, n, K)."""
     k, v = (jax.lax.all_gather(x, axes, axis=1, tiled=True) for x in (k, v))
-    return _kernel(q, k, v, impl, kv_valid)
+    kv_ids = None if ids is None else jax.lax.all_gather(ids, axes, axis=1, tiled=True)
+    return _kernel(q, k, v, impl, kv_valid, ids, kv_ids)
 
 
-def _ulysses(q, k, v, *, axes, impl, kv_valid):
+def _ulysses(q, k, v, ids, *, axes, impl, kv_valid):
     """(b, L/c, n, K) -> all heads' tokens (b, L, n/c, K) -> attention -> (b, L/c, n, K)."""
     to_heads = functools.partial(
         jax.lax.all_to_all, axis_name=axes, split_axis=2, concat_axis=1, tiled=True
     )
-    o = _kernel(to_heads(q), to_heads(k), to_heads(v), impl, kv_valid)
+    ids = None if ids is None else jax.lax.all_gather(ids, axes, axis=1, tiled=True)
+    o = _kernel(to_heads(q), to_heads(k), to_heads(v), impl, kv_valid, ids, ids)
     return jax.lax.all_to_all(o, axes, split_axis=1, concat_axis=2, tiled=True)
 
 

@@ -12,6 +12,7 @@ Shapes: T latent (or temporal-patch) frames, H/W patch-grid height/width, K head
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -140,8 +141,130 @@ def rope_3d(head_dim: int, gt: np.ndarray, gh: np.ndarray, gw: np.ndarray):
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs of x (B, L, N, K) by (L, K) tables; math in float32."""
+    """Rotate interleaved pairs of x (B, L, N, K) by (L, K) tables, or per row (B, L, K) ones
+    (packed rows); math in float32."""
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    out = x.astype(jnp.float32) * cos[:, None, :] + rotated.astype(jnp.float32) * sin[:, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # (L, 1, K) or (B, L, 1, K)
+    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
     return out.astype(x.dtype)
+
+
+# ---- Per-token versions for packed rows (several clips, each with its own grid) ----
+# The same formulas as above, evaluated in JAX from integer token positions (t, h, w) and the
+# token's clip grid (T, H, W), since a packed batch's grids are data rather than shapes.
+
+
+# Python's float64 `round(base_h / grid_h * grid_w)` rounds twice, so a few grids whose exact
+# quotient is a tie (k + 1/2) round the other way: found once per base grid up to this size.
+_CROP_EXACT_UP_TO = 1024
+
+
+@functools.cache
+def _crop_exceptions(base_w: int, base_h: int) -> np.ndarray:
+    """(E, 6) int32 rows (h, w, top, left, bottom, right) where `crop_region` (Python floats)
+    differs from the exact-quotient rounding of `crop_region_tokens`, for h, w up to 1024."""
+    h, w = np.meshgrid(*(np.arange(1, _CROP_EXACT_UP_TO + 1),) * 2, indexing="ij")
+    tall = h / w > base_h / base_w
+    rh = np.where(tall, base_h, np.round(base_w / w * h)).astype(np.int64)  # as crop_region
+    rw = np.where(tall, np.round(base_h / h * w), base_w).astype(np.int64)
+    top, left = np.round((base_h - rh) / 2.0), np.round((base_w - rw) / 2.0)
+    want = np.stack([top, left, top + rh, left + rw], -1).astype(np.int64)
+    got = np.stack(_crop_exact(np, h, w, base_w, base_h), -1)
+    bad = np.any(want != got, axis=-1)
+    return np.concatenate([h[bad][:, None], w[bad][:, None], want[bad]], -1).astype(np.int32)
+
+
+def _crop_exact(xp, h, w, base_w, base_h):
+    """crop_region on integer arrays with the exact quotient rounded (ties to even)."""
+
+    def round_div(a, b):  # round(a / b), a >= 0 and b > 0 integers
+        q, r = a // b, a % b
+        return q + ((2 * r > b) | ((2 * r == b) & (q % 2 == 1))).astype(q.dtype)
+
+    tall = h * base_w > base_h * w  # grid_h / grid_w > base_h / base_w
+    rh = xp.where(tall, base_h, round_div(base_w * h, w))
+    rw = xp.where(tall, round_div(base_h * w, h), base_w)
+    top, left = round_div(base_h - rh, 2), round_div(base_w - rw, 2)
+    return top, left, top + rh, left + rw
+
+
+def crop_region_tokens(grid_h: jax.Array, grid_w: jax.Array, base_w: int, base_h: int):
+    """`crop_region` elementwise on int arrays -> (top, left, bottom, right) int32 arrays; exactly
+    Python's rounding for grids up to 1024 x 1024 (beyond, the exact quotient's rounding)."""
+    h, w = jnp.maximum(grid_h, 1).astype(jnp.int32), jnp.maximum(grid_w, 1).astype(jnp.int32)
+    region = jnp.stack(_crop_exact(jnp, h, w, base_w, base_h), -1)  # (..., 4)
+    exc = _crop_exceptions(base_w, base_h)
+    if len(exc):
+        hit = (h[..., None] == exc[:, 0]) & (w[..., None] == exc[:, 1])  # (..., E)
+        fix = jnp.einsum("...e,ef->...f", hit.astype(jnp.int32), exc[:, 2:])
+        region = jnp.where(hit.any(-1)[..., None], fix, region)
+    return tuple(jnp.unstack(region, axis=-1))
+
+
+def linspace_at(start: jax.Array, end: jax.Array, steps: jax.Array, i: jax.Array) -> jax.Array:
+    """torch_linspace_f32(start, end, steps)[i] elementwise (float32 start/end, int steps, i)."""
+    start, end = start.astype(jnp.float32), end.astype(jnp.float32)
+    step = (end - start) / jnp.maximum(steps - 1, 1).astype(jnp.float32)
+    fwd = start + step * i.astype(jnp.float32)
+    bwd = end - step * (steps - i - 1).astype(jnp.float32)
+    return jnp.where(steps == 1, start, jnp.where(i < steps // 2, fwd, bwd))
+
+
+def rope_positions_linspace(pos: jax.Array, grid: jax.Array, region: jax.Array):
+    """`rope_grid_linspace` per token: pos, grid (..., 3) int (t, h, w) and the clip's crop
+    region (..., 4) int (top, left, bottom, right) -> gt, gh, gw float32 (...,)."""
+    (pt, ph, pw), (t, h, w) = jnp.unstack(pos, axis=-1), jnp.unstack(grid, axis=-1)
+    top, left, bottom, right = jnp.unstack(region, axis=-1)
+
+    def end(stop, n):  # stop * (n - 1) / n: one float32 rounding (numpy: float64, then float32)
+        return (stop * (n - 1)).astype(jnp.float32) / jnp.maximum(n, 1).astype(jnp.float32)
+
+    gt = linspace_at(jnp.zeros_like(t), end(t, t), t, pt)
+    gh = linspace_at(top, end(bottom, h), h, ph)
+    gw = linspace_at(left, end(right, w), w, pw)
+    return gt, gh, gw
+
+
+def _rope_1d_tokens(dim: int, pos: jax.Array, theta: float = 10000.0):
+    freqs = np.float32(1.0) / (
+        np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    )
+    angles = pos.astype(jnp.float32)[..., None] * freqs  # (..., dim/2), float32 as _rope_1d
+    return jnp.repeat(jnp.cos(angles), 2, axis=-1), jnp.repeat(jnp.sin(angles), 2, axis=-1)
+
+
+def rope_3d_tokens(head_dim: int, gt: jax.Array, gh: jax.Array, gw: jax.Array):
+    """`rope_3d` for per-token coordinates (...,) -> cos, sin (..., K) float32."""
+    dim_t, dim_hw = head_dim // 4, head_dim // 8 * 3
+    parts = [_rope_1d_tokens(d, g) for d, g in ((dim_t, gt), (dim_hw, gh), (dim_hw, gw))]
+    return tuple(jnp.concatenate([p[i] for p in parts], axis=-1) for i in (0, 1))
+
+
+def _sincos_1d_tokens(dim: int, pos: jax.Array) -> jax.Array:
+    """`_sincos_1d` in float32: (...,) -> (..., dim) [sin | cos]."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = pos[..., None] * jnp.asarray(omega, jnp.float32)  # (..., dim/2)
+    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
+
+
+def sincos_3d_tokens(
+    dim: int, pos: jax.Array, spatial_scale: float, temporal_scale: float
+) -> jax.Array:
+    """`sincos_3d` rows for token positions pos (..., 3) int (t, h, w) -> (..., dim) float32
+    (the table is the same function of the position whatever the grid size)."""
+    dim_s, dim_t = 3 * dim // 4, dim // 4
+    t, h, w = (p.astype(jnp.float32) for p in jnp.unstack(pos, axis=-1))
+    gt, gh, gw = (
+        t / np.float32(temporal_scale),
+        h / np.float32(spatial_scale),
+        w / np.float32(spatial_scale),
+    )
+    return jnp.concatenate(
+        [
+            _sincos_1d_tokens(dim_t, gt),
+            _sincos_1d_tokens(dim_s // 2, gw),
+            _sincos_1d_tokens(dim_s // 2, gh),
+        ],
+        axis=-1,
+    )

@@ -6,7 +6,9 @@ needs lengths that are multiples of its blocks; this wrapper takes (B, L, N, K),
 padded keys with segment ids (valid keys segment 0, padding 1; every query row is segment 0, so
 no row is fully masked, which the kernel forbids), then vmaps over the batch and trims.
 `kv_valid` marks keys from that position on as padding too (a joint sequence padded by its
-caller, e.g. for context-parallel shards).
+caller, e.g. for context-parallel shards). Packed rows pass their own `segment_ids` instead; the
+block padding then gets id -1 on the keys (no real query has it) and, on the queries, the id of
+the first key (so no padded query row is empty either).
 
 Mosaic kernels cannot be partitioned by GSPMD, so under a mesh the call runs in a `shard_map`
 over the mesh axes that are not already manual: batch and heads stay sharded as the sharding
@@ -43,31 +45,44 @@ def attention(
     v: jax.Array,
     *,
     kv_valid: int | None = None,
+    segment_ids: tuple[jax.Array, jax.Array] | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """softmax(q k^T / sqrt(K)) v for (B, L, N, K) inputs, keys at positions >= kv_valid
-    ignored. `interpret` runs the kernel in the Pallas interpreter (CPU tests)."""
+    ignored; segment_ids = (q ids (B, Lq), kv ids (B, Lk)) int32 >= 0: a query attends only keys
+    of its id, and every query's id must occur among the keys. `interpret` runs the kernel in
+    the Pallas interpreter (CPU tests)."""
     if k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q, k, v must be (B, L, N, K) alike, got {q.shape, k.shape, v.shape}")
     length = k.shape[1]
     if kv_valid is not None and not 0 < kv_valid <= length:
         raise ValueError(f"kv_valid={kv_valid} must be in [1, {length}]")
+    if segment_ids is not None:
+        if kv_valid is not None:
+            raise ValueError("pass kv_valid or segment_ids, not both")
+        if segment_ids[0].shape != q.shape[:2] or segment_ids[1].shape != k.shape[:2]:
+            raise ValueError(
+                f"segment_ids must be ({q.shape[:2]}, {k.shape[:2]}), got "
+                f"{tuple(i.shape for i in segment_ids)}"
+            )
     local = functools.partial(_local, kv_valid=kv_valid, interpret=interpret)
+    ids = () if segment_ids is None else tuple(segment_ids)
     mesh = jax.sharding.get_abstract_mesh()
     free = () if mesh.empty else tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
     if not free:
-        return local(q, k, v)
+        return local(q, k, v, *ids)
     q_spec = _spec(("batch", "length", "act_heads", None), free)
     kv_spec = _spec(("batch", None, "act_heads", None), free)
+    id_specs = (PartitionSpec(*q_spec[:2]), PartitionSpec(*kv_spec[:2]))[: len(ids)]
     f = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(q_spec, kv_spec, kv_spec),
+        in_specs=(q_spec, kv_spec, kv_spec, *id_specs),
         out_specs=q_spec,
         axis_names=frozenset(free),
         check_vma=False,  # pallas_call carries no varying-axes types
     )
-    return f(q, k, v)
+    return f(q, k, v, *ids)
 
 
 def _spec(names, axes) -> PartitionSpec:
@@ -81,8 +96,9 @@ def _spec(names, axes) -> PartitionSpec:
     return PartitionSpec(*(keep(e) for e in sharding.spec(names)))
 
 
-def _local(q, k, v, *, kv_valid, interpret):
-    """The kernel on local arrays: q (B, Lq, N, K) against k, v (B, L, N, K)."""
+def _local(q, k, v, q_ids=None, kv_ids=None, *, kv_valid, interpret):
+    """The kernel on local arrays: q (B, Lq, N, K) against k, v (B, L, N, K); ids (B, Lq) and
+    (B, L) or None."""
     b, lq, n, d = q.shape
     length = k.shape[1]
     valid = length if kv_valid is None else kv_valid
@@ -95,10 +111,13 @@ def _local(q, k, v, *, kv_valid, interpret):
 
     q = heads_first(q * jnp.asarray(1 / math.sqrt(d), q.dtype), pq)
     k, v = heads_first(k, pkv), heads_first(v, pkv)
-    segments = None
-    if valid < pkv:
-        kv_ids = (jnp.arange(pkv) >= valid).astype(jnp.int32)
-        segments = sa.SegmentIds(q=jnp.zeros((pq,), jnp.int32), kv=kv_ids)
+    if q_ids is not None:
+        kv_ids = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, pkv - length)), constant_values=-1)
+        q_fill = jnp.broadcast_to(kv_ids[:, :1], (b, pq - lq))
+        q_ids = jnp.concatenate([q_ids.astype(jnp.int32), q_fill], axis=1)  # (B, pq)
+    elif valid < pkv:
+        kv_ids = jnp.broadcast_to((jnp.arange(pkv) >= valid).astype(jnp.int32), (b, pkv))
+        q_ids = jnp.zeros((b, pq), jnp.int32)
     sizes = sa.BlockSizes(
         block_q=bq,
         block_kv=bkv,
@@ -113,5 +132,10 @@ def _local(q, k, v, *, kv_valid, interpret):
     kernel = sa.make_splash_mha(
         mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
     )
-    o = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k, v)
+    if q_ids is None:
+        o = jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
+    else:
+        o = jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, segment_ids=sa.SegmentIds(qi, ki)))(
+            q, k, v, q_ids, kv_ids
+        )
     return o.transpose(0, 2, 1, 3)[:, :lq]  # (B, Lq, N, K)

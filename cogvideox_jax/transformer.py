@@ -190,6 +190,25 @@ def split(h: jax.Array, text_len: int) -> tuple[jax.Array, jax.Array]:
     return h[:, :text_len], h[:, text_len:]
 
 
+def patchify(x, p: int, pt: int = 1):
+    """(..., T, H, W, C) -> (..., (T/pt)(H/p)(W/p), pt*p*p*C): tokens in (t, h, w) order, features
+    in (pt, p, p, C) order. Only reshape/transpose, so numpy and jax arrays alike."""
+    *lead, t, h, w, c = x.shape
+    n = len(lead)
+    x = x.reshape(*lead, t // pt, pt, h // p, p, w // p, p, c)
+    x = x.transpose(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5, n + 6)
+    return x.reshape(*lead, (t // pt) * (h // p) * (w // p), pt * p * p * c)  # (..., L, F)
+
+
+def unpatchify(x, t: int, h: int, w: int, p: int, pt: int, c: int):
+    """The inverse of `patchify`: (..., L, pt*p*p*c) -> (..., T, H, W, c)."""
+    *lead, _, _ = x.shape
+    n = len(lead)
+    x = x.reshape(*lead, t // pt, h // p, w // p, pt, p, p, c)
+    x = x.transpose(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5, n + 6)
+    return x.reshape(*lead, t, h, w, c)  # (..., T/pt, pt, H/p, p, W/p, p, C) merged
+
+
 def _kernel_init(in_axes, out_axes):
     return jax.nn.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axes, out_axes
@@ -256,17 +275,27 @@ class ExpertAdaLN(nnx.Module):
         )
         self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, h, temb, is_text):
-        """h (B, S + L, D), temb (B, E), is_text (S + L,) bool -> (modulated h, per-token gate)."""
-        mod = self.linear(jax.nn.silu(temb))  # (B, 6D)
-        shift, scale, gate, t_shift, t_scale, t_gate = jnp.split(mod, 6, axis=-1)
-        mask = is_text[None, :, None]
+    def __call__(self, h, temb, is_text, segment_ids=None):
+        """h (B, S + L, D), temb (B, E), is_text (S + L,) bool -> (modulated h, per-token gate).
+        Packed rows: temb (B, G, E) per segment and segment_ids (B, S + L) (see `_per_token`)."""
+        mod = self.linear(jax.nn.silu(temb))  # (B, 6D) or (B, G, 6D)
+        shift, scale, gate = _per_token(mod, is_text, segment_ids)  # (B, S + L, D) each
+        return self.norm(h) * (1 + scale) + shift, gate
 
-        def pick(text, video):  # (B, D) x 2 -> (B, S + L, D)
-            return jnp.where(mask, text[:, None, :], video[:, None, :])
 
-        h = self.norm(h) * (1 + pick(t_scale, scale)) + pick(t_shift, shift)
-        return h, pick(t_gate, gate)
+def _per_token(mod, is_text, segment_ids=None):
+    """Each token's (shift, scale, gate) (B, S + L, D) from the six chunks (video shift, scale,
+    gate, then text's): one set `mod` (B, 6D), or one per segment (B, G, 6D) picked by the
+    token's id (1..G; padding's 0 takes segment 1's, its outputs are never used)."""
+    if segment_ids is None:
+        video, text = jnp.split(mod[:, None, :], 2, axis=-1)  # (B, 1, 3D) each
+        picked = jnp.where(is_text[None, :, None], text, video)  # (B, S + L, 3D)
+    else:
+        b, g, six_d = mod.shape
+        rows = mod.reshape(b, 2 * g, six_d // 2)  # (B, 2G, 3D): segment 1 video, text, 2 ...
+        row = 2 * jnp.maximum(segment_ids - 1, 0) + jnp.asarray(is_text, jnp.int32)
+        picked = jnp.take_along_axis(rows, row[..., None], axis=1)  # (B, S + L, 3D)
+    return jnp.split(picked, 3, axis=-1)
 
 
 class Attention(nnx.Module):
@@ -298,15 +327,22 @@ class Attention(nnx.Module):
         y = y + bias[...].astype(self.dtype)
         return sharding.constrain(y, ("batch", "length", "act_heads", None))
 
-    def __call__(self, h, cos, sin, kv_valid=None):
-        """h (B, S + L, D); cos/sin (S + L, K) with identity rows for text -> (B, S + L, D).
-        Tokens from `kv_valid` on are padding: no token attends to them."""
+    def __call__(self, h, cos, sin, kv_valid=None, segment_ids=None):
+        """h (B, S + L, D); cos/sin (S + L, K) (or per row (B, S + L, K)) with identity rows for
+        text -> (B, S + L, D). Tokens from `kv_valid` on are padding: no token attends to them;
+        with segment_ids (B, S + L) a token attends only its own segment."""
         q = self.norm_q(self._project(h, self.to_q_kernel, self.to_q_bias))  # (B, S+L, N, K)
         k = self.norm_k(self._project(h, self.to_k_kernel, self.to_k_bias))
         v = self._project(h, self.to_v_kernel, self.to_v_bias)
         q, k = posemb.apply_rope(q, cos, sin), posemb.apply_rope(k, cos, sin)
         o = attention.dot_product_attention(
-            q, k, v, impl=self.impl, kv_valid=kv_valid, context_parallel=self.context_parallel
+            q,
+            k,
+            v,
+            impl=self.impl,
+            kv_valid=kv_valid,
+            segment_ids=segment_ids,
+            context_parallel=self.context_parallel,
         )  # (B, S+L, N, K)
         o = checkpoint_name(o, "attn_out")
         y = jnp.einsum("BLNK,NKD->BLD", o, self.to_out_kernel[...].astype(self.dtype))
@@ -360,10 +396,10 @@ class Block(nnx.Module):
         self.norm2 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
         self.ff = FeedForward(dim, 4 * dim, **kw)
 
-    def __call__(self, h, temb, cos, sin, is_text, kv_valid=None):
-        n, gate = self.norm1(h, temb, is_text)
-        h = h + gate * self.attn1(n, cos, sin, kv_valid)
-        n, gate = self.norm2(h, temb, is_text)
+    def __call__(self, h, temb, cos, sin, is_text, kv_valid=None, segment_ids=None):
+        n, gate = self.norm1(h, temb, is_text, segment_ids)
+        h = h + gate * self.attn1(n, cos, sin, kv_valid, segment_ids)
+        n, gate = self.norm2(h, temb, is_text, segment_ids)
         h = h + gate * self.ff(n)
         return sharding.constrain(h, ("batch", "length", "act_embed"))
 
@@ -464,15 +500,7 @@ class Transformer(nnx.Module):
         b, t, h, w, _ = latents.shape
         self._check_inputs(latents, text_embeds, ofs)
         s = text_embeds.shape[1]
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
-        temb = self.time_embedding(
-            posemb.timestep_sinusoid(timesteps, cfg.width).astype(self.dtype)
-        )
-        if cfg.ofs_embed_dim:
-            ofs = jnp.broadcast_to(jnp.asarray(ofs, jnp.float32).reshape(-1), (b,))
-            temb = temb + self.ofs_embedding(
-                posemb.timestep_sinusoid(ofs, cfg.ofs_embed_dim).astype(self.dtype)
-            )
+        temb = self._time_embedding(jnp.broadcast_to(jnp.asarray(timesteps), (b,)), ofs)
 
         hh = self.patch_embed(self._patchify(latents), text_embeds)  # (B, S + L, D)
         grid = (
@@ -497,6 +525,110 @@ class Transformer(nnx.Module):
         _, x = split(hh[:, :n], s)
         x = self.norm_out(self.norm_final(x), temb)
         return self._unpatchify(self.proj_out(x), t, h, w)
+
+    def packed(
+        self,
+        video: jax.Array,
+        text: jax.Array,
+        timesteps: jax.Array,
+        segments: dict[str, jax.Array],
+        *,
+        ofs: jax.Array | float | None = None,
+    ) -> jax.Array:
+        """Rows packed with several clips (NaViT-style, arXiv 2307.06304), each clip computed as
+        if it ran alone: its own timestep, positions and attention block.
+
+        Args:
+          video: (B, V, P) patch tokens (`patchify` of each clip's latents; 1.5: frames padded at
+            the front to an even count), zeros on padding.
+          text: (B, Tt, text_embed_dim), each clip's text rows one clip after another.
+          timesteps: (B, G) one per segment (entries of unused segments are ignored).
+          segments: video_segment_ids (B, V) and text_segment_ids (B, Tt) int32 (1..G, 0 on
+            padding), video_positions (B, V, 3) int32 (t, h, w) in the clip's token grid and
+            grids (B, G, 3) int32 (each segment's token grid).
+          ofs: the 1.5-I2V ofs scalar, the same for every clip.
+
+        Returns:
+          (B, V, patch features of out_channels) in the compute dtype: each video token's
+          prediction before `unpatchify`; arbitrary on padding.
+        """
+        cfg = self.cfg
+        self._check_packed(video, text, timesteps, segments, ofs)
+        b, v, _ = video.shape
+        tt, g = text.shape[1], timesteps.shape[1]
+        video_ids = jnp.asarray(segments["video_segment_ids"], jnp.int32)
+        text_ids = jnp.asarray(segments["text_segment_ids"], jnp.int32)
+        positions = jnp.asarray(segments["video_positions"], jnp.int32)
+        grids = jnp.asarray(segments["grids"], jnp.int32)
+        temb = self._time_embedding(jnp.asarray(timesteps).reshape(b * g), ofs)
+        temb = temb.reshape(b, g, -1)  # (B, G, E)
+
+        hh = self.patch_embed(video, text)  # (B, Tt + V, D)
+        real = (video_ids > 0)[..., None]  # (B, V, 1)
+        if not cfg.rope:
+            pos = posemb.sincos_3d_tokens(
+                cfg.width,
+                positions,
+                cfg.spatial_interpolation_scale,
+                cfg.temporal_interpolation_scale,
+            )  # (B, V, D)
+            pos = jnp.where(real, pos, 0.0).astype(self.dtype)
+            hh = hh + jnp.pad(pos, ((0, 0), (tt, 0), (0, 0)))  # zero text rows
+        n = tt + v
+        pad = -n % sharding.num_shards("length")  # padding: its own segment, id 0
+        hh = jnp.pad(hh, ((0, 0), (0, pad), (0, 0)))  # (B, Tt + V + pad, D)
+        ids = jnp.pad(jnp.concatenate([text_ids, video_ids], axis=1), ((0, 0), (0, pad)))
+        cos, sin = packed_rope_tables(cfg, positions, grids, video_ids)  # (B, V, K)
+        cos = jnp.pad(cos, ((0, 0), (tt, pad), (0, 0)), constant_values=1.0)  # (B, N + pad, K)
+        sin = jnp.pad(sin, ((0, 0), (tt, pad), (0, 0)))
+        is_text = np.arange(n + pad) < tt
+        hh = sharding.constrain(hh, ("batch", "length", "act_embed"))
+
+        hh = self._run_blocks(hh, temb, cos, sin, is_text, None, ids)
+
+        x = self.norm_out(self.norm_final(hh[:, tt:n]), temb, video_ids)  # (B, V, D)
+        return self.proj_out(x)
+
+    def _check_packed(self, video, text, timesteps, segments, ofs):
+        cfg = self.cfg
+        if cfg.learned_posemb:
+            raise ValueError(
+                "the learned position table (5B-I2V) covers only the sample grid, one clip a "
+                "row: this model cannot run packed rows"
+            )
+        if video.ndim != 3 or video.shape[-1] != cfg.patch_features:
+            raise ValueError(f"video must be (B, V, {cfg.patch_features}), got {video.shape}")
+        b, v, _ = video.shape
+        if text.ndim != 3 or text.shape[0] != b or text.shape[2] != cfg.text_embed_dim:
+            raise ValueError(f"text must be ({b}, Tt, {cfg.text_embed_dim}), got {text.shape}")
+        g = timesteps.shape[1] if timesteps.ndim == 2 else None
+        want = {
+            "video_segment_ids": (b, v),
+            "video_positions": (b, v, 3),
+            "text_segment_ids": (b, text.shape[1]),
+            "grids": (b, g, 3),
+        }
+        if g is None or timesteps.shape[0] != b:
+            raise ValueError(f"timesteps must be ({b}, G), one per segment, got {timesteps.shape}")
+        for key, shape in want.items():
+            if key not in segments or tuple(segments[key].shape) != shape:
+                got = segments[key].shape if key in segments else "missing"
+                raise ValueError(f"segments[{key!r}] must be {shape}, got {got}")
+        if cfg.ofs_embed_dim and ofs is None:
+            raise ValueError("this model has an ofs embedding: pass ofs (the pipelines use 2.0)")
+
+    def _time_embedding(self, timesteps, ofs):
+        """(M,) timesteps (and ofs, broadcast) -> temb (M, E)."""
+        cfg, m = self.cfg, timesteps.shape[0]
+        temb = self.time_embedding(
+            posemb.timestep_sinusoid(timesteps, cfg.width).astype(self.dtype)
+        )
+        if cfg.ofs_embed_dim:
+            ofs = jnp.broadcast_to(jnp.asarray(ofs, jnp.float32).reshape(-1), (m,))
+            temb = temb + self.ofs_embedding(
+                posemb.timestep_sinusoid(ofs, cfg.ofs_embed_dim).astype(self.dtype)
+            )
+        return temb
 
     def _check_inputs(self, latents, text_embeds, ofs):
         cfg = self.cfg
@@ -537,19 +669,12 @@ class Transformer(nnx.Module):
 
     def _patchify(self, latents):
         """(B, T, H, W, C) -> (B, L, [pt,] p, p, C) flattened; tokens in (t, h, w) order."""
-        p, pt = self.cfg.patch_size, self.cfg.patch_size_t or 1
-        b, t, h, w, c = latents.shape
-        x = latents.reshape(b, t // pt, pt, h // p, p, w // p, p, c)
-        x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (B, T/pt, H/p, W/p, pt, p, p, C)
-        return x.reshape(b, (t // pt) * (h // p) * (w // p), pt * p * p * c)
+        return patchify(latents, self.cfg.patch_size, self.cfg.patch_size_t or 1)
 
     def _unpatchify(self, x, t, h, w):
         """(B, L, [pt,] p, p, C_out) flattened -> (B, T, H, W, C_out)."""
-        p, pt = self.cfg.patch_size, self.cfg.patch_size_t or 1
-        b, c = x.shape[0], self.cfg.out_channels
-        x = x.reshape(b, t // pt, h // p, w // p, pt, p, p, c)
-        x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)  # (B, T/pt, pt, H/p, p, W/p, p, C)
-        return x.reshape(b, t, h, w, c)
+        cfg = self.cfg
+        return unpatchify(x, t, h, w, cfg.patch_size, cfg.patch_size_t or 1, cfg.out_channels)
 
     def _absolute_posemb(self, t, h, w):
         """The (S + L, D) table added to [text; video] embeddings, or None (RoPE-only models)."""
@@ -582,9 +707,9 @@ class Transformer(nnx.Module):
         )
         return jnp.asarray(cos), jnp.asarray(sin)
 
-    def _run_blocks(self, h, temb, cos, sin, is_text, kv_valid):
+    def _run_blocks(self, h, temb, cos, sin, is_text, kv_valid, segment_ids=None):
         def body(h, block):
-            return block(h, temb, cos, sin, is_text, kv_valid)
+            return block(h, temb, cos, sin, is_text, kv_valid, segment_ids)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
@@ -595,6 +720,32 @@ class Transformer(nnx.Module):
             return body(h, block)
 
         return run(h, self.transformer_blocks)
+
+
+def packed_rope_tables(
+    cfg: TransformerConfig, positions: jax.Array, grids: jax.Array, video_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Each video token's RoPE cos/sin (B, V, K) float32 from positions (B, V, 3) and its clip's
+    grid (grids (B, G, 3) picked by video_ids (B, V)): the coordinates `Transformer._rope_tables`
+    gives the clip alone; identity on padding and without RoPE."""
+    b, v, _ = positions.shape
+    k = cfg.head_dim
+    if not cfg.rope:
+        return jnp.ones((b, v, k), jnp.float32), jnp.zeros((b, v, k), jnp.float32)
+    seg = jnp.maximum(video_ids - 1, 0)[..., None]  # (B, V, 1)
+    grid = jnp.take_along_axis(grids, seg, axis=1)  # (B, V, 3): the token's clip grid
+    base_h, base_w = cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size
+    if cfg.patch_size_t is None:
+        region = jnp.stack(
+            posemb.crop_region_tokens(grids[..., 1], grids[..., 2], base_w, base_h), -1
+        )  # (B, G, 4), per clip
+        region = jnp.take_along_axis(region, seg, axis=1)  # (B, V, 4)
+        coords = posemb.rope_positions_linspace(positions, grid, region)
+    else:  # 1.5: plain aranges (grids beyond the table size are not checked here)
+        coords = jnp.unstack(positions.astype(jnp.float32), axis=-1)
+    cos, sin = posemb.rope_3d_tokens(k, *coords)  # (B, V, K)
+    real = (video_ids > 0)[..., None]
+    return jnp.where(real, cos, 1.0), jnp.where(real, sin, 0.0)
 
 
 class _OutputNorm(nnx.Module):
@@ -612,6 +763,13 @@ class _OutputNorm(nnx.Module):
         )
         self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, temb):
-        shift, scale = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)
-        return self.norm(x) * (1 + scale[:, None, :]) + shift[:, None, :]
+    def __call__(self, x, temb, segment_ids=None):
+        """x (B, L, D), temb (B, E); or per segment (B, G, E) with segment_ids (B, L)."""
+        mod = self.linear(jax.nn.silu(temb))  # (B, 2D) or (B, G, 2D)
+        if segment_ids is None:
+            mod = mod[:, None, :]  # (B, 1, 2D)
+        else:
+            seg = jnp.maximum(segment_ids - 1, 0)[..., None]
+            mod = jnp.take_along_axis(mod, seg, axis=1)  # (B, L, 2D)
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        return self.norm(x) * (1 + scale) + shift
