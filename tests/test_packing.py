@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 import cogvideox_jax as cj
-from cogvideox_jax import attention, sharding, splash, transformer
+from cogvideox_jax import attention, posemb, sharding, splash, transformer
 
 _TEXT_LEN = 7  # = the tiny configs' max_text_len (2B adds its sin-cos table to S = 7 rows)
 # Latent (T, H, W) per clip; rows of a pack: three clips of other sizes and aspect ratios plus
@@ -90,21 +90,24 @@ def _pack(cfg, rows):
     return batch, slices
 
 
+def _jit_run(model, method, *args):
+    """model.method(*args) under jit, compiled without LLVM's costlier passes (as in
+    tests/test_context_parallel.py: compiling is most of these tests' time)."""
+    graphdef, state = nnx.split(model)
+    ofs = 2.0 if model.cfg.ofs_embed_dim else None
+    f = jax.jit(lambda state, *a: getattr(nnx.merge(graphdef, state), method)(*a, ofs=ofs))
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return np.asarray(f.lower(state, *args).compile(compiler_options=fast)(state, *args))
+
+
 def _run_packed(model, batch, mesh=None):
     segments = {k: batch[k] for k in ("video_segment_ids", "video_positions")}
     segments |= {k: batch[k] for k in ("text_segment_ids", "grids")}
-    ofs = 2.0 if model.cfg.ofs_embed_dim else None
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def f(state, video, text, timesteps, segments):
-        return nnx.merge(graphdef, state).packed(video, text, timesteps, segments, ofs=ofs)
-
-    args = (state, batch["video"], batch["text"], batch["timesteps"], segments)
+    args = (batch["video"], batch["text"], batch["timesteps"], segments)
     if mesh is None:
-        return np.asarray(f(*args))
+        return _jit_run(model, "packed", *args)
     with jax.set_mesh(mesh):
-        return np.asarray(f(*args))
+        return _jit_run(model, "packed", *args)
 
 
 @pytest.mark.parametrize("variant", ["5b", "1.5-5b-i2v", "2b"])
@@ -118,10 +121,9 @@ def test_packed_equals_per_clip_forward(variant):
     got = _run_packed(model, batch)
     out_features = (cfg.patch_size_t or 1) * cfg.patch_size**2 * cfg.out_channels
     assert got.shape == (2, _BUDGET, out_features)
-    ofs = 2.0 if cfg.ofs_embed_dim else None
     for (lat, txt, t), (r, span) in zip([c for row in rows for c in row], slices, strict=True):
-        alone = model(lat[None], txt[None], np.array([t]), ofs=ofs)  # (1, T, H, W, C)
-        want = transformer.patchify(np.asarray(alone[0]), cfg.patch_size, cfg.patch_size_t or 1)
+        alone = _jit_run(model, "__call__", lat[None], txt[None], np.array([t]))  # (1, T, H, W, C)
+        want = transformer.patchify(alone[0], cfg.patch_size, cfg.patch_size_t or 1)
         err = ref.rel_l2(got[r, span], want)
         assert err <= 1e-5, (variant, lat.shape, err)
 
@@ -229,9 +231,22 @@ def test_per_token_rope_matches_the_per_clip_tables(variant):
         pos = pos.reshape(1, -1, 3)
         ids = np.ones(pos.shape[:2], np.int32)
         cos, sin = transformer.packed_rope_tables(cfg, pos, np.array([[grid]]), ids)
-        # Angles up to ~85 rad in float32: a few ulps of the angle.
-        np.testing.assert_allclose(cos[0], want_cos, atol=2e-5, rtol=0)
-        np.testing.assert_allclose(sin[0], want_sin, atol=2e-5, rtol=0)
+        # The same float32 angles; cos and sin themselves within an ulp or two (6e-8 measured).
+        np.testing.assert_allclose(cos[0], want_cos, atol=2.5e-7, rtol=0)
+        np.testing.assert_allclose(sin[0], want_sin, atol=2.5e-7, rtol=0)
+
+
+def test_per_token_sincos_rows_equal_the_table():
+    """2B's table (at a narrower width) at its own size and at 2x: bit-identical (looked-up
+    rows); a position beyond the looked-up rows (computed in float32) within a few ulps of its
+    angle."""
+    cfg = cj.transformer_config("2b", num_heads=2)
+    for grid, atol in [((13, 30, 45), 0.0), ((3, 60, 90), 0.0), ((2, 3, 600), 1e-4)]:
+        want = transformer._sincos_table(cfg, *grid)[cfg.max_text_len :].astype(np.float32)
+        pos = np.stack(np.meshgrid(*(np.arange(n) for n in grid), indexing="ij"), -1)
+        scales = cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+        got = posemb.sincos_3d_tokens(cfg.width, pos.reshape(-1, 3), *scales)
+        np.testing.assert_allclose(got, want, atol=atol, rtol=0)
 
 
 def test_patchify_round_trips_numpy_and_jax():
