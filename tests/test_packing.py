@@ -2,6 +2,7 @@
 in a pack gets what the per-clip forward gives it, on one device and under context parallelism;
 segment-aware attention for each kernel; the per-token position tables."""
 
+import contextlib
 import functools
 
 import jax
@@ -148,22 +149,57 @@ def test_changing_one_clip_leaves_the_others_bit_identical():
 _HEADS = {"num_attention_heads": 8, "attention_head_dim": 16, "num_layers": 1}
 
 
+def _output_loss_and_grads(model, batch, mesh=None):
+    """Packed outputs, and the loss mean(outputs on real tokens ** 2) with its gradients."""
+    segments = {k: batch[k] for k in ("video_segment_ids", "video_positions")}
+    segments |= {k: batch[k] for k in ("text_segment_ids", "grids")}
+    real = (batch["video_segment_ids"] > 0)[..., None]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest, *args):
+        out = nnx.merge(graphdef, params, rest).packed(*args)
+        return jnp.mean(jnp.where(real, out, 0.0) ** 2), out
+
+    f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    args = (params, rest, batch["video"], batch["text"], batch["timesteps"], segments)
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        (value, out), grads = f.lower(*args).compile(compiler_options=fast)(*args)
+    return float(value), np.asarray(out), jax.tree.map(np.asarray, grads)
+
+
 @pytest.mark.parametrize("mode", ["allgather", "ulysses"])
 def test_packed_under_context_parallelism_equals_one_device(mode):
+    """(fsdp 2, context 4): outputs, loss and every parameter gradient."""
     want_model = _model("5b", **_HEADS)
     batch, _ = _pack(want_model.cfg, _clips(want_model.cfg))
-    want = _run_packed(want_model, batch)
+    want_loss, want_out, want_grads = _output_loss_and_grads(want_model, batch)
     mesh = jax.make_mesh((1, 2, 4, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
-    got = _run_packed(_model("5b", mode, **_HEADS), batch, mesh)
+    loss, out, grads = _output_loss_and_grads(_model("5b", mode, **_HEADS), batch, mesh)
     real = batch["video_segment_ids"] > 0
-    assert ref.rel_l2(got[real], want[real]) <= 1e-5
+    assert ref.rel_l2(out[real], want_out[real]) <= 1e-5
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    flat_want = dict(nnx.to_flat_state(want_grads))
+    for path, g in nnx.to_flat_state(grads):
+        assert ref.rel_l2(g[...], flat_want[path][...]) <= 1e-5, path
 
 
-def test_learned_posemb_cannot_be_packed():
+def test_bad_packed_inputs_fail_with_the_rule():
     model = _model("5b-i2v")
     batch, _ = _pack(model.cfg, _clips(model.cfg))
     with pytest.raises(ValueError, match="learned position table"):
         _run_packed(model, batch)
+    model = _model("5b")
+    batch, _ = _pack(model.cfg, _clips(model.cfg))
+    segments = {k: batch[k] for k in ("video_segment_ids", "video_positions", "grids")}
+    args = batch["video"], batch["text"], batch["timesteps"]
+    with pytest.raises(ValueError, match=r"segments\['text_segment_ids'\] must be \(2, 21\)"):
+        model.packed(*args, segments)
+    segments["text_segment_ids"] = batch["text_segment_ids"]
+    with pytest.raises(ValueError, match=r"timesteps must be \(2, G\)"):
+        model.packed(*args[:2], batch["timesteps"][:, 0], segments)
+    with pytest.raises(ValueError, match=r"segments\['grids'\] must be \(2, 2, 3\)"):
+        model.packed(*args[:2], batch["timesteps"][:, :2], segments)
 
 
 def _segment_qkv(b=2, length=200, n=2, k=16, seed=0):
