@@ -28,10 +28,10 @@ _GROUP = 3  # clips a row at most
 
 
 @functools.cache
-def _model(variant, context_parallel="allgather", **overrides):
+def _model(variant, context_parallel="allgather", remat="none", **overrides):
     """A tiny model of `variant`, every parameter perturbed."""
     cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS[variant] | overrides)
-    model = cj.Transformer(cfg, context_parallel=context_parallel, rngs=nnx.Rngs(0))
+    model = cj.Transformer(cfg, context_parallel=context_parallel, remat=remat, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
     nnx.update(
@@ -170,12 +170,14 @@ def _output_loss_and_grads(model, batch, mesh=None):
 
 @pytest.mark.parametrize("mode", ["allgather", "ulysses"])
 def test_packed_under_context_parallelism_equals_one_device(mode):
-    """(fsdp 2, context 4): outputs, loss and every parameter gradient."""
+    """(fsdp 2, context 4): outputs, loss and every parameter gradient; ulysses under full
+    remat (the segment ids closed over by nnx.remat inside nnx.scan)."""
     want_model = _model("5b", **_HEADS)
     batch, _ = _pack(want_model.cfg, _clips(want_model.cfg))
     want_loss, want_out, want_grads = _output_loss_and_grads(want_model, batch)
     mesh = jax.make_mesh((1, 2, 4, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
-    loss, out, grads = _output_loss_and_grads(_model("5b", mode, **_HEADS), batch, mesh)
+    model = _model("5b", mode, "full" if mode == "ulysses" else "none", **_HEADS)
+    loss, out, grads = _output_loss_and_grads(model, batch, mesh)
     real = batch["video_segment_ids"] > 0
     assert ref.rel_l2(out[real], want_out[real]) <= 1e-5
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
