@@ -241,30 +241,40 @@ def rope_3d_tokens(head_dim: int, gt: jax.Array, gh: jax.Array, gw: jax.Array):
     return tuple(jnp.concatenate([p[i] for p in parts], axis=-1) for i in (0, 1))
 
 
-def _sincos_1d_tokens(dim: int, pos: jax.Array) -> jax.Array:
-    """`_sincos_1d` in float32: (...,) -> (..., dim) [sin | cos]."""
+# Positions along one axis that `sincos_3d_tokens` looks up in numpy-built rows (bit-identical
+# to `sincos_3d`); beyond, it computes them in float32 (a few 1e-6 off: XLA divides by the
+# broadcast scale through a reciprocal, and the angle is a float32 product).
+_SINCOS_ROWS = 512
+
+
+@functools.cache
+def _sincos_rows(dim: int, scale: float) -> np.ndarray:
+    """(_SINCOS_ROWS, dim) float32: `_sincos_1d(dim, i / scale)` for i = 0, 1, ..."""
+    pos = np.arange(_SINCOS_ROWS, dtype=np.float32) / np.float32(scale)
+    return _sincos_1d(dim, pos).astype(np.float32)
+
+
+def _sincos_1d_tokens(dim: int, idx: jax.Array, scale: float) -> jax.Array:
+    """`_sincos_1d(dim, idx / scale)` for integer positions idx (...,) -> (..., dim) float32."""
+    looked_up = jnp.asarray(_sincos_rows(dim, scale))[jnp.clip(idx, 0, _SINCOS_ROWS - 1)]
     omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = pos[..., None] * jnp.asarray(omega, jnp.float32)  # (..., dim/2)
-    return jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
+    out = (idx.astype(jnp.float32) / np.float32(scale))[..., None] * omega.astype(np.float32)
+    computed = jnp.concatenate([jnp.sin(out), jnp.cos(out)], axis=-1)
+    return jnp.where((idx < _SINCOS_ROWS)[..., None], looked_up, computed)
 
 
 def sincos_3d_tokens(
     dim: int, pos: jax.Array, spatial_scale: float, temporal_scale: float
 ) -> jax.Array:
     """`sincos_3d` rows for token positions pos (..., 3) int (t, h, w) -> (..., dim) float32
-    (the table is the same function of the position whatever the grid size)."""
+    (a row depends on the position only, not on the grid size)."""
     dim_s, dim_t = 3 * dim // 4, dim // 4
-    t, h, w = (p.astype(jnp.float32) for p in jnp.unstack(pos, axis=-1))
-    gt, gh, gw = (
-        t / np.float32(temporal_scale),
-        h / np.float32(spatial_scale),
-        w / np.float32(spatial_scale),
-    )
+    t, h, w = jnp.unstack(jnp.asarray(pos, jnp.int32), axis=-1)
     return jnp.concatenate(
         [
-            _sincos_1d_tokens(dim_t, gt),
-            _sincos_1d_tokens(dim_s // 2, gw),
-            _sincos_1d_tokens(dim_s // 2, gh),
+            _sincos_1d_tokens(dim_t, t, temporal_scale),
+            _sincos_1d_tokens(dim_s // 2, w, spatial_scale),
+            _sincos_1d_tokens(dim_s // 2, h, spatial_scale),
         ],
         axis=-1,
     )

@@ -11,6 +11,11 @@ rotation on text rows. Under a mesh that splits that axis the sequence gets padd
 the end up to a multiple of the shard count (hidden as keys, dropped after the blocks), so text
 sits on the first shard and every position is global.
 
+`Transformer.packed` runs rows packed with several clips of different sizes (the packed-batch
+layout of the data pipeline): the joint sequence is [text of clips 1..G; video of clips 1..G],
+attention is block-diagonal by segment id, and each token takes its own clip's timestep
+modulation and positions, so each clip gets what it would get alone.
+
 Shape letters: B batch, T latent frames, H/W latent height/width, C channels, S text tokens,
 L video tokens, D width, N heads, K head dim, F MLP hidden, E time-embedding width.
 """

@@ -2,6 +2,7 @@
 in a pack gets what the per-clip forward gives it, on one device and under context parallelism;
 segment-aware attention for each kernel; the per-token position tables."""
 
+import contextlib
 import functools
 
 import jax
@@ -13,7 +14,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 import cogvideox_jax as cj
-from cogvideox_jax import attention, sharding, splash, transformer
+from cogvideox_jax import attention, posemb, sharding, splash, transformer
 
 _TEXT_LEN = 7  # = the tiny configs' max_text_len (2B adds its sin-cos table to S = 7 rows)
 # Latent (T, H, W) per clip; rows of a pack: three clips of other sizes and aspect ratios plus
@@ -27,10 +28,10 @@ _GROUP = 3  # clips a row at most
 
 
 @functools.cache
-def _model(variant, context_parallel="allgather", **overrides):
+def _model(variant, context_parallel="allgather", remat="none", **overrides):
     """A tiny model of `variant`, every parameter perturbed."""
     cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS[variant] | overrides)
-    model = cj.Transformer(cfg, context_parallel=context_parallel, rngs=nnx.Rngs(0))
+    model = cj.Transformer(cfg, context_parallel=context_parallel, remat=remat, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
     nnx.update(
@@ -90,21 +91,24 @@ def _pack(cfg, rows):
     return batch, slices
 
 
+def _jit_run(model, method, *args):
+    """model.method(*args) under jit, compiled without LLVM's costlier passes (as in
+    tests/test_context_parallel.py: compiling is most of these tests' time)."""
+    graphdef, state = nnx.split(model)
+    ofs = 2.0 if model.cfg.ofs_embed_dim else None
+    f = jax.jit(lambda state, *a: getattr(nnx.merge(graphdef, state), method)(*a, ofs=ofs))
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return np.asarray(f.lower(state, *args).compile(compiler_options=fast)(state, *args))
+
+
 def _run_packed(model, batch, mesh=None):
     segments = {k: batch[k] for k in ("video_segment_ids", "video_positions")}
     segments |= {k: batch[k] for k in ("text_segment_ids", "grids")}
-    ofs = 2.0 if model.cfg.ofs_embed_dim else None
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def f(state, video, text, timesteps, segments):
-        return nnx.merge(graphdef, state).packed(video, text, timesteps, segments, ofs=ofs)
-
-    args = (state, batch["video"], batch["text"], batch["timesteps"], segments)
+    args = (batch["video"], batch["text"], batch["timesteps"], segments)
     if mesh is None:
-        return np.asarray(f(*args))
+        return _jit_run(model, "packed", *args)
     with jax.set_mesh(mesh):
-        return np.asarray(f(*args))
+        return _jit_run(model, "packed", *args)
 
 
 @pytest.mark.parametrize("variant", ["5b", "1.5-5b-i2v", "2b"])
@@ -118,10 +122,9 @@ def test_packed_equals_per_clip_forward(variant):
     got = _run_packed(model, batch)
     out_features = (cfg.patch_size_t or 1) * cfg.patch_size**2 * cfg.out_channels
     assert got.shape == (2, _BUDGET, out_features)
-    ofs = 2.0 if cfg.ofs_embed_dim else None
     for (lat, txt, t), (r, span) in zip([c for row in rows for c in row], slices, strict=True):
-        alone = model(lat[None], txt[None], np.array([t]), ofs=ofs)  # (1, T, H, W, C)
-        want = transformer.patchify(np.asarray(alone[0]), cfg.patch_size, cfg.patch_size_t or 1)
+        alone = _jit_run(model, "__call__", lat[None], txt[None], np.array([t]))  # (1, T, H, W, C)
+        want = transformer.patchify(alone[0], cfg.patch_size, cfg.patch_size_t or 1)
         err = ref.rel_l2(got[r, span], want)
         assert err <= 1e-5, (variant, lat.shape, err)
 
@@ -146,22 +149,59 @@ def test_changing_one_clip_leaves_the_others_bit_identical():
 _HEADS = {"num_attention_heads": 8, "attention_head_dim": 16, "num_layers": 1}
 
 
+def _output_loss_and_grads(model, batch, mesh=None):
+    """Packed outputs, and the loss mean(outputs on real tokens ** 2) with its gradients."""
+    segments = {k: batch[k] for k in ("video_segment_ids", "video_positions")}
+    segments |= {k: batch[k] for k in ("text_segment_ids", "grids")}
+    real = (batch["video_segment_ids"] > 0)[..., None]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest, *args):
+        out = nnx.merge(graphdef, params, rest).packed(*args)
+        return jnp.mean(jnp.where(real, out, 0.0) ** 2), out
+
+    f = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    args = (params, rest, batch["video"], batch["text"], batch["timesteps"], segments)
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        (value, out), grads = f.lower(*args).compile(compiler_options=fast)(*args)
+    return float(value), np.asarray(out), jax.tree.map(np.asarray, grads)
+
+
 @pytest.mark.parametrize("mode", ["allgather", "ulysses"])
 def test_packed_under_context_parallelism_equals_one_device(mode):
+    """(fsdp 2, context 4): outputs, loss and every parameter gradient; ulysses under full
+    remat (the segment ids closed over by nnx.remat inside nnx.scan)."""
     want_model = _model("5b", **_HEADS)
     batch, _ = _pack(want_model.cfg, _clips(want_model.cfg))
-    want = _run_packed(want_model, batch)
+    want_loss, want_out, want_grads = _output_loss_and_grads(want_model, batch)
     mesh = jax.make_mesh((1, 2, 4, 1), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
-    got = _run_packed(_model("5b", mode, **_HEADS), batch, mesh)
+    model = _model("5b", mode, "full" if mode == "ulysses" else "none", **_HEADS)
+    loss, out, grads = _output_loss_and_grads(model, batch, mesh)
     real = batch["video_segment_ids"] > 0
-    assert ref.rel_l2(got[real], want[real]) <= 1e-5
+    assert ref.rel_l2(out[real], want_out[real]) <= 1e-5
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    flat_want = dict(nnx.to_flat_state(want_grads))
+    for path, g in nnx.to_flat_state(grads):
+        assert ref.rel_l2(g[...], flat_want[path][...]) <= 1e-5, path
 
 
-def test_learned_posemb_cannot_be_packed():
+def test_bad_packed_inputs_fail_with_the_rule():
     model = _model("5b-i2v")
     batch, _ = _pack(model.cfg, _clips(model.cfg))
     with pytest.raises(ValueError, match="learned position table"):
         _run_packed(model, batch)
+    model = _model("5b")
+    batch, _ = _pack(model.cfg, _clips(model.cfg))
+    segments = {k: batch[k] for k in ("video_segment_ids", "video_positions", "grids")}
+    args = batch["video"], batch["text"], batch["timesteps"]
+    with pytest.raises(ValueError, match=r"segments\['text_segment_ids'\] must be \(2, 21\)"):
+        model.packed(*args, segments)
+    segments["text_segment_ids"] = batch["text_segment_ids"]
+    with pytest.raises(ValueError, match=r"timesteps must be \(2, G\)"):
+        model.packed(*args[:2], batch["timesteps"][:, 0], segments)
+    with pytest.raises(ValueError, match=r"segments\['grids'\] must be \(2, 2, 3\)"):
+        model.packed(*args[:2], batch["timesteps"][:, :2], segments)
 
 
 def _segment_qkv(b=2, length=200, n=2, k=16, seed=0):
@@ -229,9 +269,22 @@ def test_per_token_rope_matches_the_per_clip_tables(variant):
         pos = pos.reshape(1, -1, 3)
         ids = np.ones(pos.shape[:2], np.int32)
         cos, sin = transformer.packed_rope_tables(cfg, pos, np.array([[grid]]), ids)
-        # Angles up to ~85 rad in float32: a few ulps of the angle.
-        np.testing.assert_allclose(cos[0], want_cos, atol=2e-5, rtol=0)
-        np.testing.assert_allclose(sin[0], want_sin, atol=2e-5, rtol=0)
+        # The same float32 angles; cos and sin themselves within an ulp or two (6e-8 measured).
+        np.testing.assert_allclose(cos[0], want_cos, atol=2.5e-7, rtol=0)
+        np.testing.assert_allclose(sin[0], want_sin, atol=2.5e-7, rtol=0)
+
+
+def test_per_token_sincos_rows_equal_the_table():
+    """2B's table (at a narrower width) at its own size and at 2x: bit-identical (looked-up
+    rows); a position beyond the looked-up rows (computed in float32) within a few ulps of its
+    angle."""
+    cfg = cj.transformer_config("2b", num_heads=2)
+    for grid, atol in [((13, 30, 45), 0.0), ((3, 60, 90), 0.0), ((2, 3, 600), 1e-4)]:
+        want = transformer._sincos_table(cfg, *grid)[cfg.max_text_len :].astype(np.float32)
+        pos = np.stack(np.meshgrid(*(np.arange(n) for n in grid), indexing="ij"), -1)
+        scales = cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+        got = posemb.sincos_3d_tokens(cfg.width, pos.reshape(-1, 3), *scales)
+        np.testing.assert_allclose(got, want, atol=atol, rtol=0)
 
 
 def test_patchify_round_trips_numpy_and_jax():
