@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -198,12 +199,15 @@ def decode_example(example: dict) -> dict:
 class RecordSource:
     """Random access to the records of one split over the parts of a prepared dataset, each read
     through its TFDS data source; dicts of numpy arrays and str. What `grain.MapDataset.source`
-    takes. Picklable: the TFDS sources open on first use (in each worker process)."""
+    takes. Picklable: the TFDS sources open on first use (in each worker process), by one
+    thread: Grain reads from many, and TFDS's lazy imports deadlock when several threads open
+    sources at once."""
 
     def __init__(self, parts: list[str], split: str, counts: list[int]):
         self.parts, self.split, self.counts = [str(p) for p in parts], split, list(counts)
         self.starts = np.cumsum([0, *self.counts])
         self._sources = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -229,12 +233,19 @@ class RecordSource:
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range: the source has {len(self)}")
         if self._sources is None:
-            self._sources = self._open()
+            with self._lock:
+                if self._sources is None:
+                    self._sources = self._open()
         part = int(np.searchsorted(self.starts, index, side="right")) - 1
         return decode_example(self._sources[part][index - int(self.starts[part])])
 
     def __getstate__(self):
-        return {**self.__dict__, "_sources": None}
+        state = dict(self.__dict__, _sources=None)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
 
     def __repr__(self) -> str:
         return f"RecordSource({self.split!r}: {len(self.parts)} parts, {len(self)} records)"

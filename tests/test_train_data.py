@@ -4,6 +4,7 @@ encoded on the fly."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_demo_trains_on_a_prepared_folder(raw, packing, tmp_path):
             "input.packing": packing,
             "evals.every_steps": 4,
             "evals.batch_size": 2,
-            "ckpt.every_steps": 4,
+            "ckpt.every_steps": 2,
         },
     )
     last = dit.train_and_evaluate(cfg, str(tmp_path))
@@ -103,6 +104,12 @@ def test_demo_trains_on_a_prepared_folder(raw, packing, tmp_path):
         assert all(0.5 < r["packing_efficiency"] <= 1.0 for r in rows)
     else:
         assert "packing_efficiency" not in rows[0]
+    if packing:  # resume from step 2: the data position comes back with the checkpoint
+        shutil.rmtree(tmp_path / "checkpoints" / "4")
+        dit.train_and_evaluate(cfg, str(tmp_path))
+        again = _rows(tmp_path)
+        for key in ("loss", "grad_norm", "packing_efficiency", "eval_loss"):
+            assert [r.get(key) for r in again] == [r.get(key) for r in rows], key
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +120,34 @@ def model(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_model_config_trains_on_precomputed_latents(raw, folder, model, packing, tmp_path):
-    out = tmp_path / "latents"
+@pytest.fixture(scope="module")
+def latents(folder, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "latents"
     _prepare(folder, out, *BUCKETS, "--model", model)
+    return out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_model_config_trains_on_precomputed_latents(latents, packing, tmp_path):
+    out = latents
     ds = prepared.open_prepared(out)
     assert ds.kind == "latents" and ds.meta["scaling_factor"] == 0.7
     overrides = {"input.data_dir": str(out), "input.packing": packing, "evals.every_steps": 2}
     cfg = _config("cogvideox_5b", "sft,runlocal", total_steps=2, **overrides)
     last = dit.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+    if not packing:  # `python -m train` with 2 Grain worker processes reads the same batches
+        cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_5b.py:sft,runlocal"]
+        cmd += ["--workdir", str(tmp_path / "workers"), "--config.total_steps=2"]
+        cmd += [f"--config.input.data_dir={out}", "--config.input.workers=2"]
+        cmd += ["--config.evals.every_steps=2"]
+        flags = "--xla_force_host_platform_device_count=8"
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        want = [(r["loss"], r.get("eval_loss", 0.0)) for r in _rows(tmp_path / "run")]
+        got = [(r["loss"], r.get("eval_loss", 0.0)) for r in _rows(tmp_path / "workers")]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_model_config_encodes_raw_clips_on_the_fly(raw, model, tmp_path):
@@ -136,9 +161,8 @@ def test_model_config_encodes_raw_clips_on_the_fly(raw, model, tmp_path):
         dit.train_and_evaluate(cfg, str(tmp_path / "b"))
 
 
-def test_a_latent_dataset_from_another_vae_is_refused(model, folder, tmp_path):
-    out = tmp_path / "latents"
-    _prepare(folder, out, *BUCKETS, "--model", model)
+def test_a_latent_dataset_from_another_vae_is_refused(latents, tmp_path):
+    out = latents
     meta = json.loads((out / "meta.json").read_text())
     assert meta["scaling_factor"] == 0.7
     cfg = _config(

@@ -37,7 +37,8 @@ import numpy as np
 
 from data import prepared
 from data.sources import Entry, Skipped, list_dataset
-from data.video import BadClip, load_clip, to_unit_range
+from data.video import BadClip, load_clip
+from train.encoders import Encoder
 
 
 class BadEntry(Exception):
@@ -153,72 +154,6 @@ def text_length(model: Path) -> int:
     if config.is_file():
         return int(json.loads(config.read_text()).get("max_text_seq_length", 226))
     return 226
-
-
-class Encoder:
-    """Our VAE and T5 from a model folder, run on batches sharded over all local devices."""
-
-    def __init__(self, model: Path, text_len: int, batch: int):
-        import jax
-        from flax import nnx
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        from cogvideox_jax import convert, t5
-
-        self.jax, self.text_len = jax, text_len
-        devices = jax.local_devices()
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-        self.batch_sharding = NamedSharding(mesh, P("batch"))
-        replicated = NamedSharding(mesh, P())
-        self.batch = -(-batch // len(devices)) * len(devices)  # a multiple of the devices
-        self.vae = convert.load_vae(model)
-        self.tokenizer = t5.load_tokenizer(model / "tokenizer")
-        text_encoder = convert.load_text_encoder(model)
-        vae_def, vae_state = nnx.split(self.vae)
-        t5_def, t5_state = nnx.split(text_encoder)
-        self._vae_state = jax.device_put(vae_state, replicated)
-        self._t5_state = jax.device_put(t5_state, replicated)
-        self._encode = jax.jit(lambda s, x: nnx.merge(vae_def, s).encode(x))
-        self._text = jax.jit(lambda s, ids: nnx.merge(t5_def, s)(ids).astype(np.float32))
-        self.text_dim = text_encoder.cfg.d_model
-
-    def meta(self) -> dict:
-        cfg = self.vae.cfg
-        return {
-            "latent_channels": cfg.latent_channels,
-            "scaling_factor": cfg.scaling_factor,
-            "invert_scale_latents": cfg.invert_scale_latents,
-            "image_latent_scale": cfg.image_latent_scale,
-            "temporal_compression_ratio": cfg.temporal_compression_ratio,
-            "spatial_compression": cfg.spatial_compression,
-            "text_dim": self.text_dim,
-        }
-
-    def _batched(self, fn, state, items: np.ndarray) -> list:
-        """fn(state, batch) over `items` (N, ...) in padded batches; outputs per item."""
-        outs = []
-        for start in range(0, len(items), self.batch):
-            chunk = items[start : start + self.batch]
-            pad = self.batch - len(chunk)  # the last batch repeats its last item
-            full = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            x = self.jax.device_put(full, self.batch_sharding)
-            y = self.jax.tree.map(np.asarray, fn(state, x))
-            outs += [self.jax.tree.map(lambda a, i=i: a[i], y) for i in range(len(chunk))]
-        return outs
-
-    def latents(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(mean, logvar) (T, h, w, C) of each (F, H, W, 3) uint8 clip (all of one shape)."""
-        return self._batched(self._encode, self._vae_state, to_unit_range(np.stack(clips)))
-
-    def texts(self, captions: list[str]) -> list[np.ndarray]:
-        """(S, Dt) float32 T5 states of each caption."""
-        from cogvideox_jax import t5
-
-        if not captions:
-            return []
-        ids = t5.tokenize(self.tokenizer, captions, self.text_len)
-        return self._batched(self._text, self._t5_state, ids)
 
 
 def prepare_shard(entries: list[Entry], args, encoder, writer: prepared.ShardWriter, bar):

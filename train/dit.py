@@ -55,7 +55,6 @@ class StepConfig:
     grad_accum_steps: int
     ema_decay: float
     skip_nonfinite: bool
-    packed: bool = False  # batches are packed rows of clips (train/packed.py)
     num_timesteps: int = 1000
 
 
@@ -143,14 +142,14 @@ def prepare_batch(batch, key, frozen, sc: StepConfig, *, train: bool):
 
 
 def _prepare(batch, key, frozen, sc: StepConfig, *, train: bool):
-    if sc.packed:
+    if packed.is_packed(batch):  # (held-out batches are bucketed also when training packs)
         return packed.prepare(batch, key, sc, train=train)
     return prepare_batch(batch, key, frozen, sc, train=train)
 
 
 def _loss(params, buffers, inputs, *, graphdef, templates, ab, sc: StepConfig):
     model = _merge(graphdef, templates, params, buffers)
-    if sc.packed:
+    if "segments" in inputs:
         i = inputs
         return packed.loss(model, i["z0"], i["text"], i["t"], i["noise"], i["segments"], ab, sc.ofs)
     return diffusion_loss(
@@ -198,7 +197,7 @@ def train_step(state, batch, frozen, *, graphdef, templates, tx, ab, sc: StepCon
         old = {k: state[k] for k in kept}
         new.update(jax.tree.map(lambda n, o: jnp.where(finite, n, o), kept, old))
     out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
-    if sc.packed:  # the host counts tokens and FLOPs from the clips' token grids
+    if packed.is_packed(batch):  # the host counts tokens and FLOPs from the clips' token grids
         out["packing_efficiency"] = packed.efficiency(batch)
         out["clip_tokens"] = jnp.where(packed.clips_in(batch), batch["grids"].prod(-1), 0)
     return new, out
@@ -212,7 +211,7 @@ def eval_step(
     key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
     inputs = _prepare(batch, key, frozen, sc, train=False)
     # One timestep per sample (B,), or per clip of each packed row (B, G).
-    shape = batch["grids"].shape[:2] if sc.packed else inputs["z0"].shape[:1]
+    shape = batch["grids"].shape[:2] if packed.is_packed(batch) else inputs["z0"].shape[:1]
     losses = []
     for t in timesteps:
         inputs["t"] = jnp.full(shape, t, jnp.int32)
@@ -406,7 +405,6 @@ def step_config(c, tcfg, data_shards: int = 1) -> StepConfig:
         grad_accum_steps=grad_accum_steps(c, data_shards),
         ema_decay=c.optim.ema_decay,
         skip_nonfinite=c.on_nonfinite == "skip",
-        packed=bool(c.input.packing),
     )
 
 
@@ -717,7 +715,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 state, m = p_train(state, _global_batch(local, mesh, c.batch_size), frozen)
             step += 1
             steps_timed += 1
-            if sc.packed:  # each clip counts its own tokens (attention is per clip)
+            if c.input.packing:  # each clip counts its own tokens (attention is per clip)
                 lengths = np.asarray(m["clip_tokens"], np.float64)
                 lengths = lengths[lengths > 0]
                 done["tokens"] += lengths.sum() + lengths.size * c.input.text_len
@@ -748,7 +746,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     steps_per_sec=steps_timed / dt,
                     tokens_per_sec=done["tokens"] / dt,
                 )
-                if sc.packed:  # mean real tokens / token budget of the steps since the last row
+                if (
+                    c.input.packing
+                ):  # mean real tokens / token budget of the steps since the last row
                     row["packing_efficiency"] = done["efficiency"] / steps_timed
                 if peak_flops:  # model FLOPs utilisation against the devices' bf16 peak
                     row["mfu"] = done["flops"] / dt / peak_flops

@@ -88,16 +88,26 @@ def _prepared(c, tcfg, rows, eval_rows, demo):
     if "eval" not in ds.splits:
         print(f"{c.input.data_dir}: no 'eval' split, so no held-out loss", flush=True)
         return train, None
-    held_out = loader.train_dataset(
-        ds.source("eval"),
-        ds.shapes("eval"),
-        batch_size=c.evals.batch_size,
-        rows=eval_rows,
-        seed=c.seed + 10_000,
-        shuffle=False,
-        repeat=False,
-        **kw,
-    )
+    # Held-out batches are bucketed even when training packs: every process then walks the
+    # same plan of equal-shape batches (a multi-host eval ends on every process at once), and
+    # the per-clip loss is the same either way.
+    kw.update(packing=False, video_budget=None, max_clips=None)
+    try:
+        held_out = loader.train_dataset(
+            ds.source("eval"),
+            ds.shapes("eval"),
+            batch_size=c.evals.batch_size,
+            rows=eval_rows,
+            seed=c.seed + 10_000,
+            shuffle=False,
+            repeat=False,
+            **kw,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"input.data_dir {c.input.data_dir}: the 'eval' split has no evals.batch_size="
+            f"{c.evals.batch_size} clips of one shape ({e})"
+        ) from None
     return train, held_out
 
 
@@ -157,7 +167,7 @@ def model_encoder(c):
     on each clip as it is read."""
     from pathlib import Path
 
-    from tools.prepare_data import Encoder
+    from train.encoders import Encoder
 
     enc = Encoder(Path(c.input.encoder_model), c.input.text_len, batch=1)
     meta = enc.meta()

@@ -20,6 +20,11 @@ from cogvideox_jax import flops
 SEGMENT_KEYS = ("video_segment_ids", "video_positions", "text_segment_ids", "grids")
 
 
+def is_packed(batch) -> bool:
+    """Whether `batch` holds packed rows (else equal-shape clips)."""
+    return "video_segment_ids" in batch
+
+
 def _per_token(x: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """Per-segment values x (B, G) -> per-token values (B, N) (padding takes segment 1's)."""
     index = jnp.clip(segment_ids - 1, 0, x.shape[1] - 1)
