@@ -81,15 +81,14 @@ def test_prepared_folder_reports_the_bad_entries(raw):
 
 
 def test_demo_trains_on_a_prepared_folder_with_packing(raw, tmp_path):
-    packing = True  # (bucketing: the model-config tests below)
-    out, _ = raw
+    out, _ = raw  # (bucketing: the model-config tests below)
     cfg = _config(
         "demo",
         "runlocal",
         total_steps=4,
         **{
             "input.data_dir": str(out),
-            "input.packing": packing,
+            "input.packing": True,
             "evals.every_steps": 4,
             "evals.batch_size": 2,
             "ckpt.every_steps": 2,
@@ -100,16 +99,14 @@ def test_demo_trains_on_a_prepared_folder_with_packing(raw, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert np.isfinite(last["eval_loss"]) and "prompt_adherence" in last
-    if packing:  # several demo clips share a row: the budget is mostly real tokens
-        assert all(0.5 < r["packing_efficiency"] <= 1.0 for r in rows)
-    else:
-        assert "packing_efficiency" not in rows[0]
-    if packing:  # resume from step 2: the data position comes back with the checkpoint
-        shutil.rmtree(tmp_path / "checkpoints" / "4")
-        dit.train_and_evaluate(cfg, str(tmp_path))
-        again = _rows(tmp_path)
-        for key in ("loss", "grad_norm", "packing_efficiency", "eval_loss"):
-            assert [r.get(key) for r in again] == [r.get(key) for r in rows], key
+    # Several demo clips share a row: the budget is mostly real tokens.
+    assert all(0.5 < r["packing_efficiency"] <= 1.0 for r in rows)
+    # Resume from step 2: the data position comes back with the checkpoint.
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    dit.train_and_evaluate(cfg, str(tmp_path))
+    again = _rows(tmp_path)
+    for key in ("loss", "grad_norm", "packing_efficiency", "eval_loss"):
+        assert [r.get(key) for r in again] == [r.get(key) for r in rows], key
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +133,7 @@ def test_model_config_trains_on_precomputed_latents(latents, packing, tmp_path):
     cfg = _config("cogvideox_5b", "sft,runlocal", total_steps=2, **overrides)
     last = dit.train_and_evaluate(cfg, str(tmp_path / "run"))
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+    assert ("packing_efficiency" in last) == packing
     if not packing:  # `python -m train` with 2 Grain worker processes reads the same batches
         cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_5b.py:sft,runlocal"]
         cmd += ["--workdir", str(tmp_path / "workers"), "--config.total_steps=2"]
