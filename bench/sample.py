@@ -10,6 +10,7 @@ negative-prompt embeddings, initial noise and guidance scale 6; both return late
 a one-step sample (one denoising step with classifier-free guidance: a batch of 2, cond +
 uncond) and a whole `--steps`-step sample. Our sampler is one compiled `lax.fori_loop` with both
 CFG branches in one batched forward; diffusers loops in Python, also batching cond + uncond.
+Model FLOPs: `cogvideox_jax.flops.transformer_flops` x CFG batch x steps.
 Runs alternate between the two after one warm-up each (compilation for ours); medians.
 The default latent 3 x 12 x 16 (9 frames, 96 x 128 pixels) keeps a 50-step sample under a
 minute or so per implementation on a 2-core CPU.
@@ -35,6 +36,7 @@ from bench.train_step import (
     sig,
     write_json,
 )
+from cogvideox_jax import flops
 
 SMALLEST = dict(
     layers=1, heads=2, head_dim=16, latent="2,4,4", text_len=8, text_dim=16, time_dim=16, steps=2
@@ -123,6 +125,9 @@ def main(argv=None) -> dict:
 
         return run
 
+    cfg = ours.transformer.cfg
+    video_tokens = t * (h // cfg.patch_size) * (w // cfg.patch_size)
+    forward = flops.transformer_flops(cfg, args.text_len, video_tokens)  # one sample
     rows = {}
     for name, steps in (("one_step", 1), ("sample", args.steps)):
         med = alternate({"ours": run_ours(steps), "diffusers": run_theirs(steps)}, args.repeats)
@@ -132,6 +137,11 @@ def main(argv=None) -> dict:
             "ours_s": sig(med["ours"]),
             "diffusers_s": sig(med["diffusers"]),
             "ratio": sig(med["ours"] / med["diffusers"], 3),
+            "model_flops": 2 * args.batch * steps * forward,
+            "ours_gflops_per_s": sig(2 * args.batch * steps * forward / med["ours"] / 1e9),
+            "diffusers_gflops_per_s": sig(
+                2 * args.batch * steps * forward / med["diffusers"] / 1e9
+            ),
             "latents_rel_l2_vs_diffusers": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
         }
     result = {

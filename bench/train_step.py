@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
 
     def run_ours():
         nonlocal state
-        state, loss = step(state, batch)
+        state, loss = jax.block_until_ready(step(state, batch))
         losses.setdefault("ours", float(loss))  # the first call: the initial weights' loss
 
     def run_diffusers():
