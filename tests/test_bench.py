@@ -1,0 +1,70 @@
+"""The bench/ scripts at their smallest sizes, one timed round each: they run, their JSON has
+the documented fields with positive times, and ours agrees with diffusers on the way.
+
+bench.vae (the full-size VAE: a minute to build and compile) and bench.convert_memory (three
+fresh interpreters) are left out: too slow for the suite's budget.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import sample, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+MACHINE = {"date", "platform", "cpu", "cpu_count", "torch_threads", "versions"}
+
+
+def _read(path):
+    result = json.loads(Path(path).read_text())
+    assert MACHINE <= set(result["machine"]), result["machine"]
+    assert {"jax", "torch", "diffusers"} <= set(result["machine"]["versions"])
+    return result
+
+
+def test_train_step(tmp_path):
+    out = tmp_path / "train_step.json"
+    train_step.main(["--smallest", "--repeats", "1", "--out", str(out)])
+    r = _read(out)
+    for name in ("ours", "diffusers"):
+        assert r[name]["s_per_step"] > 0 and r[name]["tokens_per_s"] > 0, r[name]
+        assert r[name]["gflops_per_s"] > 0, r[name]
+    assert r["ratio_ours_over_diffusers"] > 0
+    assert r["tokens_per_step"] == 8 + 2 * 2 * 2  # text + (T, h/2, w/2) video tokens
+    assert r["model_flops_per_step"] > 0
+    # Same weights and inputs: the first step's losses agree.
+    assert r["first_loss_rel_diff"] < 1e-4, r["first_loss"]
+
+
+def test_sample(tmp_path):
+    out = tmp_path / "sample.json"
+    sample.main(["--smallest", "--repeats", "1", "--out", str(out)])
+    r = _read(out)
+    assert r["one_step"]["steps"] == 1 and r["sample"]["steps"] == 2
+    assert r["config"]["cfg_batch"] == 2
+    for name in ("one_step", "sample"):
+        assert r[name]["ours_s"] > 0 and r[name]["diffusers_s"] > 0, r[name]
+        assert r[name]["latents_rel_l2_vs_diffusers"] < 1e-4, r[name]
+
+
+def test_data(tmp_path):
+    # Grain worker processes import the script's modules: run it in a fresh interpreter.
+    out = tmp_path / "data.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.data", "--smallest", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = _read(out)
+    assert r["decode"]["clip_fhw"] == [9, 32, 48]
+    assert r["packing"]["video_budget"] % 128 == 0
+    for stage in ("decode", "packing"):
+        for workers in ("workers_0", "workers_1"):
+            row = r[stage][workers]
+            assert row["clips_per_s"] > 0 and row["startup_s"] > 0, (stage, workers, row)
