@@ -32,6 +32,7 @@ from bench.train_step import (
     diffusers_transformer,
     machine_facts,
     model_args,
+    model_facts,
     parse,
     sig,
     write_json,
@@ -147,12 +148,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "sample",
         "config": {
-            "layers": args.layers,
-            "heads": args.heads,
-            "head_dim": args.head_dim,
-            "text_len": args.text_len,
-            "text_dim": args.text_dim,
-            "time_embed_dim": args.time_dim,
+            **model_facts(args),
             "latent_thw": [t, h, w],
             "pixels_fhw": [size["num_frames"], size["height"], size["width"]],
             "prompts": args.batch,

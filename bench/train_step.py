@@ -118,6 +118,12 @@ def write_json(result: dict, path: str | None) -> None:
             json.dump(result, f, indent=1)
 
 
+def model_facts(args) -> dict:
+    """The transformer's size from `model_args` flags, for the JSON results."""
+    keys = ("layers", "heads", "head_dim", "text_len", "text_dim")
+    return {**{k: getattr(args, k) for k in keys}, "time_embed_dim": args.time_dim}
+
+
 def rope_tables(model, frames: int, h: int, w: int):
     """RoPE (cos, sin) as diffusers' CogVideoXPipeline builds them (None without RoPE)."""
     from diffusers import CogVideoXPipeline
@@ -305,12 +311,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "train_step",
         "config": {
-            "layers": args.layers,
-            "heads": args.heads,
-            "head_dim": args.head_dim,
-            "text_len": args.text_len,
-            "text_dim": args.text_dim,
-            "time_embed_dim": args.time_dim,
+            **model_facts(args),
             "latent_thw": list(args.latent),
             "batch": args.batch,
             "rope": True,

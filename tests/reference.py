@@ -165,3 +165,23 @@ def tiny_model_folder(folder, *, text_len: int, scaling_factor: float) -> None:
     config = {"max_text_seq_length": text_len}
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+
+
+def perturbed_model(variant: str, scale: float = 0.2, **kwargs):
+    """Our tiny `variant` transformer (TINY_TRANSFORMERS; `kwargs` go to cj.Transformer, with
+    `overrides` for config keys), every parameter moved off its initialisation by `scale` N(0, 1)
+    noise (key 1): zero-initialised projections and unit norms included."""
+    import jax
+    from flax import nnx
+
+    import cogvideox_jax as cj
+
+    overrides = kwargs.pop("overrides", {})
+    cfg = cj.TransformerConfig.from_diffusers(TINY_TRANSFORMERS[variant] | overrides)
+    model = cj.Transformer(cfg, rngs=nnx.Rngs(0), **kwargs)
+    state = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+    nnx.update(
+        model, jax.tree.map(lambda p: p + scale * jax.random.normal(next(keys), p.shape), state)
+    )
+    return model

@@ -12,7 +12,6 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import cogvideox_jax as cj
 from cogvideox_jax import attention, diffusion, sharding
 from train import dit
 
@@ -38,14 +37,9 @@ _TEXT_LEN = 7
 
 @functools.cache
 def _model(variant, context_parallel, remat="none"):
-    cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS[variant] | _HEADS)
-    model = cj.Transformer(cfg, context_parallel=context_parallel, remat=remat, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-    nnx.update(
-        model, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), state)
+    return ref.perturbed_model(
+        variant, context_parallel=context_parallel, remat=remat, overrides=_HEADS
     )
-    return model
 
 
 def _inputs(variant):

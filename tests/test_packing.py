@@ -30,14 +30,9 @@ _GROUP = 3  # clips a row at most
 @functools.cache
 def _model(variant, context_parallel="allgather", remat="none", **overrides):
     """A tiny model of `variant`, every parameter perturbed."""
-    cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS[variant] | overrides)
-    model = cj.Transformer(cfg, context_parallel=context_parallel, remat=remat, rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
-    nnx.update(
-        model, jax.tree.map(lambda p: p + 0.2 * jax.random.normal(next(keys), p.shape), state)
+    return ref.perturbed_model(
+        variant, context_parallel=context_parallel, remat=remat, overrides=overrides
     )
-    return model
 
 
 def _clips(cfg, seed=0):

@@ -141,4 +141,5 @@ def test_packing_efficiency_and_flops_count_only_clips():
     from cogvideox_jax import flops
 
     want = flops.train_flops(cfg, 6, 12)
-    assert np.isclose(float(packed.model_flops(cfg, batch, 6)), want, rtol=1e-6)
+    tokens, step_flops = packed.step_counts(packed.clip_tokens(batch), cfg, 6)
+    assert tokens == 12 + 6 and np.isclose(step_flops, want, rtol=1e-12)

@@ -199,7 +199,7 @@ def train_step(state, batch, frozen, *, graphdef, templates, tx, ab, sc: StepCon
     out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
     if packed.is_packed(batch):  # the host counts tokens and FLOPs from the clips' token grids
         out["packing_efficiency"] = packed.efficiency(batch)
-        out["clip_tokens"] = jnp.where(packed.clips_in(batch), batch["grids"].prod(-1), 0)
+        out["clip_tokens"] = packed.clip_tokens(batch)
     return new, out
 
 
@@ -715,15 +715,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 state, m = p_train(state, _global_batch(local, mesh, c.batch_size), frozen)
             step += 1
             steps_timed += 1
+            counts = (tokens, step_flops)
             if c.input.packing:  # each clip counts its own tokens (attention is per clip)
-                lengths = np.asarray(m["clip_tokens"], np.float64)
-                lengths = lengths[lengths > 0]
-                done["tokens"] += lengths.sum() + lengths.size * c.input.text_len
-                done["flops"] += flops.train_flops(tcfg, c.input.text_len, lengths).sum()
+                counts = packed.step_counts(m["clip_tokens"], tcfg, c.input.text_len)
                 done["efficiency"] += float(m["packing_efficiency"])
-            else:
-                done["tokens"] += tokens
-                done["flops"] += step_flops
+            done["tokens"] += counts[0]
+            done["flops"] += counts[1]
             loss, finite = float(m["loss"]), bool(m["finite"])
             if not finite and c.on_nonfinite == "stop":
                 mngr.wait_until_finished()

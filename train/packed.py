@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cogvideox_jax import flops
 
@@ -31,9 +32,10 @@ def _per_token(x: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def clips_in(batch) -> jax.Array:
-    """(B, G) bool: which segments of each row hold a clip."""
-    return jnp.any(batch["grids"] > 0, axis=-1)
+def clip_tokens(batch) -> jax.Array:
+    """(B, G) video tokens of each clip slot of the rows (0 where the slot holds no clip)."""
+    grids = batch["grids"]
+    return jnp.where(jnp.any(grids > 0, axis=-1), grids.prod(-1), 0)
 
 
 def prepare(batch, key, sc, *, train: bool) -> dict:
@@ -85,9 +87,11 @@ def efficiency(batch) -> jax.Array:
     return real / budget
 
 
-def model_flops(tcfg, batch, text_len: int) -> jax.Array:
-    """Analytic training FLOPs of the batch's clips (cogvideox_jax.flops per clip, with its own
-    token count: attention is block-diagonal, so a pack costs the sum of its clips), float32."""
-    tokens = jnp.prod(batch["grids"], axis=-1).astype(jnp.float32)  # (B, G) video tokens
-    per_clip = flops.train_flops(tcfg, text_len, tokens)
-    return jnp.sum(jnp.where(clips_in(batch), per_clip, 0.0))
+def step_counts(clip_tokens, tcfg, text_len: int) -> tuple[float, float]:
+    """(tokens, model FLOPs) of a step's clips from their video token counts (B, G) (on the
+    host): each clip counts its own text and video tokens, and cogvideox_jax.flops of its own
+    length, since attention is per clip (a pack costs the sum of its clips)."""
+    lengths = np.asarray(clip_tokens, np.float64)
+    lengths = lengths[lengths > 0]
+    tokens = lengths.sum() + lengths.size * text_len
+    return float(tokens), float(flops.train_flops(tcfg, text_len, lengths).sum())
