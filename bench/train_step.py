@@ -34,7 +34,7 @@ import torch
 from flax import nnx
 
 import cogvideox_jax as cj
-from cogvideox_jax import diffusion, flops
+from cogvideox_jax import attention, diffusion, flops
 from train import dit, optim
 
 # The smallest configuration: a run of a few seconds (CI).
@@ -152,11 +152,11 @@ def diffusers_transformer(args, seed: int = 0):
     )
 
 
-def load_ours(theirs):
+def load_ours(theirs, attention_impl: str = "auto"):
     """Our Transformer with the weights of a diffusers model (save_pretrained + load)."""
     with tempfile.TemporaryDirectory() as d:
         theirs.save_pretrained(d)
-        return cj.load_transformer(d)
+        return cj.load_transformer(d, attention_impl=attention_impl)
 
 
 def parse_latent(text: str) -> tuple[int, int, int]:
@@ -182,6 +182,12 @@ def model_args(parser: argparse.ArgumentParser, *, latent: str) -> None:
     parser.add_argument("--latent", default=latent, help="latent T,h,w (16 channels)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=attention.IMPLEMENTATIONS,
+        help="our attention kernel (auto: blocked on CPU for long sequences)",
+    )
     parser.add_argument("--smallest", action="store_true", help="tiny sizes: seconds (CI)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
@@ -279,8 +285,10 @@ def main(argv=None) -> dict:
     args = parse(parser, argv, SMALLEST)
     ab = diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=3.0))
     theirs = diffusers_transformer(args)
-    ours = load_ours(theirs)
+    ours = load_ours(theirs, args.attention)
     inputs = _inputs(args, ab)
+    t, h, w = args.latent
+    tokens_per_row = args.text_len + t * (h // 2) * (w // 2)
     step, state = ours_step(ours, ab)
     del ours  # its arrays now live in (and are donated with) the state
     batch = {k: jnp.asarray(v) for k, v in inputs.items()}
@@ -316,6 +324,7 @@ def main(argv=None) -> dict:
             "batch": args.batch,
             "rope": True,
             "dtype": "float32",
+            "attention": attention.resolve(args.attention, jnp.float32, tokens_per_row),
         },
         "parameters": sum(p.numel() for p in theirs.parameters()),
         "tokens_per_step": tokens,

@@ -21,7 +21,11 @@ Kernels (`impl`):
           mesh is set); keys at positions >= kv_valid (a Python int, or None for all) get zero
           weight; segment_ids (q ids (B, Lq), kv ids (B, Lk)) go to the kernel's SegmentIds;
           returns (B, Lq, N, K) in q's dtype, softmax(q k^T / sqrt(K)) v.
-  auto    cudnn on GPU for bf16/fp16 inputs, splash on TPU, xla otherwise.
+  blocked `cogvideox_jax.blocked.attention`: flash-style tiles with an online softmax and its own
+          backward, in plain JAX; every backend. O(L x block) memory instead of O(L^2), and on
+          XLA:CPU about 2x faster than `xla` at CogVideoX's lengths (BENCHMARKS.md).
+  auto    cudnn on GPU for bf16/fp16 inputs, splash on TPU, blocked on CPU for sequences of at
+          least BLOCKED_MIN_LENGTH tokens, xla otherwise.
 
 Context parallelism (`context_parallel`), used when the current mesh (jax.set_mesh) splits the
 token axis (the `length` rule of cogvideox_jax.sharding, `context` by default); the batch stays
@@ -46,7 +50,8 @@ from jax.sharding import PartitionSpec as P
 
 from cogvideox_jax import sharding
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "blocked")
+BLOCKED_MIN_LENGTH = 1024  # below it, on CPU, `auto` keeps the unblocked xla kernel
 CONTEXT_PARALLEL = ("allgather", "ulysses")
 
 _NAMES = ("batch", "length", "act_heads", None)  # the logical axes of q, k, v and the output
@@ -79,7 +84,7 @@ def dot_product_attention(
                 f"segment_ids must be (B, L) = {q.shape[:2]} for self-attention over one "
                 f"sequence, got {segment_ids.shape} with k {k.shape}"
             )
-    impl = resolve(impl, q.dtype)
+    impl = resolve(impl, q.dtype, q.shape[1])
     mesh = jax.sharding.get_abstract_mesh()
     cp = sharding.num_shards("length")
     # Without a mesh, or with an unsplit token axis, the XLA and cuDNN calls are partitioned by
@@ -124,8 +129,9 @@ def dot_product_attention(
     return f(q, k, v, segment_ids)
 
 
-def resolve(impl: str, dtype) -> str:
-    """The kernel `impl="auto"` stands for on the default backend (others unchanged)."""
+def resolve(impl: str, dtype, length: int | None = None) -> str:
+    """The kernel `impl="auto"` stands for on the default backend (others unchanged), for a
+    sequence of `length` tokens (None: long)."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
@@ -133,6 +139,8 @@ def resolve(impl: str, dtype) -> str:
         return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if backend == "cpu" and (length is None or length >= BLOCKED_MIN_LENGTH):
+        return "blocked"
     return "xla"
 
 
@@ -147,6 +155,10 @@ def _kernel(q, k, v, impl, kv_valid, q_ids=None, kv_ids=None):
         if q_ids is None:
             return splash.attention(q, k, v, kv_valid=kv_valid)
         return splash.attention(q, k, v, segment_ids=(q_ids, kv_ids))
+    if impl == "blocked":
+        from cogvideox_jax import blocked
+
+        return blocked.attention(q, k, v, kv_valid=kv_valid, q_ids=q_ids, kv_ids=kv_ids)
     lengths = None if kv_valid is None else jnp.full((q.shape[0],), kv_valid, jnp.int32)
     mask = None if q_ids is None else (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
     return jax.nn.dot_product_attention(

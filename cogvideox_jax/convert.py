@@ -623,11 +623,12 @@ def _int_keys(tree):
     }
 
 
-def load_transformer(path: str | os.PathLike, *, dtype=None):
+def load_transformer(path: str | os.PathLike, *, dtype=None, attention_impl: str = "auto"):
     """The transformer of a diffusers folder or of its Orbax conversion, as an NNX module.
 
     `path` is the component folder or a whole model folder (its `transformer/` is used).
     `dtype` sets parameter and compute dtype; None keeps the dtype the weights are stored in.
+    `attention_impl`: the attention kernel (`cogvideox_jax.attention.IMPLEMENTATIONS`).
     """
     from flax import nnx
 
@@ -636,7 +637,9 @@ def load_transformer(path: str | os.PathLike, *, dtype=None):
     def build(config, stored):
         cfg = TransformerConfig.from_diffusers(config)
         dt = np.dtype(dtype or stored)
-        return Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0))
+        return Transformer(
+            cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl, rngs=nnx.Rngs(0)
+        )
 
     return _load_module(component_folder(path, "transformer"), build)
 

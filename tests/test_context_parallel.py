@@ -174,8 +174,8 @@ def test_ulysses_rejects_heads_that_do_not_divide():
         ).trace(q, k, v)
 
 
-def test_auto_is_xla_on_cpu_and_unknown_names_fail():
-    assert attention.resolve("auto", jnp.bfloat16) == "xla"
+def test_auto_is_xla_on_cpu_for_short_sequences_and_unknown_names_fail():
+    assert attention.resolve("auto", jnp.bfloat16, 19) == "xla"
     q, k, v = _qkv(length=4)
     with pytest.raises(ValueError, match="attention impl"):
         attention.dot_product_attention(q, k, v, impl="flash")
