@@ -1,8 +1,9 @@
 r"""Peak host memory of `tools.convert` against the size of the model it converts.
 
-  python -m bench.convert_memory [--layers 24 --heads 16 --dtype bfloat16] [--out result.json]
+  python -m bench.convert_memory [--layers 24 --heads 16 --dtype bfloat16] [--smallest]
+                                 [--out result.json]
 
-Builds a random transformer here (no torch), writes it as an Orbax folder, then runs each
+Builds a random transformer here, writes it as an Orbax folder, then runs each
 conversion direction in a fresh process and reads that process's peak resident memory.
 A process that only imports the converter gives the baseline.
 """
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import cogvideox_jax as cj
+from bench.train_step import machine_facts
 
 
 def _peak_mb(cmd: list[str]) -> float:
@@ -50,8 +52,11 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--smallest", action="store_true", help="1 layer, 2 heads: seconds (CI)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.smallest:
+        args.layers, args.heads = 1, 2
     dtype = jnp.dtype(args.dtype)
     cfg = cj.transformer_config(
         "5b", num_layers=args.layers, num_heads=args.heads, text_embed_dim=512
@@ -76,14 +81,16 @@ def main(argv=None):
         "baseline_process_mib": round(base),
         "orbax_to_diffusers_peak_mib": round(to_diffusers),
         "diffusers_to_orbax_peak_mib": round(to_orbax),
+        "machine": machine_facts(),
     }
     print(f"{'':32}{'MiB':>8}")
     for k, v in result.items():
-        if k != "config":
+        if k not in ("config", "machine"):
             print(f"{k:32}{v:>8}")
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

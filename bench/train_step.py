@@ -34,7 +34,7 @@ import torch
 from flax import nnx
 
 import cogvideox_jax as cj
-from cogvideox_jax import attention, diffusion, flops
+from cogvideox_jax import attention, compiler, diffusion, flops
 from train import dit, optim
 
 # The smallest configuration: a run of a few seconds (CI).
@@ -236,7 +236,7 @@ def ours_step(model, ab: np.ndarray):
 
     p, b = nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
     state = {"params": p, "buffers": b, "opt_state": tx.init(p)}
-    return jax.jit(step, donate_argnums=(0,)), state
+    return compiler.jit(step, donate_argnums=(0,)), state
 
 
 def theirs_step(model, ab: np.ndarray, inputs: dict):

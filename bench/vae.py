@@ -1,9 +1,12 @@
 r"""VAE encode and decode, ours against diffusers' AutoencoderKLCogVideoX, same weights and clip.
 
-  python -m bench.vae [--frames 9 --height 96 --width 160 --repeats 3] [--out result.json]
+  python -m bench.vae [--frames 9 --height 96 --width 160 --repeats 3] [--smallest]
+                      [--out result.json]
 
-Both run the full-size CogVideoX VAE architecture (random weights, 216M parameters) in fp32 on
-the CPU, with diffusers' default frame batching (the mode that reproduces its outputs).
+Both run the full-size CogVideoX VAE architecture (random weights, 216M parameters; with
+--smallest the library's "tiny" VAE on a 5 x 16 x 16 clip, seconds, for CI) in fp32 on the CPU,
+with diffusers' default frame batching (the mode that reproduces its outputs). Ours is compiled
+with `cogvideox_jax.compiler.options()`, as the library compiles its own VAE calls.
 Runs alternate between the two implementations after one warm-up each; medians are reported.
 """
 
@@ -11,16 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 
-import jax
 import numpy as np
 import torch
 
 import cogvideox_jax as cj
+from bench.train_step import machine_facts
+from cogvideox_jax import compiler, vae
 
 
 def _seconds(fn) -> float:
@@ -35,21 +38,26 @@ def main(argv=None):
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smallest", action="store_true", help="tiny VAE and clip: seconds (CI)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     from diffusers import AutoencoderKLCogVideoX
 
+    config = {}
+    if args.smallest:
+        args.frames, args.height, args.width = 5, 16, 16
+        config = vae.vae_config("tiny").to_diffusers()
     torch.manual_seed(0)
-    theirs = AutoencoderKLCogVideoX().eval()
+    theirs = AutoencoderKLCogVideoX(**config).eval()
     with tempfile.TemporaryDirectory() as d:
         theirs.save_pretrained(d)
         ours = cj.load_vae(d)
     rng = np.random.default_rng(0)
     video = rng.uniform(-1, 1, (1, args.frames, args.height, args.width, 3)).astype(np.float32)
     tvideo = torch.from_numpy(video).permute(0, 4, 1, 2, 3).contiguous()
-    encode = jax.jit(lambda v: ours.encode(v)[0])
-    decode = jax.jit(lambda z: ours.decode(z))
-    z = np.asarray(encode(video))
+    encode = compiler.jit(lambda v: ours.encode(v)[0])
+    decode = compiler.jit(lambda z: ours.decode(z))
+    z = np.array(encode(video))  # writable, for torch.from_numpy
     tz = torch.from_numpy(z).permute(0, 4, 1, 2, 3).contiguous()
 
     def run_theirs_encode():
@@ -79,8 +87,11 @@ def main(argv=None):
     want = run_theirs_encode().permute(0, 2, 3, 4, 1).numpy()
     err = float(np.linalg.norm(np.asarray(encode(video)) - want) / np.linalg.norm(want))
     result = {
+        "benchmark": "vae",
         "clip": [args.frames, args.height, args.width],
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "parameters": sum(p.numel() for p in theirs.parameters()),
+        "repeats": args.repeats,
+        "machine": machine_facts(),
         "encode_rel_l2_vs_diffusers": err,
         **results,
     }
@@ -92,6 +103,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

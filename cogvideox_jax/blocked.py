@@ -150,15 +150,15 @@ def _forward(q, k, v, ids, valid, bq, bk):
         qt, qid = x
 
         def step(carry, y):
-            m, l, acc = carry
+            m, denom, acc = carry
             kt, vt, ok, kid = y
             s = _logits(qt, kt, _keep(ok, qid, kid))
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             scale = jnp.exp(m - m_new)
-            l = l * scale + p.sum(-1)
+            denom = denom * scale + p.sum(-1)
             acc = acc * scale[..., None] + jnp.einsum("gqk,gkd->gqd", p, vt.astype(jnp.float32))
-            return (m_new, l, acc), None
+            return (m_new, denom, acc), None
 
         init = (
             jnp.full((g, bq), _MASKED, jnp.float32),
@@ -166,8 +166,8 @@ def _forward(q, k, v, ids, valid, bq, bk):
             jnp.zeros((g, bq, d), jnp.float32),
         )
         init = _varying(init, q, k, v, ids)
-        (m, l, acc), _ = jax.lax.scan(step, init, kv_x)
-        return acc / l[..., None], m + jnp.log(l)
+        (m, denom, acc), _ = jax.lax.scan(step, init, kv_x)
+        return acc / denom[..., None], m + jnp.log(denom)
 
     q_x = (_tiles(q, bq), None if ids is None else _tiles(ids[0], bq))
     out, lse = jax.lax.map(one_query_tile, q_x)
@@ -201,12 +201,17 @@ def _backward_rule(valid, bq, bk, res, d_out):
         def step(carry, x):
             dk, dv = carry
             (qt, dot, lse_t, delta_t, qid), dq_t = x
-            p = jnp.exp(_logits(qt, kt, _keep(ok, qid, kid)) - lse_t[..., None])
-            dv = dv + jnp.einsum("gqk,gqd->gkd", p, dot)
-            dp = jnp.einsum("gqd,gkd->gqk", dot, vt.astype(f32))
-            ds = p * (dp - delta_t[..., None]) * scale
-            dk = dk + jnp.einsum("gqk,gqd->gkd", ds, qt.astype(f32))
-            dq_t = dq_t + jnp.einsum("gqk,gkd->gqd", ds, kt.astype(f32))
+            # transposed tiles (G, bk, bq): the key-side products need no transpose
+            st = jnp.einsum("gkd,gqd->gkq", kt, qt, preferred_element_type=f32) * scale
+            keep = _keep(ok, qid, kid)
+            if keep is not None:
+                st = jnp.where(jnp.swapaxes(keep, 1, 2), st, _MASKED)
+            pt = jnp.exp(st - lse_t[:, None, :])
+            dv = dv + jnp.einsum("gkq,gqd->gkd", pt, dot)
+            dpt = jnp.einsum("gkd,gqd->gkq", vt.astype(f32), dot)
+            dst = pt * (dpt - delta_t[:, None, :]) * scale
+            dk = dk + jnp.einsum("gkq,gqd->gkd", dst, qt.astype(f32))
+            dq_t = dq_t + jnp.einsum("gkq,gkd->gqd", dst, kt.astype(f32))
             return (dk, dv), dq_t
 
         zeros = _varying(jnp.zeros((g, bk, d), f32), q, k, v, ids, d_out)

@@ -73,7 +73,7 @@ def dit_config(
         dtype="bfloat16",
         param_dtype="float32",
         remat="full",  # none | full | save_dots | save_attention | offload_dots
-        attention_impl="auto",  # cudnn on GPU, splash on TPU, else xla; or name one
+        attention_impl="auto",  # cudnn (GPU), splash (TPU), blocked (CPU), else xla; or name one
         context_parallel="allgather",  # or "ulysses" (heads per tensor shard % mesh.context == 0)
     )
     # Frozen VAE, used only to encode the I2V conditioning frame (latents are precomputed).

@@ -47,7 +47,7 @@ def _value_and_grads(f, q, k, v):
 def _assert_close(got, want, tol):
     (o1, g1), (o0, g0) = got, want
     assert ref.rel_l2(o1, o0) <= tol, ref.rel_l2(o1, o0)
-    for name, a, b in zip("qkv", g1, g0):
+    for name, a, b in zip("qkv", g1, g0, strict=True):
         assert ref.rel_l2(a, b) <= tol, (name, ref.rel_l2(a, b))
 
 

@@ -1,9 +1,5 @@
 """The bench/ scripts at their smallest sizes, one timed round each: they run, their JSON has
-the documented fields with positive times, and ours agrees with diffusers on the way.
-
-bench.vae (the full-size VAE: a minute to build and compile) and bench.convert_memory (three
-fresh interpreters) are left out: too slow for the suite's budget.
-"""
+the documented fields with positive times, and ours agrees with diffusers on the way."""
 
 import json
 import os
@@ -11,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import sample, train_step
+from bench import convert_memory, sample, train_step, vae
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"date", "platform", "cpu", "cpu_count", "torch_threads", "versions"}
@@ -68,3 +64,24 @@ def test_data(tmp_path):
         for workers in ("workers_0", "workers_1"):
             row = r[stage][workers]
             assert row["clips_per_s"] > 0 and row["startup_s"] > 0, (stage, workers, row)
+
+
+def test_vae(tmp_path):
+    out = tmp_path / "vae.json"
+    vae.main(["--smallest", "--repeats", "1", "--out", str(out)])
+    r = _read(out)
+    assert r["clip"] == [5, 16, 16]
+    for name in ("encode", "decode"):
+        assert r[name]["ours_s"] > 0 and r[name]["diffusers_s"] > 0, r[name]
+    assert r["encode_rel_l2_vs_diffusers"] < 1e-5
+
+
+def test_convert_memory(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # its child processes import tools.convert from here
+    out = tmp_path / "convert_memory.json"
+    convert_memory.main(["--smallest", "--out", str(out)])
+    r = _read(out)
+    assert r["config"]["layers"] == 1
+    # Each conversion process holds at least what importing the converter takes.
+    for key in ("orbax_to_diffusers_peak_mib", "diffusers_to_orbax_peak_mib"):
+        assert r[key] >= r["baseline_process_mib"] > 0, r

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cogvideox_jax as cj
-from cogvideox_jax import attention, diffusion, flops, sharding, transformer
+from cogvideox_jax import attention, compiler, diffusion, flops, sharding, transformer
 from cogvideox_jax import vae as vae_lib
 from data import pipeline
 from train import checkpoint, evaluate, inputs, metrics, optim, packed
@@ -559,7 +559,12 @@ def jit_train_step(prog: Program, mesh):
         sc=prog.sc,
     )
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, donate_argnums=(0,), out_shardings=(prog.state_sh, replicated))
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        out_shardings=(prog.state_sh, replicated),
+        compiler_options=compiler.mesh_options(mesh),
+    )
 
 
 def abstract_train_args(c, prog: Program, mesh) -> tuple[dict, dict, dict]:
@@ -675,6 +680,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             seed=c.seed + 20_000,
         ),
         out_shardings=replicated,  # read back on every process
+        compiler_options=compiler.mesh_options(mesh),
     )
 
     def run_eval(state):

@@ -20,7 +20,7 @@ class Encoder:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from cogvideox_jax import convert, t5
+        from cogvideox_jax import compiler, convert, t5
 
         self.jax, self.text_len = jax, text_len
         devices = jax.local_devices()
@@ -35,8 +35,8 @@ class Encoder:
         t5_def, t5_state = nnx.split(text_encoder)
         self._vae_state = jax.device_put(vae_state, replicated)
         self._t5_state = jax.device_put(t5_state, replicated)
-        self._encode = jax.jit(lambda s, x: nnx.merge(vae_def, s).encode(x))
-        self._text = jax.jit(lambda s, ids: nnx.merge(t5_def, s)(ids).astype(np.float32))
+        self._encode = compiler.jit(lambda s, x: nnx.merge(vae_def, s).encode(x))
+        self._text = compiler.jit(lambda s, ids: nnx.merge(t5_def, s)(ids).astype(np.float32))
         self.text_dim = text_encoder.cfg.d_model
 
     def meta(self) -> dict:
