@@ -1,11 +1,14 @@
 """The XLA options this library compiles its programs with, chosen per backend.
 
-XLA:CPU in jaxlib 0.10 hands the matmuls (and some reductions and elementwise fusions) of a
-program to YNNPACK. At the shapes of this model its matmuls are the slower choice: in the
-profiled CPU training step (BENCHMARKS.md) the blocked-attention tiles ran at 57-100 GFLOP/s
-through YNNPACK and at 163 GFLOP/s through XLA's own kernel, and the whole step took 11.2 s
-instead of 12.6 s without it; a 3x3 convolution over frames took 0.09 s instead of 0.12 s. So on
-CPU the library's jitted programs turn YNNPACK fusions off. Other backends get no options.
+XLA:CPU in jaxlib 0.10 hands the matmuls, reductions and some elementwise fusions of a program to
+YNNPACK. At the shapes of this model its matmuls are the slower choice: in the profiled CPU
+training step (BENCHMARKS.md) the blocked-attention tiles ran at 57-100 GFLOP/s through YNNPACK
+and at up to 163 GFLOP/s through XLA's own kernel, and the VAE's frame-batched convolutions lost
+time in YNNPACK's elementwise fusions around them. Its reductions are kept: with no YNNPACK
+fusion at all, the bench's first-step loss moved 2.6e-5 (relative) away from PyTorch's, against
+9e-8 with YNNPACK's reductions (which reduction makes the difference was not traced). So on CPU
+the library's jitted programs use YNNPACK for reduction fusions only (which may still take in
+the matmul that feeds a reduction). Other backends get no options.
 
 These are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
 user compiles themselves is left as they set it.
@@ -13,9 +16,12 @@ user compiles themselves is left as they set it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # "": no YNNPACK fusion of any kind
+# The exact list of YNNPACK fusion kinds to use (it replaces jax's default one).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def options(backend: str | None = None) -> dict[str, str] | None:
@@ -36,6 +42,27 @@ def jit(fun, **kwargs):
     returned function is first called or lowered (not at import, when jax may not yet have
     initialised its backends, e.g. before `jax.distributed.initialize`)."""
     return _Jit(fun, kwargs)
+
+
+def module_jit(fun=None, *, static_argnames=()):
+    """For a function whose first argument is an NNX module it only reads (no state updates come
+    back): `jit` of it, the module passed as (graphdef, state). The stand-in for `nnx.jit`,
+    which takes no compiler options."""
+    if fun is None:
+        return functools.partial(module_jit, static_argnames=static_argnames)
+    from flax import nnx
+
+    def merged(graphdef, state, *args, **kwargs):
+        return fun(nnx.merge(graphdef, state), *args, **kwargs)
+
+    jitted = jit(merged, static_argnums=(0,), static_argnames=static_argnames)
+
+    @functools.wraps(fun)
+    def call(module, *args, **kwargs):
+        graphdef, state = nnx.split(module)
+        return jitted(graphdef, state, *args, **kwargs)
+
+    return call
 
 
 class _Jit:

@@ -11,7 +11,6 @@ ofs = 2.0. Latents are channels-last (B, T, H, W, C) throughout.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogvideox_jax import convert, diffusion, t5
+from cogvideox_jax import compiler, convert, diffusion, t5
 from cogvideox_jax.vae import sample_latents
 
 SCHEDULERS = ("ddim", "dpm")
@@ -246,17 +245,17 @@ def preprocess_image(image, height: int, width: int, batch: int) -> jax.Array:
     return jnp.asarray(x[:, None], jnp.float32)
 
 
-@nnx.jit
+@compiler.module_jit
 def _encode_text(encoder, ids):
     return encoder(ids)
 
 
-@nnx.jit
+@compiler.module_jit
 def _encode_image(vae, pixels):
     return vae.encode(pixels)
 
 
-@nnx.jit
+@compiler.module_jit
 def _decode(vae, z):
     return vae.decode(z)
 
@@ -285,7 +284,7 @@ def _tick():
         _ProgressBar.active.update(1)
 
 
-@functools.partial(nnx.jit, static_argnames=("ofs", "sampler", "do_cfg", "progress"))
+@compiler.module_jit(static_argnames=("ofs", "sampler", "do_cfg", "progress"))
 def _denoise(model, x, embeds, cond, table, scales, key, *, ofs, sampler, do_cfg, progress):
     """The whole sampling loop, compiled once: x (B, T, h, w, C) noise -> final latents."""
     dtype = x.dtype
