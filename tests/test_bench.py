@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import convert_memory, sample, train_step, vae
+from bench import attention, convert_memory, sample, train_step, vae
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"date", "platform", "cpu", "cpu_count", "torch_threads", "versions"}
@@ -85,3 +85,14 @@ def test_convert_memory(tmp_path, monkeypatch):
     # Each conversion process holds at least what importing the converter takes.
     for key in ("orbax_to_diffusers_peak_mib", "diffusers_to_orbax_peak_mib"):
         assert r[key] >= r["baseline_process_mib"] > 0, r
+
+
+def test_attention(tmp_path):
+    out = tmp_path / "attention.json"
+    attention.main(["--smallest", "--repeats", "1", "--out", str(out)])
+    r = _read(out)
+    assert r["config"]["tokens"] == 300
+    assert r["torch_sdpa"]["s"] > 0
+    for name in ("ours_blocked", "ours_xla"):
+        assert r[name]["s"] > 0 and r[name]["ratio_over_torch"] > 0, r[name]
+        assert r[name]["grad_rel_l2_vs_torch"] < 1e-5, r[name]

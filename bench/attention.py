@@ -1,0 +1,114 @@
+r"""Attention alone, forward + backward: our kernels against torch's scaled_dot_product_attention.
+
+  python -m bench.attention [--tokens 4516 --heads 8 --head-dim 64 --batch 1 --repeats 3]
+                            [--impls blocked,xla] [--smallest] [--out result.json]
+
+The attention of one layer of the train-step benchmark (bench.train_step: 226 text + 4290 video
+tokens, 8 heads x 64), fp32 on the CPU: the gradient of <attention(q, k, v), w> with respect to
+q, k and v, for fixed random inputs and w. Ours goes through
+`cogvideox_jax.attention.dot_product_attention(impl=...)`, compiled with
+`cogvideox_jax.compiler.options()`; torch's is `scaled_dot_product_attention` (its CPU flash
+kernel). Runs alternate after one warm-up each; medians. FLOPs: 4 B N L^2 K forward and twice
+that backward (the matmuls of unfused attention; a flash backward recomputes the logits, which
+is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import numpy as np
+import torch
+
+from bench.train_step import machine_facts, sig, write_json
+from cogvideox_jax import attention, compiler
+
+SMALLEST = dict(tokens=300, heads=2, head_dim=16)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.attention")
+    parser.add_argument("--tokens", type=int, default=4516)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", default="blocked,xla", help="ours, comma-separated")
+    parser.add_argument("--smallest", action="store_true", help="tiny sizes: seconds (CI)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.smallest:
+        for key, value in SMALLEST.items():
+            setattr(args, key, value)
+    impls = args.impls.split(",")
+    for impl in impls:
+        if impl not in attention.IMPLEMENTATIONS:
+            parser.error(f"--impls: {impl!r} is not one of {attention.IMPLEMENTATIONS}")
+    shape = (args.batch, args.tokens, args.heads, args.head_dim)
+    rng = np.random.default_rng(0)
+    q, k, v, w = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+
+    def ours(impl):
+        def loss(q, k, v):
+            return (attention.dot_product_attention(q, k, v, impl=impl) * w).sum()
+
+        grad = compiler.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return lambda: jax.block_until_ready(grad(q, k, v))
+
+    def theirs():
+        qt, kt, vt = (torch.tensor(x).transpose(1, 2).requires_grad_() for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt)
+        (out * torch.tensor(w).transpose(1, 2)).sum().backward()
+        return qt.grad, kt.grad, vt.grad
+
+    runs = {f"ours_{impl}": ours(impl) for impl in impls}
+    runs["torch_sdpa"] = theirs
+    times = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()  # warm-up: compilation for ours
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    # Same gradients: each of ours against torch's.
+    want = [g.transpose(1, 2).numpy() for g in theirs()]
+    flops = 3 * 4 * args.batch * args.heads * args.tokens**2 * args.head_dim
+    rows = {}
+    for name, fn in runs.items():
+        med = statistics.median(times[name])
+        rows[name] = {"s": sig(med), "gflops_per_s": sig(flops / med / 1e9)}
+        if name != "torch_sdpa":
+            got = [np.asarray(g) for g in fn()]
+            rows[name]["grad_rel_l2_vs_torch"] = max(
+                float(np.linalg.norm(a - b) / np.linalg.norm(b))
+                for a, b in zip(got, want, strict=True)
+            )
+            rows[name]["ratio_over_torch"] = sig(med / statistics.median(times["torch_sdpa"]), 3)
+    result = {
+        "benchmark": "attention",
+        "config": {
+            "batch": args.batch,
+            "tokens": args.tokens,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "dtype": "float32",
+        },
+        "flops_fwd_bwd": flops,
+        "repeats": args.repeats,
+        "machine": machine_facts(),
+        **rows,
+    }
+    print(f"{'':16}{'s':>10}{'GFLOP/s':>10}{'/ torch':>10}")
+    for name, r in rows.items():
+        print(f"{name:16}{r['s']:>10}{r['gflops_per_s']:>10}{r.get('ratio_over_torch', ''):>10}")
+    write_json(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
