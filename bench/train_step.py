@@ -2,7 +2,8 @@ r"""Transformer training step, ours against diffusers' CogVideoXTransformer3DMod
 
   python -m bench.train_step [--layers 4 --heads 8 --head-dim 64 --latent 13,30,44
                               --text-len 226 --text-dim 4096 --batch 1 --repeats 3]
-                             [--smallest] [--out result.json]
+                             [--attention auto] [--no-attention] [--smallest]
+                             [--out result.json]
 
 One step = forward + backward + AdamW update, fp32, on the CPU (ours: one jitted step on one
 device). Same config, weights (the diffusers model is built with random weights, saved and
@@ -279,10 +280,25 @@ def theirs_step(model, ab: np.ndarray, inputs: dict):
     return step
 
 
+def _without_attention():
+    """Ablation: attention(q, k, v) = v on both sides, so a step times everything else."""
+    import torch.nn.functional as F
+
+    attention.dot_product_attention = lambda q, k, v, **kw: v
+    F.scaled_dot_product_attention = lambda q, k, v, **kw: v
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.train_step")
     model_args(parser, latent="13,30,44")
+    parser.add_argument(
+        "--no-attention",
+        action="store_true",
+        help="ablation: attention returns v in both implementations (this process only)",
+    )
     args = parse(parser, argv, SMALLEST)
+    if args.no_attention:
+        _without_attention()
     ab = diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=3.0))
     theirs = diffusers_transformer(args)
     ours = load_ours(theirs, args.attention)
@@ -324,7 +340,9 @@ def main(argv=None) -> dict:
             "batch": args.batch,
             "rope": True,
             "dtype": "float32",
-            "attention": attention.resolve(args.attention, jnp.float32, tokens_per_row),
+            "attention": "none (ablation: returns v)"
+            if args.no_attention
+            else attention.resolve(args.attention, jnp.float32, tokens_per_row),
         },
         "parameters": sum(p.numel() for p in theirs.parameters()),
         "tokens_per_step": tokens,
