@@ -303,8 +303,6 @@ def main(argv=None) -> dict:
     theirs = diffusers_transformer(args)
     ours = load_ours(theirs, args.attention)
     inputs = _inputs(args, ab)
-    t, h, w = args.latent
-    tokens_per_row = args.text_len + t * (h // 2) * (w // 2)
     step, state = ours_step(ours, ab)
     del ours  # its arrays now live in (and are donated with) the state
     batch = {k: jnp.asarray(v) for k, v in inputs.items()}
@@ -342,7 +340,7 @@ def main(argv=None) -> dict:
             "dtype": "float32",
             "attention": "none (ablation: returns v)"
             if args.no_attention
-            else attention.resolve(args.attention, jnp.float32, tokens_per_row),
+            else attention.resolve(args.attention, jnp.float32, args.text_len + video_tokens),
         },
         "parameters": sum(p.numel() for p in theirs.parameters()),
         "tokens_per_step": tokens,

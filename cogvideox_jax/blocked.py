@@ -134,6 +134,12 @@ def _key_ok(lk_padded, valid, bk):
     return (jnp.arange(lk_padded) < valid).reshape(lk_padded // bk, bk)
 
 
+def _key_tiles(k, v, ids, valid, bk):
+    """What both passes scan over, key tile by key tile: k, v, key validity, key ids."""
+    key_ids = None if ids is None else _tiles(ids[1], bk)
+    return _tiles(k, bk), _tiles(v, bk), _key_ok(k.shape[1], valid, bk), key_ids
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _flash(q, k, v, ids, valid, bq, bk):
     return _forward(q, k, v, ids, valid, bq, bk)[0]
@@ -142,9 +148,7 @@ def _flash(q, k, v, ids, valid, bq, bk):
 def _forward(q, k, v, ids, valid, bq, bk):
     """q (G, Lq, K), k and v (G, Lk, K), padded to their blocks -> out (G, Lq, K), lse (G, Lq)."""
     g, lq, d = q.shape
-    key_ok = _key_ok(k.shape[1], valid, bk)
-    kv = (_tiles(k, bk), _tiles(v, bk))
-    kv_x = kv + (None if key_ok is None else key_ok, None if ids is None else _tiles(ids[1], bk))
+    kv_x = _key_tiles(k, v, ids, valid, bk)
 
     def one_query_tile(x):
         qt, qid = x
@@ -186,7 +190,6 @@ def _backward_rule(valid, bq, bk, res, d_out):
     scale = d**-0.5
     # D_i = sum_d dO_id O_id: the softmax backward's row term, once per query.
     delta = (d_out.astype(f32) * out.astype(f32)).sum(-1)
-    key_ok = _key_ok(k.shape[1], valid, bk)
     q_x = (
         _tiles(q, bq),
         _tiles(d_out.astype(f32), bq),
@@ -218,12 +221,7 @@ def _backward_rule(valid, bq, bk, res, d_out):
         (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (q_x, dq))
         return dq, (dk, dv)
 
-    kv_x = (
-        _tiles(k, bk),
-        _tiles(v, bk),
-        key_ok,
-        None if ids is None else _tiles(ids[1], bk),
-    )
+    kv_x = _key_tiles(k, v, ids, valid, bk)
     dq0 = _varying(jnp.zeros((lq // bq, g, bq, d), f32), q, k, v, ids, d_out)
     dq, (dk, dv) = jax.lax.scan(one_key_tile, dq0, kv_x)
     d_ids = (
