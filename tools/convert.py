@@ -1,11 +1,20 @@
-r"""Convert CogVideoX checkpoints between diffusers (safetensors) and Orbax, both ways, losslessly.
+r"""Convert CogVideoX checkpoints between diffusers (safetensors) and Orbax, both ways, losslessly,
+and import the original SAT checkpoints.
 
   python -m tools.convert diffusers-to-orbax SRC DST
   python -m tools.convert orbax-to-diffusers SRC DST
+  python -m tools.convert sat-to-orbax SRC DST [--variant 5b | --config config.json]
 
 SRC is one component folder (config.json + *.safetensors [+ index]) or a whole diffusers model
 folder (model_index.json + component folders: supported components are converted, the rest
 copied). No torch needed; tensors are streamed, so memory stays far below the model size.
+
+sat-to-orbax: SRC is a SAT transformer (`mp_rank_00_model_states.pt`, its iteration folder, or the
+folder with SAT's `latest` file) or VAE (`3d-vae.pt`); DST becomes the Orbax component folder that
+diffusers-to-orbax writes for the diffusers conversion of it. The diffusers config.json is
+--config's, else --variant's (required for a VAE: its scaling factor), else the released variant
+the transformer's shapes match. RoPE caches, SAT's unused embedding tables, the VAE's training
+loss and the frozen T5/VAE of whole-engine checkpoints are dropped and listed.
 """
 
 from __future__ import annotations
@@ -13,7 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cogvideox_jax import convert
+from cogvideox_jax import convert, sat
+from cogvideox_jax.transformer import VARIANTS
 
 
 def main(argv=None) -> int:
@@ -22,13 +32,29 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("direction", choices=["diffusers-to-orbax", "orbax-to-diffusers"])
+    parser.add_argument(
+        "direction", choices=["diffusers-to-orbax", "orbax-to-diffusers", "sat-to-orbax"]
+    )
     parser.add_argument("src")
     parser.add_argument("dst")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    sat_args = parser.add_argument_group("sat-to-orbax").add_mutually_exclusive_group()
+    sat_args.add_argument("--variant", choices=list(VARIANTS), help="the released model")
+    sat_args.add_argument("--config", help="the diffusers config.json of the component")
     args = parser.parse_args(argv)
+    if args.direction != "sat-to-orbax" and (args.variant or args.config):
+        parser.error("--variant and --config are for sat-to-orbax")
     try:
-        report = convert.convert(args.direction, args.src, args.dst, overwrite=args.overwrite)
+        if args.direction == "sat-to-orbax":
+            report = sat.sat_to_orbax(
+                args.src,
+                args.dst,
+                variant=args.variant,
+                config=args.config,
+                overwrite=args.overwrite,
+            )
+        else:
+            report = convert.convert(args.direction, args.src, args.dst, overwrite=args.overwrite)
     except (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
