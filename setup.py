@@ -47,6 +47,7 @@ setup(
         "test": [
             "torch==2.13.0",
             "diffusers==0.42.1",
+            "peft==0.21.2",  # diffusers' LoRA loading (load_lora_weights), in the LoRA tests
             "pytest",
             "libtpu==0.0.42.*",
         ],

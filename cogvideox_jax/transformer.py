@@ -226,9 +226,12 @@ class Linear(nnx.Module):
         self.kernel = sharding.param(init(rngs.params(), (din, dout), param_dtype), names)
         self.bias = sharding.param(jnp.zeros((dout,), param_dtype), names[1:])
         self.dtype = dtype
+        self.lora = nnx.data(None)  # a LoRA adapter (cogvideox_jax.lora.attach)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -326,9 +329,14 @@ class Attention(nnx.Module):
         self.norm_q = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
         self.norm_k = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
         self.impl, self.context_parallel, self.dtype = impl, context_parallel, dtype
+        # LoRA adapters (cogvideox_jax.lora.attach), None without.
+        self.to_q_lora, self.to_k_lora = nnx.data(None), nnx.data(None)
+        self.to_v_lora, self.to_out_lora = nnx.data(None), nnx.data(None)
 
-    def _project(self, h, kernel, bias):
+    def _project(self, h, kernel, bias, lora):
         y = jnp.einsum("BLD,DNK->BLNK", h, kernel[...].astype(self.dtype))
+        if lora is not None:
+            y = y + lora(h)
         y = y + bias[...].astype(self.dtype)
         return sharding.constrain(y, ("batch", "length", "act_heads", None))
 
@@ -336,9 +344,10 @@ class Attention(nnx.Module):
         """h (B, S + L, D); cos/sin (S + L, K) (or per row (B, S + L, K)) with identity rows for
         text -> (B, S + L, D). Tokens from `kv_valid` on are padding: no token attends to them;
         with segment_ids (B, S + L) a token attends only its own segment."""
-        q = self.norm_q(self._project(h, self.to_q_kernel, self.to_q_bias))  # (B, S+L, N, K)
-        k = self.norm_k(self._project(h, self.to_k_kernel, self.to_k_bias))
-        v = self._project(h, self.to_v_kernel, self.to_v_bias)
+        q = self._project(h, self.to_q_kernel, self.to_q_bias, self.to_q_lora)  # (B, S+L, N, K)
+        q = self.norm_q(q)
+        k = self.norm_k(self._project(h, self.to_k_kernel, self.to_k_bias, self.to_k_lora))
+        v = self._project(h, self.to_v_kernel, self.to_v_bias, self.to_v_lora)
         q, k = posemb.apply_rope(q, cos, sin), posemb.apply_rope(k, cos, sin)
         o = attention.dot_product_attention(
             q,
@@ -351,6 +360,8 @@ class Attention(nnx.Module):
         )  # (B, S+L, N, K)
         o = checkpoint_name(o, "attn_out")
         y = jnp.einsum("BLNK,NKD->BLD", o, self.to_out_kernel[...].astype(self.dtype))
+        if self.to_out_lora is not None:
+            y = y + self.to_out_lora(o)
         return y + self.to_out_bias[...].astype(self.dtype)
 
 

@@ -4,6 +4,8 @@ python -m train --config configs/cogvideox1_5_5b.py:sft --workdir $RUN \
     --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox1_5_5b.py:pretrain,frames=81,res=768x1360 --workdir $RUN
 python -m train --config configs/cogvideox1_5_5b.py:sft,runlocal --workdir $RUN
+python -m train --config configs/cogvideox1_5_5b.py:lora --workdir $RUN \
+    --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox1_5_5b.py:sft --workdir $RUN --config.mode=eval
 # With the defaults (FSDP over all chips, full remat, `auto` attention: splash on TPU), SFT at 81
 # frames fits a v5p-16 (not a v5p-8); pretraining at 161 frames (context=2, auto accumulation:

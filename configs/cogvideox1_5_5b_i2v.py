@@ -5,6 +5,8 @@ python -m train --config configs/cogvideox1_5_5b_i2v.py:sft --workdir $RUN \
 python -m train --config configs/cogvideox1_5_5b_i2v.py:pretrain,frames=161,res=768x1360 \
     --workdir $RUN
 python -m train --config configs/cogvideox1_5_5b_i2v.py:sft,runlocal --workdir $RUN
+python -m train --config configs/cogvideox1_5_5b_i2v.py:lora --workdir $RUN \
+    --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox1_5_5b_i2v.py:sft --workdir $RUN --config.mode=eval
 """
 

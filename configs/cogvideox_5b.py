@@ -4,6 +4,8 @@ python -m train --config configs/cogvideox_5b.py:sft --workdir $RUN \
     --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox_5b.py:pretrain,frames=49,res=480x720 --workdir $RUN
 python -m train --config configs/cogvideox_5b.py:sft,runlocal --workdir $RUN
+python -m train --config configs/cogvideox_5b.py:lora --workdir $RUN \
+    --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox_5b.py:sft --workdir $RUN --config.mode=eval
 # Fits a v5p-8 with the defaults (mesh fsdp over all chips, remat full) and splash attention
 # (tools.aot, BENCHMARKS.md):

@@ -4,6 +4,8 @@ python -m train --config configs/cogvideox_5b_i2v.py:sft --workdir $RUN \
     --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox_5b_i2v.py:pretrain,frames=49,res=480x720 --workdir $RUN
 python -m train --config configs/cogvideox_5b_i2v.py:sft,runlocal --workdir $RUN
+python -m train --config configs/cogvideox_5b_i2v.py:lora --workdir $RUN \
+    --config.init.checkpoint=$MODEL
 python -m train --config configs/cogvideox_5b_i2v.py:sft --workdir $RUN --config.mode=eval
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-MODES = ("pretrain", "sft")
+MODES = ("pretrain", "sft", "lora")
 
 
 def parse_arg(arg: str | None, **spec) -> ml_collections.ConfigDict:
@@ -137,7 +137,23 @@ def dit_config(
     c.log = dict(every_steps=10, progress=True)
     c.evals = dict(every_steps=1000, timesteps=(100, 300, 500, 700, 900), batch_size=8)
     c.init = dict(checkpoint="")  # a diffusers/Orbax transformer folder to start from
+    # LoRA (rank 0: off, every weight trains). Only the adapters train and are checkpointed;
+    # the base (init.checkpoint) stays frozen, stored in base_dtype ("": model.param_dtype).
+    c.lora = dict(
+        rank=0,
+        alpha=0.0,  # scale alpha / rank; 0: alpha = rank
+        targets="to_q,to_k,to_v,to_out.0",  # diffusers names; also ff.net.0.proj, ff.net.2
+        base_dtype="",
+        init="",  # adapters to continue from: a LoRA folder or a diffusers LoRA file
+    )
     c.on_nonfinite = "stop"  # or "skip": drop the update of a step with a NaN/Inf loss
+
+    if arg.mode == "lora":
+        # diffusers' CogVideoX LoRA recipe (finetune/: rank 128, alpha 64 on the attention
+        # projections, constant lr after 100 warm-up steps, clip 1.0), the base frozen in bf16.
+        c.lora.update(rank=128, alpha=64.0, base_dtype="bfloat16")
+        c.optim.update(lr=1e-4, schedule="constant", warmup_steps=100, grad_clip=1.0)
+        c.optim.ema_decay = 0.0
 
     if pretrain and pretrain_context > 1 and not arg.runlocal:
         # Long pretraining clips (1.5: 161x768x1360) split each sample over `pretrain_context`
@@ -174,6 +190,8 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
     c.input.update(num_frames=9, height=32, width=32, text_len=8, text_dim=16)
     c.input.update(num_examples=16, eval_examples=4)
     c.optim.warmup_steps = 2
+    if c.lora.rank:
+        c.lora.update(rank=4, alpha=8.0, base_dtype="float32")
     c.ckpt.every_steps = 2
     c.log.every_steps = 1
     c.evals.update(every_steps=3, batch_size=2, timesteps=(100, 900))

@@ -1,9 +1,11 @@
 r"""Convert CogVideoX checkpoints between diffusers (safetensors) and Orbax, both ways, losslessly,
-and import the original SAT checkpoints.
+import the original SAT checkpoints, and move LoRA adapters to and from diffusers.
 
   python -m tools.convert diffusers-to-orbax SRC DST
   python -m tools.convert orbax-to-diffusers SRC DST
   python -m tools.convert sat-to-orbax SRC DST [--variant 5b | --config config.json]
+  python -m tools.convert lora-to-diffusers CKPT OUT [--ema] [--merge [--base MODEL]]
+  python -m tools.convert diffusers-lora-to-orbax LORA OUT --base MODEL
 
 SRC is one component folder (config.json + *.safetensors [+ index]) or a whole diffusers model
 folder (model_index.json + component folders: supported components are converted, the rest
@@ -15,6 +17,8 @@ diffusers-to-orbax writes for the diffusers conversion of it. The diffusers conf
 --config's, else --variant's (required for a VAE: its scaling factor), else the released variant
 the transformer's shapes match. RoPE caches, SAT's unused embedding tables, the VAE's training
 loss and the frozen T5/VAE of whole-engine checkpoints are dropped and listed.
+
+The LoRA commands: `python -m tools.convert lora-to-diffusers --help` (tools/convert_lora.py).
 """
 
 from __future__ import annotations
@@ -24,9 +28,21 @@ import sys
 
 from cogvideox_jax import convert, sat
 from cogvideox_jax.transformer import VARIANTS
+from tools import convert_lora
+
+ERRORS = (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in convert_lora.COMMANDS:
+        try:
+            report = convert_lora.main(argv)
+        except ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print("\n".join([*report, f"wrote {argv[2]}"]))
+        return 0
     parser = argparse.ArgumentParser(
         prog="python -m tools.convert",
         description=__doc__,
@@ -55,7 +71,7 @@ def main(argv=None) -> int:
             )
         else:
             report = convert.convert(args.direction, args.src, args.dst, overwrite=args.overwrite)
-    except (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for line in report:

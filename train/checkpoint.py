@@ -1,5 +1,7 @@
 """Training checkpoints: one Orbax CheckpointManager step holds the whole train state
-(parameters, optimiser state, EMA, step, RNG) and the Grain iterator's position.
+(parameters, optimiser state, EMA, step, RNG) and the Grain iterator's position; a LoRA run's
+steps also hold `meta` (JSON: the adapters' config and the transformer's), so that a checkpoint
+exports on its own (`tools.convert lora-to-diffusers`).
 
 Saves are asynchronous and atomic (Orbax writes to a temporary folder and renames it on commit),
 so a process killed at any moment, even mid-save, leaves the previous checkpoints intact; the
@@ -20,17 +22,18 @@ def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.Checkp
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter) -> None:
-    """Start saving `state` and the iterator position at `step` (returns before it is done)."""
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
-        ),
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta=None) -> None:
+    """Start saving `state`, the iterator position and `meta` (a JSON dict, optional) at `step`
+    (returns before it is done)."""
+    items = dict(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)
     )
+    if meta is not None:
+        items["meta"] = ocp.args.JsonSave(meta)
+    mngr.save(step, args=ocp.args.Composite(**items))
 
 
 def restore_or_init(
@@ -81,3 +84,48 @@ def abstract(tree, shardings):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
+
+
+def step_folder(path: str) -> str:
+    """A step folder of a run: `path` itself (holding `state/`), or the latest step of a
+    checkpoints folder or of a workdir (holding `checkpoints/`)."""
+    import os
+
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    folder = (
+        os.path.join(path, "checkpoints")
+        if os.path.isdir(os.path.join(path, "checkpoints"))
+        else path
+    )
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    if not steps:
+        raise FileNotFoundError(
+            f"{path}: no training checkpoint (a workdir, its checkpoints/ or a step folder)"
+        )
+    return os.path.join(folder, str(max(steps)))
+
+
+def read_lora(path: str, *, ema: bool = False):
+    """(meta, {'/'-path: host array}) of a LoRA run's checkpoint: the adapters (or their EMA),
+    read to host memory without the mesh they were trained on."""
+    import json
+    import os
+
+    import numpy as np
+
+    from cogvideox_jax import weights
+
+    step = step_folder(path)
+    meta_file = os.path.join(step, "meta", "metadata")
+    if not os.path.isfile(meta_file):
+        raise ValueError(f"{step}: not a LoRA run's checkpoint (no meta/, written by lora runs)")
+    meta = json.loads(open(meta_file).read())
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(os.path.join(step, "state")).item_metadata.tree
+    key = "ema" if ema else "params"
+    if not tree.get(key):
+        raise ValueError(f"{step}: the checkpoint holds no {key!r} (EMA is off in this run)")
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ckptr.restore(os.path.join(step, "state"), restore_args=args)
+    return meta, weights.flatten(state[key])

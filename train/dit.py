@@ -30,7 +30,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cogvideox_jax as cj
-from cogvideox_jax import attention, compiler, diffusion, flops, sharding, transformer
+from cogvideox_jax import (
+    attention,
+    compiler,
+    diffusion,
+    flops,
+    lora,
+    sharding,
+    transformer,
+    weights,
+)
 from cogvideox_jax import vae as vae_lib
 from data import pipeline
 from train import checkpoint, evaluate, inputs, metrics, optim, packed
@@ -164,21 +173,28 @@ def _loss(params, buffers, inputs, *, graphdef, templates, ab, sc: StepConfig):
     )
 
 
+def fixed_part(state, frozen):
+    """The model's untrained part: the buffers, or in a LoRA run the frozen base model (kept out
+    of the train state, so checkpoints and the optimiser hold adapters only)."""
+    return frozen["base"] if "base" in frozen else state["buffers"]
+
+
 def train_step(state, batch, frozen, *, graphdef, templates, tx, ab, sc: StepConfig):
-    """One optimiser update -> (new state, metrics). `state` holds params, opt_state, ema,
-    buffers, step and rng; the step's randomness is fold_in(rng, step)."""
+    """One optimiser update -> (new state, metrics). `state` holds params (the trained ones),
+    opt_state, ema, buffers, step and rng; the step's randomness is fold_in(rng, step)."""
     key = jax.random.fold_in(state["rng"], state["step"])
     inputs = _prepare(batch, key, frozen, sc, train=True)
     grad_fn = jax.value_and_grad(
         functools.partial(_loss, graphdef=graphdef, templates=templates, ab=ab, sc=sc)
     )
+    fixed = fixed_part(state, frozen)
     a = sc.grad_accum_steps
     if a == 1:
-        loss, grads = grad_fn(state["params"], state["buffers"], inputs)
+        loss, grads = grad_fn(state["params"], fixed, inputs)
     else:  # micro-batches of B / a rows; gradients averaged
 
         def micro(acc, mb):
-            loss, grads = grad_fn(state["params"], state["buffers"], mb)
+            loss, grads = grad_fn(state["params"], fixed, mb)
             return jax.tree.map(jnp.add, acc, (loss, grads)), None
 
         split = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), inputs)
@@ -270,6 +286,20 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ValueError(
             f"the mesh uses {used} of the {jax.device_count()} devices (mesh.num_devices="
             f"{c.mesh.num_devices}): a multi-process run must use every process's devices"
+        )
+    try:
+        lcfg = lora_config(c)
+    except ValueError as e:
+        raise ValueError(f"config.lora: {e}") from None
+    if lcfg is not None and c.lora.base_dtype not in ("", "float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"lora.base_dtype must be float32, bfloat16 or float16, got {c.lora.base_dtype!r}"
+        )
+    if c.lora.init and not lcfg:
+        raise ValueError("lora.init is set but lora.rank is 0 (no LoRA in this run)")
+    if c.lora.init and not os.path.exists(c.lora.init):
+        raise FileNotFoundError(
+            f"lora.init {c.lora.init!r} does not exist (a LoRA folder or a diffusers LoRA file)"
         )
     if c.init.checkpoint and not os.path.isdir(c.init.checkpoint):
         raise FileNotFoundError(
@@ -487,6 +517,24 @@ class Program:
     sc: StepConfig
     ab: np.ndarray  # alphas_cumprod (num_timesteps,) float32
     rules: sharding.Rules  # the run's sharding rules (the activations' too: sharding.use_rules)
+    # LoRA runs: the adapters' config, the frozen base's shardings (frozen["base"]) and dtype.
+    lora: lora.LoraConfig | None = None
+    base_sh: Any = None
+    base_dtype: Any = None
+
+    @property
+    def trainable(self):
+        """The Variable filter of the trained parameters."""
+        return nnx.Param if self.lora is None else lora.LoraParam
+
+
+def lora_config(c) -> lora.LoraConfig | None:
+    """The run's LoRA adapters (config.lora; rank 0: none, full training)."""
+    if not c.lora.rank:
+        return None
+    return lora.LoraConfig(
+        c.lora.rank, c.lora.alpha or float(c.lora.rank), lora.parse_targets(c.lora.targets)
+    )
 
 
 def make_program(c, mesh) -> Program:
@@ -496,8 +544,10 @@ def make_program(c, mesh) -> Program:
         diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
     )
 
+    lcfg = lora_config(c)
+
     def build(seed):
-        return cj.Transformer(
+        model = cj.Transformer(
             tcfg,
             dtype=_dtype(c.model.dtype),
             param_dtype=_dtype(c.model.param_dtype),
@@ -506,8 +556,12 @@ def make_program(c, mesh) -> Program:
             context_parallel=c.model.context_parallel,
             rngs=nnx.Rngs(seed),
         )
+        if lcfg is not None:
+            add_adapters(model, lcfg, seed, _dtype(c.model.param_dtype))
+        return model
 
-    graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: build(0)), nnx.Param, ...)
+    trainable = nnx.Param if lcfg is None else lora.LoraParam
+    graphdef, abs_params, abs_buffers = nnx.split(nnx.eval_shape(lambda: build(0)), trainable, ...)
     tx, schedule = optim.make_optimizer(c.optim, c.total_steps)
     rules = sharding.rules_with(c.sharding_rules)
     replicated = NamedSharding(mesh, P())
@@ -516,17 +570,36 @@ def make_program(c, mesh) -> Program:
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abs_opt, param_sh, transform_non_params=lambda _: replicated
     )
+    # In a LoRA run the untrained part (base weights and buffers) lives in frozen["base"].
+    fixed_sh = _shardings(abs_buffers, mesh, rules)
     state_sh = dict(
         params=param_sh,
         opt_state=opt_sh,
         ema=param_sh if sc.ema_decay > 0 else {},
-        buffers=_shardings(abs_buffers, mesh, rules),
+        buffers=fixed_sh if lcfg is None else {},
         step=replicated,
         rng=replicated,
     )
     templates = (abs_params, abs_buffers)
     ab = np.asarray(ab, np.float32)
-    return Program(build, graphdef, templates, tx, schedule, state_sh, sc, ab, rules)
+    extra = {}
+    if lcfg is not None:
+        base_dtype = _dtype(c.lora.base_dtype or c.model.param_dtype)
+        extra = dict(lora=lcfg, base_sh=fixed_sh, base_dtype=base_dtype)
+    return Program(build, graphdef, templates, tx, schedule, state_sh, sc, ab, rules, **extra)
+
+
+def add_adapters(model, lcfg: lora.LoraConfig, seed: int, param_dtype) -> None:
+    """Fresh LoRA adapters on `model`, drawn from `seed` (a stream apart from the model's)."""
+    key = jax.random.fold_in(jax.random.key(seed), 0x10A)
+    lora.attach(model, lcfg, rngs=nnx.Rngs(params=key), param_dtype=param_dtype)
+
+
+def split_base(prog: Program, model) -> tuple[dict, dict]:
+    """A LoRA model -> (adapters, frozen base in the base dtype) as pure dicts."""
+    _, p, rest = nnx.split(model, lora.LoraParam, ...)
+    cast = lambda x: x.astype(prog.base_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return nnx.to_pure_dict(p), jax.tree.map(cast, nnx.to_pure_dict(rest))
 
 
 def fresh_state(prog: Program, seed: int, params, buffers) -> dict:
@@ -542,9 +615,16 @@ def fresh_state(prog: Program, seed: int, params, buffers) -> dict:
 
 
 def init_state(prog: Program, seed: int) -> dict:
-    """A randomly initialised train state (pure; jit it with out_shardings=prog.state_sh)."""
-    _, p, b = nnx.split(prog.build(seed), nnx.Param, ...)
-    return fresh_state(prog, seed, nnx.to_pure_dict(p), nnx.to_pure_dict(b))
+    """A randomly initialised train state (pure; jit it with out_shardings=prog.state_sh).
+    In a LoRA run it holds the fresh adapters only (the base: `init_base`)."""
+    _, p, b = nnx.split(prog.build(seed), prog.trainable, ...)
+    b = nnx.to_pure_dict(b) if prog.lora is None else {}
+    return fresh_state(prog, seed, nnx.to_pure_dict(p), b)
+
+
+def init_base(prog: Program, seed: int) -> dict:
+    """A LoRA run's randomly initialised frozen base (jit with out_shardings=prog.base_sh)."""
+    return split_base(prog, prog.build(seed))[1]
 
 
 def jit_train_step(prog: Program, mesh):
@@ -592,6 +672,9 @@ def abstract_train_args(c, prog: Program, mesh) -> tuple[dict, dict, dict]:
         replicated = NamedSharding(mesh, P())
         st = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), st)
         frozen["vae"] = (gd, st)
+    if prog.lora is not None:
+        base = jax.eval_shape(functools.partial(init_base, prog, c.seed))
+        frozen["base"] = checkpoint.abstract(base, prog.base_sh)
     return state, batch, frozen
 
 
@@ -610,6 +693,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logged metrics."""
     c = config
     validate(c)
+    if c.lora.rank and not c.init.checkpoint:  # (tools.aot compiles LoRA steps without one)
+        raise ValueError(
+            "a LoRA run (lora.rank > 0) adapts a trained model: set init.checkpoint to its "
+            "diffusers/Orbax transformer folder (a random base has a zero output projection, "
+            "so its adapters would get no gradient)"
+        )
     os.makedirs(workdir, exist_ok=True)
     tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
     tokens = _tokens_per_example(c, tcfg) * c.batch_size
@@ -652,13 +741,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
     def random_init():
         return jax.jit(functools.partial(init_state, prog, c.seed), out_shardings=state_sh)()
 
-    def load_pretrained(path):
+    def load_model(path):
         model = cj.load_transformer(path, dtype=_dtype(c.model.param_dtype))
         if model.cfg != tcfg:
             raise ValueError(f"init.checkpoint {path}: its architecture {model.cfg} != {tcfg}")
-        _, p, b = nnx.split(model, nnx.Param, ...)
+        return model
+
+    def load_pretrained(path):
+        _, p, b = nnx.split(load_model(path), nnx.Param, ...)
         p, b = jax.device_put((nnx.to_pure_dict(p), nnx.to_pure_dict(b)), (param_sh, buffer_sh))
         return jax.jit(functools.partial(fresh_state, prog, c.seed), out_shardings=state_sh)(p, b)
+
+    def load_adapters(path):  # a LoRA run continuing from a LoRA folder or diffusers LoRA
+        lcfg, tree = lora.load(path, tcfg)
+        if (lcfg.rank, lcfg.targets) != (prog.lora.rank, prog.lora.targets):
+            raise ValueError(
+                f"lora.init {path}: rank {lcfg.rank} on {list(lcfg.targets)}, but the config "
+                f"asks for rank {prog.lora.rank} on {list(prog.lora.targets)}"
+            )
+        if lcfg.alpha != prog.lora.alpha:  # keep the adapter's function: rescale B
+            key = [k for k in tree if k.endswith("/b")]
+            tree.update({k: tree[k] * (lcfg.alpha / prog.lora.alpha) for k in key})
+        dt = _dtype(c.model.param_dtype)
+        p = jax.device_put(weights.nest({k: v.astype(dt) for k, v in tree.items()}), param_sh)
+        return jax.jit(functools.partial(fresh_state, prog, c.seed), out_shardings=state_sh)(p, {})
 
     abstract_state = checkpoint.abstract(jax.eval_shape(random_init), state_sh)
     mngr = checkpoint.manager(
@@ -667,6 +773,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         async_save=c.ckpt.async_save,
     )
     frozen = {"vae": _frozen_vae(c, mesh)} if c.input.i2v else {}
+    meta = None
+    if prog.lora is not None:  # the frozen base: init.checkpoint's weights (validate checks)
+        base = split_base(prog, load_model(c.init.checkpoint))[1]
+        frozen["base"] = jax.device_put(base, prog.base_sh)
+        # Saved with every checkpoint: what `tools.convert lora-to-diffusers` needs.
+        meta = {
+            "lora": prog.lora.to_json(),
+            "transformer": tcfg.to_diffusers(),
+            "base": os.path.abspath(c.init.checkpoint),
+        }
 
     # ---- Compiled steps ----
     p_eval = jax.jit(
@@ -690,7 +806,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         def eval_fn(batch, index, frozen):  # the batch is read outside the mesh, as in training
             with on_mesh():
                 batch = _global_batch(batch, mesh, c.evals.batch_size)
-                return p_eval(state["params"], state["buffers"], batch, index, frozen)
+                fixed = fixed_part(state, frozen)
+                return p_eval(state["params"], fixed, batch, index, frozen)
 
         return evaluate.held_out_loss(eval_fn, eval_ds, frozen, tuple(c.evals.timesteps))
 
@@ -701,8 +818,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         mngr,
         abstract_state,
         data_iter,
-        init_checkpoint=c.init.checkpoint,
-        load_pretrained=load_pretrained,
+        init_checkpoint=c.init.checkpoint if prog.lora is None else c.lora.init,
+        load_pretrained=load_pretrained if prog.lora is None else load_adapters,
         random_init=random_init,
     )
     _note(f"train state: {origin}")
@@ -761,13 +878,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     row.update(run_eval(state))
                     if demo is not None:
                         with on_mesh():
-                            model = _merge(graphdef, templates, state["params"], state["buffers"])
+                            fixed = fixed_part(state, frozen)
+                            model = _merge(graphdef, templates, state["params"], fixed)
                             row.update(demo.sample(model, step))
                 log.write(step, row)
                 t0, steps_timed, skipped = time.perf_counter(), 0, 0
                 done = dict.fromkeys(done, 0.0)
             if step % c.ckpt.every_steps == 0 or step == c.total_steps:
-                checkpoint.save(mngr, step, state, data_iter)
+                checkpoint.save(mngr, step, state, data_iter, meta)
                 last_saved = step
             log.advance(step)
     finally:
