@@ -202,6 +202,13 @@ def merge(model) -> None:
         setattr(mod, t.adapter, None)
 
 
+def fuse(model, cfg: LoraConfig, tree, *, scale: float = 1.0) -> None:
+    """Merge adapters into `model`'s weights at `scale` times their strength (diffusers'
+    `fuse_lora(lora_scale=...)`): sampling then costs what the base model costs."""
+    load_adapters(model, dataclasses.replace(cfg, alpha=cfg.alpha * scale), tree)
+    merge(model)
+
+
 # ---- diffusers (PEFT) format ----
 
 

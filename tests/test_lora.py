@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 import cogvideox_jax as cj
 from cogvideox_jax import lora
 from tools import convert as convert_tool
+from tools import convert_lora
 from train import checkpoint, dit
 
 ALL = tuple(lora.TARGETS)
@@ -51,6 +54,23 @@ def test_new_adapters_change_nothing_and_merge_equals_unmerged():
     lora.merge(model)
     assert not nnx.state(model, lora.LoraParam)  # merged away
     assert rel_l2(np.asarray(model(x, text, t)), adapted) < 1e-5
+
+
+def test_5b_lora_train_state_holds_only_the_adapters():
+    """At full size (abstractly): the trained parameters, Adam moments and checkpoint of a 5B
+    rank-128 LoRA run are the adapters alone, 42 layers x 4 projections x (A + B)."""
+    cfg = importlib.import_module("configs.cogvideox_5b").get_config("lora")
+    mesh = dit.make_mesh(cfg.mesh)
+    prog = dit.make_program(cfg, mesh)
+    state = jax.eval_shape(functools.partial(dit.init_state, prog, 0))
+    adapters = 42 * 4 * (3072 * 128 + 128 * 3072)
+    assert sum(x.size for x in jax.tree.leaves(state["params"])) == adapters == 132_120_576
+    assert state["buffers"] == {} and state["ema"] == {}
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert total < 3 * 4 * adapters + 1024  # params + 2 Adam moments, float32: 1.6 GB
+    base = jax.eval_shape(functools.partial(dit.init_base, prog, 0))  # frozen, outside the state
+    assert sum(x.size for x in jax.tree.leaves(base)) > 5e9
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_bad_lora_configs_name_the_rule():
@@ -145,6 +165,28 @@ def test_lora_export_loads_into_diffusers_with_the_same_output(lora_run, tmp_pat
     assert rel_l2(transformer_forward(merged, x, text, t), theirs) < 1e-5
 
 
+def test_lora_run_continues_from_an_exported_lora_on_a_bf16_base(lora_run, tmp_path):
+    cfg, _, workdir = lora_run
+    assert convert_tool.main(["lora-to-diffusers", str(workdir), str(tmp_path / "file")]) == 0
+    _, trained = checkpoint.read_lora(str(workdir))
+    cfg = cfg.copy_and_resolve_references()
+    cfg.lora.init = str(tmp_path / "file" / lora.DIFFUSERS_FILE)
+    cfg.lora.base_dtype = "bfloat16"
+    cfg.optim.lr = 0.0  # no update: the checkpoint must hold the imported adapters
+    cfg.total_steps = 1
+    dit.train_and_evaluate(cfg, str(tmp_path / "run"))
+    _, again = checkpoint.read_lora(str(tmp_path / "run"))
+    for k, v in trained.items():  # the file holds B * alpha / rank; the run's alpha undoes it
+        np.testing.assert_allclose(again[k], v, rtol=1e-6, atol=1e-8)
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(rows[-1]["loss"])
+    # The frozen base is kept in bfloat16, the adapters in float32.
+    prog = dit.make_program(cfg, dit.make_mesh(cfg.mesh))
+    adapters, base = dit.split_base(prog, prog.build(0))
+    assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
+
+
 # ---- A diffusers LoRA imported here ----
 
 
@@ -179,6 +221,13 @@ def test_diffusers_lora_imports_with_diffusers_output(with_metadata, tmp_path):
     model = cj.load_transformer(tmp_path / "base")
     lora.load_adapters(model, lcfg, tree)
     assert rel_l2(np.asarray(model(x, text, t)), theirs) < 1e-5
+
+    # At half strength, as diffusers' adapter weight 0.5 (tools.sample --lora-scale).
+    model = cj.load_transformer(tmp_path / "base")
+    lora.fuse(model, *convert_lora.read_any(str(tmp_path / "lora"), model.cfg), scale=0.5)
+    torch_model.set_adapters(["default"], weights=[0.5])
+    half = transformer_forward(torch_model, x, text, t)
+    assert rel_l2(np.asarray(model(x, text, t)), half) < 1e-5
 
     # And back: exporting the imported LoRA gives diffusers' tensors (scale folded into B).
     assert (
@@ -218,3 +267,26 @@ def test_diffusers_lora_errors_name_the_tensor(tmp_path):
     del missing["transformer.transformer_blocks.1.attn1.to_q.lora_B.weight"]
     with pytest.raises(ValueError, match=r"to_q.lora_B .*missing blocks \[1\]"):
         lora.from_diffusers(missing, None, tcfg)
+
+
+def test_sample_cli_merges_a_lora(tmp_path):
+    from test_pipeline import _full_model
+
+    from data.video import read_mp4
+    from tools import sample
+
+    theirs, ours = _full_model(tmp_path)
+    peft_cfg = PeftConfig(r=2, lora_alpha=2, target_modules=list(ALL), init_lora_weights=False)
+    theirs.transformer.add_adapter(peft_cfg)
+    CogVideoXPipeline.save_lora_weights(
+        tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(theirs.transformer)
+    )
+    argv = ["--model", str(tmp_path / "model"), "--prompt", "a panda", "--height", "48"]
+    argv += ["--width", "64", "--num-frames", "9", "--steps", "2"]
+    assert sample.main([*argv, "--out", str(tmp_path / "plain.mp4")]) == 0
+    lora_args = ["--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "lora.mp4")]
+    assert sample.main([*argv, *lora_args]) == 0
+    plain, _ = read_mp4(tmp_path / "plain.mp4")
+    adapted, fps = read_mp4(tmp_path / "lora.mp4")
+    assert adapted.shape == plain.shape == (9, 48, 64, 3) and fps == 8
+    assert np.abs(adapted.astype(int) - plain.astype(int)).mean() > 1  # the LoRA took effect

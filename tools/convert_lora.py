@@ -48,6 +48,19 @@ def read_adapters(src: str, *, ema: bool = False):
     return cfg, tree, TransformerConfig.from_diffusers(meta["transformer"]), meta.get("base", "")
 
 
+def read_any(path: str, tcfg: TransformerConfig):
+    """(LoraConfig, adapter tree) from a LoRA run's checkpoint, a LoRA folder or a diffusers
+    LoRA (file or folder) for the transformer `tcfg`."""
+    p = Path(path)
+    diffusers_file = p.is_file() or (p / lora.DIFFUSERS_FILE).is_file()
+    if lora.is_folder(p) or diffusers_file:
+        return lora.load(p, tcfg)
+    cfg, tree, trained_on, _ = read_adapters(path)
+    if trained_on != tcfg:
+        raise ValueError(f"{path}: adapters for {trained_on}, not for this model ({tcfg})")
+    return cfg, tree
+
+
 def main(argv) -> list[str]:
     """Run one LoRA command; returns the report lines (errors raise)."""
     parser = argparse.ArgumentParser(

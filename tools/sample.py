@@ -2,6 +2,11 @@ r"""Sample a video from a CogVideoX model folder (diffusers layout, or its Orbax
 
   python -m tools.sample --model DIR --prompt "a red ball rolls left" --out video.mp4
   python -m tools.sample --model DIR --prompt "..." --image first.png --out video.mp4   # I2V
+  python -m tools.sample --model DIR --lora RUN_OR_LORA --lora-scale 1.0 --prompt "..." --out v.mp4
+
+--lora takes a LoRA run (workdir or step folder; its latest adapters), a LoRA folder or a
+diffusers LoRA (`pytorch_lora_weights.safetensors` or its folder); the adapters are merged into
+the transformer's weights, scaled by --lora-scale, before sampling.
 
 Writes an H.264 mp4 at the model's native frame rate (8 fps for CogVideoX 1.0, 16 for 1.5).
 """
@@ -42,6 +47,8 @@ def main(argv=None) -> int:
         default=None,
         help="transformer and text encoder dtype (default: as stored)",
     )
+    parser.add_argument("--lora", default=None, help="LoRA adapters to merge (see above)")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
     args = parser.parse_args(argv)
 
     from PIL import Image
@@ -51,6 +58,13 @@ def main(argv=None) -> int:
     t0 = time.time()
     pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype and jnp.dtype(args.dtype))
     print(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    if args.lora:
+        from cogvideox_jax import lora
+        from tools import convert_lora
+
+        cfg, tree = convert_lora.read_any(args.lora, pipe.transformer.cfg)
+        lora.fuse(pipe.transformer, cfg, tree, scale=args.lora_scale)
+        print(f"merged the rank-{cfg.rank} LoRA {args.lora} at scale {args.lora_scale:g}")
     image = Image.open(args.image) if args.image else None
     video = pipe(
         args.prompt,
