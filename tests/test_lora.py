@@ -115,7 +115,8 @@ def lora_run(tmp_path_factory):
     base = _tiny_base(tmp, cj.transformer_config(cfg.model.variant, **cfg.model.overrides))
     cfg.init.checkpoint = str(base)
     cfg.optim.lr = 3e-2  # large enough that the adapters move measurably in a few steps
-    cfg.evals.every_steps = 100
+    cfg.evals.every_steps = 6  # held-out loss once, on the LoRA model
+    cfg.optim.ema_decay = 0.5
     workdir = tmp / "run"
     cfg.total_steps = 4
     dit.train_and_evaluate(cfg, str(workdir))
@@ -127,18 +128,18 @@ def lora_run(tmp_path_factory):
 def test_lora_run_checkpoints_only_adapters_and_resumes(lora_run, capsys):
     cfg, _, workdir = lora_run
     rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and "eval_loss" in rows[-1]
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["grad_norm"] > 0
     meta, params = checkpoint.read_lora(str(workdir))
     assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": list(lora.DEFAULT_TARGETS)}
     assert sorted(params) == sorted(lora.adapter_paths(lora.LoraConfig.from_json(meta["lora"])))
     assert all(np.abs(v).max() > 0 for k, v in params.items())  # B moved off zero
-    # Nothing but adapters (and their Adam moments) in the saved state: no base weights.
+    # Nothing but adapters (with their EMA and Adam moments) in the saved state: no base.
     step = checkpoint.step_folder(str(workdir))
     saved = checkpoint.ocp.PyTreeCheckpointer().metadata(os.path.join(step, "state"))
     leaves = jax.tree.leaves(saved.item_metadata.tree)
     adapter_size = sum(v.size for v in params.values())
-    assert sum(int(np.prod(m.shape)) for m in leaves) <= 3 * adapter_size + 16
+    assert sum(int(np.prod(m.shape)) for m in leaves) <= 4 * adapter_size + 16
 
 
 def test_lora_export_loads_into_diffusers_with_the_same_output(lora_run, tmp_path):
@@ -163,6 +164,16 @@ def test_lora_export_loads_into_diffusers_with_the_same_output(lora_run, tmp_pat
     assert convert_tool.main(argv) == 0  # the base comes from the run's init.checkpoint
     merged = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
     assert rel_l2(transformer_forward(merged, x, text, t), theirs) < 1e-5
+
+    # --ema: the adapters' moving average instead.
+    argv = ["lora-to-diffusers", str(workdir), str(tmp_path / "ema"), "--ema"]
+    assert convert_tool.main(argv) == 0
+    _, ema = checkpoint.read_lora(str(workdir), ema=True)
+    assert any(not np.array_equal(ema[k], params[k]) for k in params)
+    want = lora.to_diffusers(lora.LoraConfig.from_json(meta["lora"]), ema)
+    got = load_file(tmp_path / "ema" / lora.DIFFUSERS_FILE)
+    assert sorted(got) == sorted(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_lora_run_continues_from_an_exported_lora_on_a_bf16_base(lora_run, tmp_path):
@@ -221,6 +232,11 @@ def test_diffusers_lora_imports_with_diffusers_output(with_metadata, tmp_path):
     model = cj.load_transformer(tmp_path / "base")
     lora.load_adapters(model, lcfg, tree)
     assert rel_l2(np.asarray(model(x, text, t)), theirs) < 1e-5
+    # Merged from the LoRA folder onto a named base: a plain diffusers transformer.
+    argv = ["lora-to-diffusers", str(tmp_path / "ours"), str(tmp_path / "merged"), "--merge"]
+    assert convert_tool.main([*argv, "--base", str(tmp_path / "base")]) == 0
+    merged = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
+    assert rel_l2(transformer_forward(merged, x, text, t), theirs) < 1e-5
 
     # At half strength, as diffusers' adapter weight 0.5 (tools.sample --lora-scale).
     model = cj.load_transformer(tmp_path / "base")
@@ -290,3 +306,17 @@ def test_sample_cli_merges_a_lora(tmp_path):
     adapted, fps = read_mp4(tmp_path / "lora.mp4")
     assert adapted.shape == plain.shape == (9, 48, 64, 3) and fps == 8
     assert np.abs(adapted.astype(int) - plain.astype(int)).mean() > 1  # the LoRA took effect
+    # Imported, then merged into the whole model folder: the other components copied, the
+    # transformer the one --lora sampled with.
+    lora_dir, merged = str(tmp_path / "ours"), str(tmp_path / "merged")
+    base = ["--base", str(tmp_path / "model")]
+    assert (
+        convert_tool.main(["diffusers-lora-to-orbax", str(tmp_path / "lora"), lora_dir, *base]) == 0
+    )
+    assert convert_tool.main(["lora-to-diffusers", lora_dir, merged, "--merge", *base]) == 0
+    assert sorted(os.listdir(merged)) == sorted(os.listdir(tmp_path / "model"))
+    fused = cj.load_transformer(tmp_path / "model")
+    lora.fuse(fused, *convert_lora.read_any(str(tmp_path / "lora"), fused.cfg))
+    x, text, t = _inputs(fused.cfg)
+    got = cj.load_transformer(merged)(x, text, t)
+    assert rel_l2(got, fused(x, text, t)) < 1e-6
