@@ -73,6 +73,34 @@ def test_5b_lora_train_state_holds_only_the_adapters():
     assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1_5_5b", "cogvideox1_5_5b_i2v"],
+)
+def test_every_config_has_a_lora_mode_whose_step_lowers(name):
+    """The `lora` mode of each config: its train step (image conditioning included) traces and
+    lowers with the adapters as the only trained state and the base passed frozen."""
+    from cogvideox_jax import sharding
+
+    cfg = importlib.import_module(f"configs.{name}").get_config("lora,runlocal")
+    assert cfg.lora.rank > 0 and cfg.optim.ema_decay == 0
+    dit.validate(cfg)
+    mesh = dit.make_mesh(cfg.mesh)
+    prog = dit.make_program(cfg, mesh)
+    state, batch, frozen = dit.abstract_train_args(cfg, prog, mesh)
+    lcfg = dit.lora_config(cfg)
+    paths = {
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    }
+    assert paths == set(lora.adapter_paths(lcfg))
+    assert "base" in frozen and ("vae" in frozen) == cfg.input.i2v
+    with jax.set_mesh(mesh), sharding.use_rules(prog.rules):
+        lowered = dit.jit_train_step(prog, mesh).lower(state, batch, frozen)
+    out_state, _ = lowered.out_info  # the step returns adapters only, nothing of the base
+    assert jax.tree.structure(out_state) == jax.tree.structure(state)
+
+
 def test_bad_lora_configs_name_the_rule():
     with pytest.raises(ValueError, match="to_qq"):
         lora.LoraConfig(4, 4.0, ("to_qq",))
