@@ -11,7 +11,10 @@ Counted: every matmul, as 2 * (input features) * (output features) per row it is
     block plus the output norm (negligible, counted for completeness).
 Not counted: LayerNorms, RoPE, GELU, softmax, residual adds and gates (elementwise, a few percent
 at most), and remat recomputation. Training is 3 x forward (the backward pass has two matmuls
-per forward matmul), the convention of MaxText and maxdiffusion.
+per forward matmul), the convention of MaxText and maxdiffusion. With LoRA the base weights are
+frozen: their matmuls need no weight gradient (2 x forward: the input gradient is counted
+everywhere, although the first block's input and the embeddings need none), while attention (no
+weights) and the adapters (2 * rank * (in + out) per token each) stay at 3 x.
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ def transformer_flops(cfg: TransformerConfig, text_len: int, video_tokens: int) 
     return blocks + embed + head + time
 
 
-def train_flops(cfg: TransformerConfig, text_len: int, video_tokens: int) -> int:
-    """Model FLOPs of one training sample: 3 x forward (remat recomputation not counted)."""
-    return 3 * transformer_flops(cfg, text_len, video_tokens)
+# Input and output widths of the LoRA targets (cogvideox_jax.lora), in units of the model width.
+_LORA_DIMS = {
+    "to_q": (1, 1),
+    "to_k": (1, 1),
+    "to_v": (1, 1),
+    "to_out.0": (1, 1),
+    "ff.net.0.proj": (1, 4),
+    "ff.net.2": (4, 1),
+}
+
+
+def train_flops(cfg: TransformerConfig, text_len: int, video_tokens: int, lora=None) -> int:
+    """Model FLOPs of one training sample: 3 x forward (remat recomputation not counted); with
+    `lora` (a `cogvideox_jax.lora.LoraConfig`) the frozen weights' matmuls count 2 x forward."""
+    forward = transformer_flops(cfg, text_len, video_tokens)
+    if lora is None:
+        return 3 * forward
+    d, n = cfg.width, text_len + video_tokens
+    attention = cfg.num_layers * 4 * n * n * d
+    per_token = sum(2 * lora.rank * (i + o) * d for i, o in map(_LORA_DIMS.get, lora.targets))
+    adapters = cfg.num_layers * n * per_token
+    return 2 * (forward - attention) + 3 * attention + 3 * adapters

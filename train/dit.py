@@ -451,8 +451,10 @@ def video_tokens(c, tcfg) -> int:
 
 
 def model_flops_per_step(c, tcfg) -> int:
-    """Analytic training FLOPs of one step (cogvideox_jax.flops: 3 x forward, no remat)."""
-    return c.batch_size * flops.train_flops(tcfg, c.input.text_len, video_tokens(c, tcfg))
+    """Analytic training FLOPs of one step (cogvideox_jax.flops: 3 x forward, no remat; a LoRA
+    run's frozen weights 2 x)."""
+    n = video_tokens(c, tcfg)
+    return c.batch_size * flops.train_flops(tcfg, c.input.text_len, n, lora_config(c))
 
 
 def _tokens_per_example(c, tcfg) -> int:
@@ -840,7 +842,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             steps_timed += 1
             counts = (tokens, step_flops)
             if c.input.packing:  # each clip counts its own tokens (attention is per clip)
-                counts = packed.step_counts(m["clip_tokens"], tcfg, c.input.text_len)
+                counts = packed.step_counts(
+                    m["clip_tokens"], tcfg, c.input.text_len, lora_config(c)
+                )
                 done["efficiency"] += float(m["packing_efficiency"])
             done["tokens"] += counts[0]
             done["flops"] += counts[1]

@@ -87,11 +87,11 @@ def efficiency(batch) -> jax.Array:
     return real / budget
 
 
-def step_counts(clip_tokens, tcfg, text_len: int) -> tuple[float, float]:
+def step_counts(clip_tokens, tcfg, text_len: int, lora=None) -> tuple[float, float]:
     """(tokens, model FLOPs) of a step's clips from their video token counts (B, G) (on the
     host): each clip counts its own text and video tokens, and cogvideox_jax.flops of its own
     length, since attention is per clip (a pack costs the sum of its clips)."""
     lengths = np.asarray(clip_tokens, np.float64)
     lengths = lengths[lengths > 0]
     tokens = lengths.sum() + lengths.size * text_len
-    return float(tokens), float(flops.train_flops(tcfg, text_len, lengths).sum())
+    return float(tokens), float(flops.train_flops(tcfg, text_len, lengths, lora).sum())
