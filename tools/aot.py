@@ -190,8 +190,9 @@ def report(r: dict) -> None:
     print(f"peak {g(r['peak_bytes_per_chip'])} of {hbm} HBM: {verdict}")
     print(
         f"FLOPs per step: XLA {r['flops_per_step']:.3e} ({r['xla_flops_per_chip']:.3e} per "
-        f"chip x {r['mesh_chips']}), model {r['model_flops_per_step']:.3e} (3 x forward, no "
-        "remat). XLA counts a loop body once (the layer scan, gradient accumulation) and no "
+        f"chip x {r['mesh_chips']}), model {r['model_flops_per_step']:.3e} (cogvideox_jax.flops: "
+        "3 x forward, frozen LoRA bases 2 x, no remat). XLA counts a loop body once (the layer "
+        "scan, gradient accumulation) and no "
         "FLOPs inside Pallas kernels (splash), so it is far below the model figure for full "
         "models"
     )
