@@ -49,7 +49,13 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "direction", choices=["diffusers-to-orbax", "orbax-to-diffusers", "sat-to-orbax"]
+        "direction",
+        choices=[
+            "diffusers-to-orbax",
+            "orbax-to-diffusers",
+            "sat-to-orbax",
+            *convert_lora.COMMANDS,
+        ],
     )
     parser.add_argument("src")
     parser.add_argument("dst")
