@@ -756,7 +756,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     def load_adapters(path):  # a LoRA run continuing from a LoRA folder or diffusers LoRA
         lcfg, tree = lora.load(path, tcfg)
-        if (lcfg.rank, lcfg.targets) != (prog.lora.rank, prog.lora.targets):
+        if (lcfg.rank, set(lcfg.targets)) != (prog.lora.rank, set(prog.lora.targets)):
             raise ValueError(
                 f"lora.init {path}: rank {lcfg.rank} on {list(lcfg.targets)}, but the config "
                 f"asks for rank {prog.lora.rank} on {list(prog.lora.targets)}"
