@@ -18,12 +18,16 @@ import pytest
 import reference as ref
 import torch
 from absl import flags
+from conftest import compile_env
 from flax import nnx
 from ml_collections import config_flags
 
 import cogvideox_jax as cj
 from cogvideox_jax import diffusion
 from train import dit
+
+# Compiling dominates these runs: the trainer's programs are compiled with conftest.FAST_COMPILE.
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
@@ -205,14 +209,17 @@ def test_latent_padding_for_temporal_patches():
 def _run(workdir, *overrides, wait=True):
     cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_2b.py:sft,runlocal"]
     cmd += ["--workdir", str(workdir), *overrides]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(Path(workdir).parent / "jax_cache"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    if wait:
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err.decode()[-3000:]
+    env = compile_env() | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    log = Path(f"{workdir}.log")
+    with open(log, "ab") as err:  # a file: nobody has to drain a pipe while the run goes on
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    proc.log = log
+    return _wait(proc) if wait else proc
+
+
+def _wait(proc):
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, proc.log.read_text()[-3000:]
     return proc
 
 
@@ -223,20 +230,27 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         "--config.evals.every_steps=50",
         "--config.log.progress=False",
     ]
-    _run(tmp_path / "straight", *args)
-    proc = _run(tmp_path / "killed", *args, wait=False)
-    metrics_file = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-        if len(rows) >= 40:  # at least 3 checkpoints started
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = len(metrics_file.read_text().splitlines())
-    assert killed_at < 150
+    # The uninterrupted run goes on beside the one that is killed (another workdir).
+    straight = _run(tmp_path / "straight", *args, wait=False)
+    try:
+        proc = _run(tmp_path / "killed", *args, wait=False)
+        metrics_file = tmp_path / "killed" / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+            if len(rows) >= 40:  # at least 3 checkpoints started
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = len(metrics_file.read_text().splitlines())
+        assert killed_at < 150
+        _wait(straight)
+    finally:
+        if straight.poll() is None:
+            straight.kill()
+            straight.wait()
     _run(tmp_path / "killed", *args)
 
     keys = lambda r: {k: v for k, v in r.items() if not k.endswith("_per_sec")}  # noqa: E731
