@@ -3,7 +3,6 @@ on raw clips, bucketed and packed, and a model config on precomputed latents and
 encoded on the fly."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import reference as ref
+from conftest import compile_env
 from test_train import _config, _rows
 
 from data import demo as demo_data
 from data import prepared, video
 from train import dit
 
+# Compiling dominates these runs: the trainer's programs are compiled with conftest.FAST_COMPILE.
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _prepare(src, out, *args, devices=2):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
+    env = compile_env(devices)
     cmd = [sys.executable, "-m", "tools.prepare_data", str(src), str(out), *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd}:\n{proc.stdout}\n{proc.stderr}"
@@ -131,18 +130,30 @@ def test_model_config_trains_on_precomputed_latents(latents, packing, tmp_path):
     assert ds.kind == "latents" and ds.meta["scaling_factor"] == 0.7
     overrides = {"input.data_dir": str(out), "input.packing": packing, "evals.every_steps": 2}
     cfg = _config("cogvideox_5b", "sft,runlocal", total_steps=2, **overrides)
-    last = dit.train_and_evaluate(cfg, str(tmp_path / "run"))
-    assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
-    assert ("packing_efficiency" in last) == packing
+    proc = None
     if not packing:  # `python -m train` with 2 Grain worker processes reads the same batches
         cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_5b.py:sft,runlocal"]
         cmd += ["--workdir", str(tmp_path / "workers"), "--config.total_steps=2"]
         cmd += [f"--config.input.data_dir={out}", "--config.input.workers=2"]
         cmd += ["--config.evals.every_steps=2"]
-        flags = "--xla_force_host_platform_device_count=8"
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        # It runs beside this process's run (below), into its own workdir.
+        log = tmp_path / "workers.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=compile_env(), stdout=subprocess.DEVNULL, stderr=err
+            )
+    try:
+        last = dit.train_and_evaluate(cfg, str(tmp_path / "run"))
+        if proc is not None:
+            proc.wait(timeout=600)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+    assert ("packing_efficiency" in last) == packing
+    if not packing:
+        assert proc.returncode == 0, log.read_text()[-3000:]
         want = [(r["loss"], r.get("eval_loss", 0.0)) for r in _rows(tmp_path / "run")]
         got = [(r["loss"], r.get("eval_loss", 0.0)) for r in _rows(tmp_path / "workers")]
         np.testing.assert_allclose(got, want, rtol=1e-6)
