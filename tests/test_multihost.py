@@ -4,7 +4,6 @@ JAX_PROCESS_ID with Gloo CPU collectives, train, checkpoint, resume and log what
 with the same devices logs; and the start-up rules for the environment variables."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compile_env
 
 from train import distributed
 
@@ -35,15 +35,9 @@ def _free_port() -> int:
 def _launch(workdir: Path, *, processes: int, devices: int, steps: int):
     """(command, environment, log file) of each of `processes` x `python -m train`, each with
     `devices` CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # No backend optimisation: it dominates the compile time of these tiny programs, and every
-    # run here compiles with the same flags.
-    env["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"
-    )
-    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir.parent / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    # No backend optimisation (conftest.FAST_COMPILE): it dominates the compile time of these
+    # tiny programs, and every run here compiles with the same flags; the session's cache.
+    env = compile_env(devices) | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     for name in (distributed.COORDINATOR, distributed.NUM_PROCESSES, distributed.PROCESS_ID):
         env.pop(name, None)
     if processes > 1:
