@@ -4,9 +4,8 @@ The environment variables must be set before jax is imported anywhere.
 
 Compiling dominates the trainer tests, so the session keeps a persistent compilation cache (a
 temporary folder, unless JAX_COMPILATION_CACHE_DIR names one): a program compiled again, in this
-process or in a `python -m train` child given `compile_env()`, is read back instead. Under the
-`fast_compile` fixture (or `fast_compiling()`), programs compile without XLA:CPU's backend
-optimisation and LLVM's costlier passes.
+process or in a `python -m train` child given `compile_env()`, is read back instead. The
+`fast_compile` fixture compiles without LLVM's costlier passes.
 """
 
 import atexit
@@ -46,13 +45,14 @@ def compile_env(devices: int = 8, fast: bool = True) -> dict:
     this process compiled under it is then read back from the cache)."""
     count = "--xla_force_host_platform_device_count"
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(count)]
-    return {
+    env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": " ".join([*flags, f"{count}={devices}"]),
         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
         FAST.upper(): "1" if fast else "0",
     }
+    return env
 
 
 @contextlib.contextmanager
