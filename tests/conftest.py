@@ -9,7 +9,6 @@ process or in a `python -m train` child given `compile_env()`, is read back inst
 """
 
 import atexit
-import contextlib
 import os
 import shutil
 import tempfile
@@ -30,8 +29,6 @@ if not jax.config.jax_compilation_cache_dir:
     _CACHE = tempfile.mkdtemp(prefix="jax_cache_")
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _CACHE)
-    # Also programs that compile in a fraction of a second (the fast-compiled ones, mostly).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # Compiling dominates these tiny programs: jax_disable_most_optimizations (env
 # JAX_DISABLE_MOST_OPTIMIZATIONS) compiles every program without XLA:CPU's backend optimisation
@@ -55,20 +52,13 @@ def compile_env(devices: int = 8, fast: bool = True) -> dict:
     return env
 
 
-@contextlib.contextmanager
-def fast_compiling():
-    """Every program compiled inside (jitted or eager) compiled with
-    jax_disable_most_optimizations."""
+@pytest.fixture(scope="module")
+def fast_compile():
+    """Every program of the module's tests (the trainer's steps, the demo's VAE, eager ops)
+    compiled with jax_disable_most_optimizations."""
     before = jax.config.read(FAST)
     jax.config.update(FAST, True)
     try:
         yield
     finally:
         jax.config.update(FAST, before)
-
-
-@pytest.fixture(scope="module")
-def fast_compile():
-    """`fast_compiling` for the whole module (the trainer's steps, the demo's VAE, eager ops)."""
-    with fast_compiling():
-        yield
