@@ -13,10 +13,15 @@ same work is 2x faster at CogVideoX's sequence lengths (BENCHMARKS.md). Numbers:
 softmax statistics and accumulators in float32 whatever the input dtype; same results as the
 unblocked softmax to float32 rounding (tests/test_attention_blocked.py).
 
+Keys are never padded: the key tiles that fill a whole block go through the scan, and the
+remainder (Lk mod block, a static size) is one more step of the same code after it. So without
+`kv_valid` or segment ids no tile carries a mask (padded keys would need one in every tile, a
+select over each tile's logits in both passes). Queries are padded to their block; padded rows
+are dropped and get zero gradients (their output cotangent is zero).
+
 Masks: `kv_valid` (keys at positions >= kv_valid get no weight) and segment ids (a query attends
-only the keys with its id). Block padding is masked the same way. A masked logit is a large
-finite negative number, not -inf, so that a tile whose keys are all masked adds exact zeros once
-the row has seen a real key, and never NaN.
+only the keys with its id). A masked logit is a large finite negative number, not -inf, so that a
+tile whose keys are all masked adds exact zeros once the row has seen a real key, and never NaN.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def attention(
     """q (B, Lq, N, K), k and v (B, Lk, N, K) -> (B, Lq, N, K) in q's dtype.
 
     kv_valid: a Python int, keys at positions >= it are ignored. q_ids (B, Lq) and kv_ids
-    (B, Lk): int segment ids, both or neither. Blocks are clipped to the (8-rounded) lengths."""
+    (B, Lk): int segment ids, both or neither. The query block is clipped to the 8-rounded query
+    length, the key block to the key length."""
     b, lq, n, d = q.shape
     lk = k.shape[1]
     if k.shape != (b, lk, n, d) or v.shape != k.shape:
@@ -56,20 +62,18 @@ def attention(
     if (q_ids is None) != (kv_ids is None):
         raise ValueError("pass both q_ids and kv_ids, or neither")
     bq = min(block_q, _round_up(lq, 8))
-    bk = min(block_k, _round_up(lk, 8))
+    bk = min(block_k, lk)
     valid = lk if kv_valid is None else min(kv_valid, lk)
 
-    def heads_first(x, block):  # (B, L, N, K) -> (B*N, L padded, K)
-        x = x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d)
-        return _pad(x, block, 1)
+    def heads_first(x):  # (B, L, N, K) -> (B*N, L, K)
+        return x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d)
 
     if q_ids is None:
         ids = None
-    else:  # one row of ids per (batch, head); padding gets ids no real token has
+    else:  # one row of ids per (batch, head); query padding gets an id no real token has
         qi = _pad(jnp.repeat(q_ids.astype(jnp.int32), n, axis=0), bq, 1, -1)
-        ki = _pad(jnp.repeat(kv_ids.astype(jnp.int32), n, axis=0), bk, 1, -2)
-        ids = (qi, ki)
-    o = _flash(heads_first(q, bq), heads_first(k, bk), heads_first(v, bk), ids, valid, bq, bk)
+        ids = (qi, jnp.repeat(kv_ids.astype(jnp.int32), n, axis=0))
+    o = _flash(_pad(heads_first(q), bq, 1), heads_first(k), heads_first(v), ids, valid, bq, bk)
     return o[:, :lq].reshape(b, n, lq, d).transpose(0, 2, 1, 3)
 
 
@@ -127,17 +131,27 @@ def _varying(init, *like):
     return jax.tree.map(lambda x: jax.lax.pcast(x, tuple(sorted(axes)), to="varying"), init)
 
 
-def _key_ok(lk_padded, valid, bk):
-    """(T, bk) bool, or None when every key is valid."""
-    if valid >= lk_padded:
-        return None
-    return (jnp.arange(lk_padded) < valid).reshape(lk_padded // bk, bk)
-
-
 def _key_tiles(k, v, ids, valid, bk):
-    """What both passes scan over, key tile by key tile: k, v, key validity, key ids."""
-    key_ids = None if ids is None else _tiles(ids[1], bk)
-    return _tiles(k, bk), _tiles(v, bk), _key_ok(k.shape[1], valid, bk), key_ids
+    """What both passes go over, key tile by key tile: (k, v, key validity (bk,) or None, key
+    ids) stacked for the whole tiles (the scan), and the same for the remainder tile (None when
+    the block divides Lk)."""
+    lk = k.shape[1]
+    whole = lk - lk % bk
+    positions = np.arange(lk)
+    key_ids = None if ids is None else ids[1]
+
+    def part(start, stop, tiled):
+        def cut(x):
+            x = x[:, start:stop]
+            return _tiles(x, bk) if tiled else x
+
+        ok = None
+        if valid < lk:
+            ok = jnp.asarray(positions[start:stop] < valid)
+            ok = ok.reshape(-1, bk) if tiled else ok
+        return cut(k), cut(v), ok, None if key_ids is None else cut(key_ids)
+
+    return part(0, whole, True), part(whole, lk, False) if whole < lk else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -146,9 +160,9 @@ def _flash(q, k, v, ids, valid, bq, bk):
 
 
 def _forward(q, k, v, ids, valid, bq, bk):
-    """q (G, Lq, K), k and v (G, Lk, K), padded to their blocks -> out (G, Lq, K), lse (G, Lq)."""
+    """q (G, Lq, K) padded to its block, k and v (G, Lk, K) -> out (G, Lq, K), lse (G, Lq)."""
     g, lq, d = q.shape
-    kv_x = _key_tiles(k, v, ids, valid, bk)
+    kv_x, kv_rest = _key_tiles(k, v, ids, valid, bk)
 
     def one_query_tile(x):
         qt, qid = x
@@ -170,7 +184,10 @@ def _forward(q, k, v, ids, valid, bq, bk):
             jnp.zeros((g, bq, d), jnp.float32),
         )
         init = _varying(init, q, k, v, ids)
-        (m, denom, acc), _ = jax.lax.scan(step, init, kv_x)
+        carry, _ = jax.lax.scan(step, init, kv_x)
+        if kv_rest is not None:
+            carry, _ = step(carry, kv_rest)
+        m, denom, acc = carry
         return acc / denom[..., None], m + jnp.log(denom)
 
     q_x = (_tiles(q, bq), None if ids is None else _tiles(ids[0], bq))
@@ -200,6 +217,7 @@ def _backward_rule(valid, bq, bk, res, d_out):
 
     def one_key_tile(dq, y):
         kt, vt, ok, kid = y
+        bk = kt.shape[1]
 
         def step(carry, x):
             dk, dv = carry
@@ -221,16 +239,21 @@ def _backward_rule(valid, bq, bk, res, d_out):
         (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (q_x, dq))
         return dq, (dk, dv)
 
-    kv_x = _key_tiles(k, v, ids, valid, bk)
+    kv_x, kv_rest = _key_tiles(k, v, ids, valid, bk)
     dq0 = _varying(jnp.zeros((lq // bq, g, bq, d), f32), q, k, v, ids, d_out)
     dq, (dk, dv) = jax.lax.scan(one_key_tile, dq0, kv_x)
+    dk, dv = _untile(dk), _untile(dv)
+    if kv_rest is not None:
+        dq, (dk_rest, dv_rest) = one_key_tile(dq, kv_rest)
+        dk = jnp.concatenate([dk, dk_rest], axis=1)
+        dv = jnp.concatenate([dv, dv_rest], axis=1)
     d_ids = (
         None if ids is None else jax.tree.map(lambda i: np.zeros(i.shape, jax.dtypes.float0), ids)
     )
     return (
         _untile(dq).astype(q.dtype),
-        _untile(dk).astype(k.dtype),
-        _untile(dv).astype(v.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
         d_ids,
     )
 

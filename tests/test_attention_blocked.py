@@ -54,12 +54,14 @@ def _assert_close(got, want, tol):
 
 # (batch, Lq, Lk, kv_valid, segment ids, block_q, block_k): lengths that are not multiples of the
 # blocks, several tiles on both axes, keys longer than queries (the all-gather shard's view), a
-# kv_valid that leaves whole key tiles masked, one tile covering everything.
+# kv_valid that leaves whole key tiles masked, one that ends inside the key remainder (the tile
+# that is not a whole block), one tile covering everything.
 CASES = [
     (2, 100, 100, None, False, 32, 16),
     (2, 100, 100, 70, False, 32, 16),
     (1, 50, 120, 90, False, 16, 32),
     (1, 37, 37, 5, False, 8, 8),
+    (1, 40, 45, 43, False, 16, 16),
     (2, 130, 130, None, True, 32, 16),
     (1, 64, 64, None, False, 256, 512),
 ]
