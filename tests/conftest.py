@@ -4,11 +4,13 @@ The environment variables must be set before jax is imported anywhere.
 
 Compiling dominates the trainer tests, so the session keeps a persistent compilation cache (a
 temporary folder, unless JAX_COMPILATION_CACHE_DIR names one): a program compiled again, in this
-process or in a `python -m train` child given `compile_env()`, is read back instead. The
-`fast_compile` fixture compiles the library's CPU programs without LLVM's costlier passes.
+process or in a `python -m train` child given `compile_env()`, is read back instead. Under the
+`fast_compile` fixture (or `fast_compiling()`), programs compile without XLA:CPU's backend
+optimisation and LLVM's costlier passes.
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -29,32 +31,44 @@ if not jax.config.jax_compilation_cache_dir:
     _CACHE = tempfile.mkdtemp(prefix="jax_cache_")
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _CACHE)
+    # Also programs that compile in a fraction of a second (the fast-compiled ones, mostly).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
-# XLA:CPU options that shorten compiling (about 2x for these tiny programs); the float32
-# operations stay the same.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Compiling dominates these tiny programs: jax_disable_most_optimizations (env
+# JAX_DISABLE_MOST_OPTIMIZATIONS) compiles every program without XLA:CPU's backend optimisation
+# and LLVM's costlier passes, about 2x sooner; the float32 operations stay the same.
+FAST = "jax_disable_most_optimizations"
 
 
 def compile_env(devices: int = 8, fast: bool = True) -> dict:
     """os.environ for a child process on `devices` CPU devices that shares this session's
-    compilation cache; `fast`: compiled with FAST_COMPILE (as under the `fast_compile` fixture)."""
-    flags = [f"--xla_force_host_platform_device_count={devices}"]
-    if fast:
-        flags += [f"--{k}={str(v).lower()}" for k, v in FAST_COMPILE.items()]
+    compilation cache; `fast`: compiled as under the `fast_compile` fixture (a program that
+    this process compiled under it is then read back from the cache)."""
+    count = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(count)]
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": " ".join(flags),
+        "XLA_FLAGS": " ".join([*flags, f"{count}={devices}"]),
         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        FAST.upper(): "1" if fast else "0",
     }
+
+
+@contextlib.contextmanager
+def fast_compiling():
+    """Every program compiled inside (jitted or eager) compiled with
+    jax_disable_most_optimizations."""
+    before = jax.config.read(FAST)
+    jax.config.update(FAST, True)
+    try:
+        yield
+    finally:
+        jax.config.update(FAST, before)
 
 
 @pytest.fixture(scope="module")
 def fast_compile():
-    """The library's CPU programs (compiler.options: the trainer's steps, the sampling pipeline)
-    compiled with FAST_COMPILE for the module's tests."""
-    from cogvideox_jax import compiler
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compiler, "CPU_OPTIONS", {**compiler.CPU_OPTIONS, **FAST_COMPILE})
+    """`fast_compiling` for the whole module (the trainer's steps, the demo's VAE, eager ops)."""
+    with fast_compiling():
         yield

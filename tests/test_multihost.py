@@ -35,8 +35,8 @@ def _free_port() -> int:
 def _launch(workdir: Path, *, processes: int, devices: int, steps: int):
     """(command, environment, log file) of each of `processes` x `python -m train`, each with
     `devices` CPU devices."""
-    # No backend optimisation (conftest.FAST_COMPILE): it dominates the compile time of these
-    # tiny programs, and every run here compiles with the same flags; the session's cache.
+    # No backend optimisation (conftest.FAST): it dominates the compile time of these tiny
+    # programs, and every run here compiles with the same flags; the session's cache.
     env = compile_env(devices) | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     for name in (distributed.COORDINATOR, distributed.NUM_PROCESSES, distributed.PROCESS_ID):
         env.pop(name, None)

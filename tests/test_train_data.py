@@ -18,7 +18,7 @@ from data import demo as demo_data
 from data import prepared, video
 from train import dit
 
-# Compiling dominates these runs: the trainer's programs are compiled with conftest.FAST_COMPILE.
+# Compiling dominates these runs: every program is compiled under conftest.fast_compile.
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 ROOT = Path(__file__).resolve().parents[1]
