@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import attention, convert_memory, sample, train_step, vae
+from bench import attention, convert_memory, gemm, sample, train_step, vae
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE = {"date", "platform", "cpu", "cpu_count", "torch_threads", "versions"}
@@ -96,3 +96,16 @@ def test_attention(tmp_path):
     for name in ("ours_blocked", "ours_xla"):
         assert r[name]["s"] > 0 and r[name]["ratio_over_torch"] > 0, r[name]
         assert r[name]["grad_rel_l2_vs_torch"] < 1e-5, r[name]
+
+
+def test_gemm(tmp_path):
+    out = tmp_path / "gemm.json"
+    gemm.main(["--smallest", "--repeats", "1", "--out", str(out)])
+    r = _read(out)
+    assert len(r["products"]) == 5  # four layer products at one token count, one square
+    for name, row in r["products"].items():
+        assert row["xla_gflops_per_s"] > 0 and row["torch_gflops_per_s"] > 0, (name, row)
+        assert row["rel_l2_xla_vs_torch"] < 1e-5, (name, row)
+    assert r["best_gflops_per_s"]["xla"] == max(
+        row["xla_gflops_per_s"] for row in r["products"].values()
+    )
