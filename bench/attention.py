@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import torch
 
-from bench.train_step import machine_facts, sig, write_json
+from bench.train_step import machine_facts, parse_sized, sig, write_json
 from cogvideox_jax import attention, compiler
 
 SMALLEST = dict(tokens=300, heads=2, head_dim=16)
@@ -39,10 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--impls", default="blocked,xla", help="ours, comma-separated")
     parser.add_argument("--smallest", action="store_true", help="tiny sizes: seconds (CI)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if args.smallest:
-        for key, value in SMALLEST.items():
-            setattr(args, key, value)
+    args = parse_sized(parser, argv, SMALLEST)
     impls = args.impls.split(",")
     for impl in impls:
         if impl not in attention.IMPLEMENTATIONS:

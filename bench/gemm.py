@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import torch
 
-from bench.train_step import alternate, machine_facts, sig, write_json
+from bench.train_step import alternate, machine_facts, parse_sized, sig, write_json
 from cogvideox_jax import compiler
 
 SMALLEST = dict(tokens="64", width=32, ff=64, square=64)
@@ -53,10 +53,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smallest", action="store_true", help="tiny sizes: seconds (CI)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    if args.smallest:
-        for key, value in SMALLEST.items():
-            setattr(args, key, value)
+    args = parse_sized(parser, argv, SMALLEST)
     try:
         tokens = [int(t) for t in str(args.tokens).split(",")]
     except ValueError:

@@ -193,11 +193,18 @@ def model_args(parser: argparse.ArgumentParser, *, latent: str) -> None:
     parser.add_argument("--out", default=None, help="write the result as JSON here")
 
 
-def parse(parser: argparse.ArgumentParser, argv, smallest: dict) -> argparse.Namespace:
+def parse_sized(parser: argparse.ArgumentParser, argv, smallest: dict) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with the `smallest` sizes in place of the given ones under
+    `--smallest`."""
     args = parser.parse_args(argv)
     if args.smallest:
         for key, value in smallest.items():
             setattr(args, key, value)
+    return args
+
+
+def parse(parser: argparse.ArgumentParser, argv, smallest: dict) -> argparse.Namespace:
+    args = parse_sized(parser, argv, smallest)
     args.latent = parse_latent(args.latent) if isinstance(args.latent, str) else args.latent
     return args
 

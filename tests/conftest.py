@@ -36,7 +36,7 @@ if not jax.config.jax_compilation_cache_dir:
 
 # Compiling dominates these tiny programs: jax_disable_most_optimizations (env
 # JAX_DISABLE_MOST_OPTIMIZATIONS) compiles every program without XLA:CPU's backend optimisation
-# and LLVM's costlier passes, about 2x sooner; the float32 operations stay the same.
+# and LLVM's costlier passes, about 2x sooner (the tests' tolerances are the same under it).
 FAST = "jax_disable_most_optimizations"
 
 
