@@ -49,6 +49,7 @@ setup(
             "diffusers==0.42.1",
             "peft==0.21.2",  # diffusers' LoRA loading (load_lora_weights), in the LoRA tests
             "pytest",
+            "pytest-xdist",  # the README's test command runs the files on 2 worker processes
             "libtpu==0.0.42.*",
         ],
     },

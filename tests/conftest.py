@@ -4,7 +4,8 @@ The environment variables must be set before jax is imported anywhere.
 
 Compiling dominates the trainer tests, so the session keeps a persistent compilation cache (a
 temporary folder, unless JAX_COMPILATION_CACHE_DIR names one): a program compiled again, in this
-process or in a `python -m train` child given `compile_env()`, is read back instead. Under the
+process or in a `python -m train` child given `compile_env()`, is read back instead (under
+pytest-xdist, as the README runs the suite, each worker process keeps its own). Under the
 `fast_compile` fixture (or `fast_compiling()`), programs compile without XLA:CPU's backend
 optimisation and LLVM's costlier passes.
 """
