@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import attention, convert_memory, gemm, sample, train_step, vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +34,31 @@ def test_train_step(tmp_path):
     assert r["model_flops_per_step"] > 0
     # Same weights and inputs: the first step's losses agree.
     assert r["first_loss_rel_diff"] < 1e-4, r["first_loss"]
+
+
+def test_train_step_gpu_recipe(tmp_path):
+    # The GPU rows' code path, on the CPU: a released variant's architecture (1.5-5B: temporal
+    # patches), bf16 compute on fp32 parameters (torch: autocast), remat (torch: gradient
+    # checkpointing), each implementation alone in a fresh process.
+    out = tmp_path / "train_step.json"
+    argv = ["--smallest", "--repeats", "1", "--variant", "1.5-5b", "--dtype", "bfloat16"]
+    train_step.main(argv + ["--remat", "full", "--separate", "--out", str(out)])
+    r = _read(out)
+    want = dict(variant="1.5-5b", dtype="bfloat16", param_dtype="float32", remat="full")
+    assert want.items() <= r["config"].items(), r["config"]
+    assert r["config"]["processes"] == "one per implementation"
+    assert r["tokens_per_step"] == 8 + 1 * 2 * 2  # text + (T/2, h/2, w/2) video tokens
+    for name in ("ours", "diffusers"):
+        assert r[name]["s_per_step"] > 0 and "mfu" not in r[name], r[name]  # no peak on a CPU
+    assert r["peak_flops_per_device"] is None
+    # Same weights and inputs, both in bf16: the first losses agree to bf16's precision.
+    assert r["first_loss_rel_diff"] < 2e-3, r["first_loss"]
+
+
+def test_train_step_rejects_a_latent_the_variant_cannot_patch(capsys):
+    with pytest.raises(SystemExit):
+        train_step.main(["--variant", "1.5-5b", "--latent", "21,96,170"])
+    assert "temporal patch size 2" in capsys.readouterr().err
 
 
 def test_sample(tmp_path):

@@ -12,14 +12,19 @@ import numpy as np
 import tensorboardX
 import tqdm
 
-# Peak dense bf16 FLOP/s per device, by jax's device_kind. Sources: cloud.google.com/tpu/docs/v5p
-# (459 TFLOPs), /v5e (197), /v6e (918); NVIDIA H100 SXM datasheet (989 dense).
+# Peak dense bf16 FLOP/s per device, by jax's device_kind (the CUDA device name on GPUs).
+# Sources: cloud.google.com/tpu/docs/v5p (459 TFLOPs), /v5e (197), /v6e (918); NVIDIA's H100
+# and H200 datasheets (SXM 989 dense, i.e. half the 1979 "with sparsity"; H100 PCIe 756, H100
+# NVL 835). An H200 NVL (835) also reports "NVIDIA H200": its MFU reads low by 989/835.
 PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,
     "TPU v6 lite": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
 }
 
 
