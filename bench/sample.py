@@ -1,11 +1,16 @@
 r"""Sampling, ours (cogvideox_jax.Pipeline) against diffusers' CogVideoXPipeline.
 
-  python -m bench.sample [--layers 4 --heads 8 --head-dim 64 --latent 3,12,16
-                          --steps 50 --repeats 3] [--smallest] [--out result.json]
+  python -m bench.sample [--variant 2b|5b|1.5-5b] [--layers 4 --heads 8 --head-dim 64]
+                         [--latent 3,12,16 --steps 50 --repeats 3]
+                         [--dtype float32|bfloat16] [--torch-device auto]
+                         [--smallest] [--out result.json]
 
-Both pipelines get the same transformer weights (a random CogVideoX-5B-style diffusers model,
-saved and loaded into ours), DDIM (CogVideoXDDIMScheduler, snr_shift_scale 3), prompt and
-negative-prompt embeddings, initial noise and guidance scale 6; both return latents
+Both pipelines get the same transformer weights (a random diffusers model with the
+architecture of bench.train_step: CogVideoX-5B's at 4 layers of 8 x 64 by default, or a
+`--variant`'s, saved and loaded into ours), in `--dtype`, on one device each (torch on
+`--torch-device`; auto: the GPU when jax runs on one), DDIM (CogVideoXDDIMScheduler,
+snr_shift_scale 3), prompt and negative-prompt embeddings, initial noise and guidance scale 6;
+both return latents
 (`output_type="latent"`), so no VAE decode is timed (bench.vae times the VAE). Two figures:
 a one-step sample (one denoising step with classifier-free guidance: a batch of 2, cond +
 uncond) and a whole `--steps`-step sample. Our sampler is one compiled `lax.fori_loop` with both
@@ -28,6 +33,7 @@ import torch
 
 import cogvideox_jax as cj
 from bench.train_step import (
+    DTYPES,
     alternate,
     diffusers_transformer,
     machine_facts,
@@ -35,6 +41,8 @@ from bench.train_step import (
     model_facts,
     parse,
     sig,
+    torch_device,
+    video_tokens,
     write_json,
 )
 from cogvideox_jax import flops
@@ -77,7 +85,10 @@ def pipelines(args, folder: Path):
         scheduler=scheduler,
     )
     theirs.set_progress_bar_config(disable=True)
-    return cj.Pipeline.from_pretrained(folder), theirs
+    theirs.to(torch.device(args.torch_device))
+    if args.dtype != "float32":  # the transformer only; the VAE is never run
+        transformer.to(DTYPES[args.dtype])
+    return cj.Pipeline.from_pretrained(folder, dtype=np.dtype(args.dtype)), theirs
 
 
 def main(argv=None) -> dict:
@@ -85,14 +96,27 @@ def main(argv=None) -> dict:
     model_args(parser, latent="3,12,16")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=6.0)
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="the transformer's (both pipelines)"
+    )
+    parser.add_argument(
+        "--torch-device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: cuda when jax runs on a GPU, else cpu",
+    )
     args = parse(parser, argv, SMALLEST)
+    args.torch_device = torch_device(args.torch_device)
+    device, tdtype = torch.device(args.torch_device), DTYPES[args.dtype]
     t, h, w = args.latent
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((args.batch, t, h, w, 16), dtype=np.float32)
     text = rng.standard_normal((args.batch, args.text_len, args.text_dim), dtype=np.float32)
     neg = rng.standard_normal(text.shape, dtype=np.float32)
     size = dict(height=h * 8, width=w * 8, num_frames=(t - 1) * 4 + 1, guidance_scale=args.guidance)
-    tnoise = torch.from_numpy(noise).permute(0, 1, 4, 2, 3).contiguous()  # (B, T, C, h, w)
+    tnoise, ttext, tneg = (torch.from_numpy(a) for a in (noise, text, neg))
+    tnoise = tnoise.permute(0, 1, 4, 2, 3).contiguous()  # (B, T, C, h, w)
+    tnoise, ttext, tneg = (a.to(device, tdtype) for a in (tnoise, ttext, tneg))
 
     with tempfile.TemporaryDirectory() as d:
         ours, theirs = pipelines(args, Path(d))
@@ -115,20 +139,19 @@ def main(argv=None) -> dict:
         def run():
             with torch.no_grad():
                 z = theirs(
-                    prompt_embeds=torch.from_numpy(text),
-                    negative_prompt_embeds=torch.from_numpy(neg),
+                    prompt_embeds=ttext,
+                    negative_prompt_embeds=tneg,
                     latents=tnoise,
                     num_inference_steps=steps,
                     output_type="latent",
                     **size,
                 ).frames
-            out["diffusers", steps] = z.permute(0, 1, 3, 4, 2).numpy()
+            out["diffusers", steps] = z.permute(0, 1, 3, 4, 2).float().cpu().numpy()
 
         return run
 
     cfg = ours.transformer.cfg
-    video_tokens = t * (h // cfg.patch_size) * (w // cfg.patch_size)
-    forward = flops.transformer_flops(cfg, args.text_len, video_tokens)  # one sample
+    forward = flops.transformer_flops(cfg, args.text_len, video_tokens(cfg, args.latent))
     rows = {}
     for name, steps in (("one_step", 1), ("sample", args.steps)):
         med = alternate({"ours": run_ours(steps), "diffusers": run_theirs(steps)}, args.repeats)
@@ -148,6 +171,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "sample",
         "config": {
+            "variant": args.variant or "5b (resized)",
             **model_facts(args),
             "latent_thw": [t, h, w],
             "pixels_fhw": [size["num_frames"], size["height"], size["width"]],
@@ -155,7 +179,8 @@ def main(argv=None) -> dict:
             "cfg_batch": 2 * args.batch,
             "guidance_scale": args.guidance,
             "scheduler": "ddim",
-            "dtype": "float32",
+            "dtype": args.dtype,
+            "torch_device": args.torch_device,
             "vae_decode": "not timed (output_type='latent')",
         },
         "repeats": args.repeats,

@@ -445,7 +445,7 @@ def run_separately(args, argv: list[str], folder) -> dict:
     return out
 
 
-def _torch_device(requested: str) -> str:
+def torch_device(requested: str) -> str:
     """`--torch-device auto`: torch on the GPU when jax runs on one (the same GPU), else CPU."""
     on_gpu = jax.default_backend() == "gpu"
     device = requested if requested != "auto" else ("cuda" if on_gpu else "cpu")
@@ -495,7 +495,7 @@ def main(argv=None) -> dict:
         result = run_one(args, args.only, args.weights)
         write_json(result, args.out)
         return result
-    args.torch_device = _torch_device(args.torch_device)
+    args.torch_device = torch_device(args.torch_device)
     cfg = bench_config(args)
     tokens_v = video_tokens(cfg, args.latent)
     ab = diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=3.0))

@@ -72,6 +72,17 @@ def test_sample(tmp_path):
         assert r[name]["latents_rel_l2_vs_diffusers"] < 1e-4, r[name]
 
 
+def test_sample_bf16_variant(tmp_path):
+    out = tmp_path / "sample.json"
+    argv = ["--smallest", "--repeats", "1", "--variant", "1.5-5b", "--dtype", "bfloat16"]
+    sample.main(argv + ["--out", str(out)])
+    r = _read(out)
+    assert r["config"]["variant"] == "1.5-5b" and r["config"]["dtype"] == "bfloat16"
+    for name in ("one_step", "sample"):
+        # bf16 transformers (diffusers also keeps its latents in bf16): percent-level agreement
+        assert r[name]["latents_rel_l2_vs_diffusers"] < 0.1, r[name]
+
+
 def test_data(tmp_path):
     # Grain worker processes import the script's modules: run it in a fresh interpreter.
     out = tmp_path / "data.json"
