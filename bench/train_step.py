@@ -439,7 +439,9 @@ def run_separately(args, argv: list[str], folder) -> dict:
                 env["JAX_PLATFORMS"] = "cpu"
             else:  # alone on the device: jax may take more than its default 75% of a GPU
                 env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-            subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+            rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+            if rc:
+                raise SystemExit(f"--separate: the {who} process failed (exit {rc}), see above")
             with open(path) as f:
                 out[who] = json.load(f)
     return out
@@ -491,6 +493,8 @@ def main(argv=None) -> dict:
     args = parse(parser, argv, SMALLEST)
     if args.no_attention:
         _without_attention()
+    if args.only and not args.weights:
+        parser.error("--only needs --weights (a diffusers transformer folder)")
     if args.only:  # a child of --separate
         result = run_one(args, args.only, args.weights)
         write_json(result, args.out)
