@@ -47,6 +47,28 @@ def test_compiles_runlocal_step_for_v5e_8():
     assert r["pallas_kernels"] > 0  # splash lowered to Mosaic kernels for the TPU
 
 
+def test_a_step_that_cannot_fit_is_reported_with_its_arguments():
+    # 5B SFT on 4 v5e chips (16 GiB each): XLA refuses to compile in seconds. Its figure counts
+    # the arguments: without EMA weights it drops by their size, the temporaries stay.
+    runs = []
+    for extra in ([], ["--config.optim.ema_decay=0"]):
+        p = _run("--config=configs/cogvideox_5b.py:sft", "--topology=v5e-4", *extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "DOES NOT FIT: XLA refused to compile" in p.stdout
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    with_ema, without = runs
+    for r in runs:
+        assert r["refused"] and r["fits"] is False
+        assert r["peak_bytes_per_chip"] == r["xla_refused_bytes_per_chip"]
+        assert r["peak_bytes_per_chip"] == r["argument_bytes_per_chip"] + r["temp_bytes_per_chip"]
+        assert r["temp_bytes_per_chip"] > 0
+    ema_per_chip = 5_570_283_072 * 4 / 4  # the 5B transformer's parameters, fp32, fsdp 4
+    arg_diff = with_ema["argument_bytes_per_chip"] - without["argument_bytes_per_chip"]
+    assert abs(arg_diff - ema_per_chip) < 0.001 * ema_per_chip
+    peak_diff = with_ema["peak_bytes_per_chip"] - without["peak_bytes_per_chip"]
+    assert abs(peak_diff - arg_diff) < 0.01 * arg_diff  # XLA's figure moved by the arguments
+
+
 def test_topology_names():
     assert aot.parse_topology("v5p-8") == ("v5p", "2x2x1", 4)
     assert aot.parse_topology("v5p-64") == ("v5p", "2x4x4", 32)

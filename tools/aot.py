@@ -28,6 +28,7 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # silences a libtpu 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
@@ -111,11 +112,13 @@ def analyse(config, topology: str) -> dict:
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
-            # XLA:TPU refuses to compile what cannot fit; its message gives the temporaries.
+            # XLA:TPU refuses to compile what cannot fit. Its message calls the figure "HLO
+            # temporaries", but the figure includes the arguments: the same step with and
+            # without EMA weights differs by exactly their size (BENCHMARKS.md).
             m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
             if "RESOURCE_EXHAUSTED" not in str(e) or not m:
                 raise
-            compiled, temp_bytes = None, int(float(m.group(1)) * GIB)
+            compiled, refused_bytes = None, int(float(m.group(1)) * GIB)
     compile_s = time.perf_counter() - t0
 
     tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
@@ -137,11 +140,26 @@ def analyse(config, topology: str) -> dict:
         compile_s=round(compile_s, 1),
     )
     if compiled is None:  # out of memory: only XLA's temporaries figure is known
+        arg_bytes = argument_bytes_per_chip(args)
         oom = dict(
-            peak_bytes_per_chip=temp_bytes, temp_bytes_per_chip=temp_bytes, flops_per_step=None
+            refused=True,
+            xla_refused_bytes_per_chip=refused_bytes,
+            argument_bytes_per_chip=arg_bytes,
+            temp_bytes_per_chip=refused_bytes - arg_bytes,
+            peak_bytes_per_chip=refused_bytes,
+            flops_per_step=None,
         )
         return r | oom | dict(fits=False)
     return r | _compiled_figures(compiled, used, HBM_BYTES[gen])
+
+
+def argument_bytes_per_chip(args) -> int:
+    """Bytes of one chip's shards of the step's abstract arguments."""
+    total = 0
+    for x in jax.tree.leaves(args):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+        total += math.prod(shape) * x.dtype.itemsize
+    return total
 
 
 def _compiled_figures(compiled, chips: int, hbm: int) -> dict:
@@ -175,10 +193,11 @@ def _compiled_figures(compiled, chips: int, hbm: int) -> dict:
 def report(r: dict) -> None:
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     hbm = g(r["hbm_bytes_per_chip"])
-    if "argument_bytes_per_chip" not in r:
+    if r.get("refused"):
         print(
-            f"DOES NOT FIT: XLA needs {g(r['temp_bytes_per_chip'])} of temporaries per chip "
-            f"alone ({hbm} HBM); it refused to compile"
+            f"DOES NOT FIT: XLA refused to compile; it needs {g(r['peak_bytes_per_chip'])} per "
+            f"chip ({hbm} HBM): arguments {g(r['argument_bytes_per_chip'])} and temporaries "
+            f"{g(r['temp_bytes_per_chip'])}"
         )
         return
     print(
