@@ -27,7 +27,15 @@ import jax
 import numpy as np
 import torch
 
-from bench.train_step import DTYPES, machine_facts, parse_sized, sig, torch_device, write_json
+from bench.train_step import (
+    DTYPES,
+    add_torch_device,
+    machine_facts,
+    parse_sized,
+    sig,
+    torch_device,
+    write_json,
+)
 from cogvideox_jax import attention, compiler
 
 SMALLEST = dict(tokens=300, heads=2, head_dim=16)
@@ -42,12 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="blocked,xla", help="ours, comma-separated")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument(
-        "--torch-device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="auto: cuda when jax runs on a GPU, else cpu",
-    )
+    add_torch_device(parser)
     parser.add_argument("--smallest", action="store_true", help="tiny sizes: seconds (CI)")
     parser.add_argument("--out", default=None)
     args = parse_sized(parser, argv, SMALLEST)

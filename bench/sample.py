@@ -34,6 +34,7 @@ import torch
 import cogvideox_jax as cj
 from bench.train_step import (
     DTYPES,
+    add_torch_device,
     alternate,
     diffusers_transformer,
     machine_facts,
@@ -99,12 +100,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="the transformer's (both pipelines)"
     )
-    parser.add_argument(
-        "--torch-device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="auto: cuda when jax runs on a GPU, else cpu",
-    )
+    add_torch_device(parser)
     args = parse(parser, argv, SMALLEST)
     args.torch_device = torch_device(args.torch_device)
     device, tdtype = torch.device(args.torch_device), DTYPES[args.dtype]
@@ -114,9 +110,8 @@ def main(argv=None) -> dict:
     text = rng.standard_normal((args.batch, args.text_len, args.text_dim), dtype=np.float32)
     neg = rng.standard_normal(text.shape, dtype=np.float32)
     size = dict(height=h * 8, width=w * 8, num_frames=(t - 1) * 4 + 1, guidance_scale=args.guidance)
-    tnoise, ttext, tneg = (torch.from_numpy(a) for a in (noise, text, neg))
+    tnoise, ttext, tneg = (torch.from_numpy(a).to(device, tdtype) for a in (noise, text, neg))
     tnoise = tnoise.permute(0, 1, 4, 2, 3).contiguous()  # (B, T, C, h, w)
-    tnoise, ttext, tneg = (a.to(device, tdtype) for a in (tnoise, ttext, tneg))
 
     with tempfile.TemporaryDirectory() as d:
         ours, theirs = pipelines(args, Path(d))

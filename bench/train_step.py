@@ -353,9 +353,7 @@ def theirs_step(model, ab: np.ndarray, inputs: dict, args):
     text, t = tensor(inputs["text"]), tensor(inputs["t"])
     a = tensor(np.asarray(ab, np.float32))[t].reshape(-1, 1, 1, 1, 1)
     rope = rope_tables(model, *inputs["z0"].shape[1:4], device=device)
-    x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    v = a.sqrt() * noise - (1 - a).sqrt() * z0
-    x_t, text = x_t.to(DTYPES[args.param_dtype]), text.to(DTYPES[args.param_dtype])
+    text = text.to(DTYPES[args.param_dtype])
     autocast = torch.autocast(
         device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != args.param_dtype
     )
@@ -363,6 +361,9 @@ def theirs_step(model, ab: np.ndarray, inputs: dict, args):
 
     def step():
         opt.zero_grad(set_to_none=True)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        v = a.sqrt() * noise - (1 - a).sqrt() * z0
+        x_t = x_t.to(DTYPES[args.param_dtype])
         with autocast:
             pred = model(
                 hidden_states=x_t,
@@ -388,20 +389,9 @@ def _without_attention():
     F.scaled_dot_product_attention = lambda q, k, v, **kw: v
 
 
-def ours_peak_bytes() -> int | None:
-    """The device's peak allocation so far (GPU, TPU); None where jax does not track it (CPU)."""
-    stats = jax.devices()[0].memory_stats()
-    return stats.get("peak_bytes_in_use") if stats else None
-
-
-def theirs_peak_bytes(args) -> int | None:
-    return torch.cuda.max_memory_allocated() if args.torch_device == "cuda" else None
-
-
-def run_one(args, who: str, folder) -> dict:
-    """Time one implementation alone (`--only`): warm-up, then `--repeats` steps; median."""
-    ab = diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=3.0))
-    inputs = _inputs(args, ab)
+def make_run(who: str, args, folder, ab: np.ndarray, inputs: dict, model=None):
+    """run() -> loss: one timed train step of `who` ("ours" or "diffusers"), weights from the
+    diffusers folder `folder` (or, for diffusers, the already built `model`)."""
     if who == "ours":
         step, state = ours_step(folder, args, ab)
         batch = {k: jnp.asarray(v) for k, v in inputs.items()}
@@ -410,15 +400,31 @@ def run_one(args, who: str, folder) -> dict:
             nonlocal state
             state, loss = jax.block_until_ready(step(state, batch))
             return float(loss)
-    else:
+
+        return run
+    if model is None:
         from diffusers import CogVideoXTransformer3DModel
 
         model = CogVideoXTransformer3DModel.from_pretrained(folder)
-        run = theirs_step(model, ab, inputs, args)
+    return theirs_step(model, ab, inputs, args)
+
+
+def peak_bytes(who: str, args) -> int | None:
+    """The device's peak allocation so far; None where the framework does not track it (jax
+    on the CPU, torch off CUDA)."""
+    if who == "ours":
+        stats = jax.devices()[0].memory_stats()
+        return stats.get("peak_bytes_in_use") if stats else None
+    return torch.cuda.max_memory_allocated() if args.torch_device == "cuda" else None
+
+
+def run_one(args, who: str, folder) -> dict:
+    """Time one implementation alone (`--only`): warm-up, then `--repeats` steps; median."""
+    ab = diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=3.0))
+    run = make_run(who, args, folder, ab, _inputs(args, ab))
     first = run()
     times = [seconds(run) for _ in range(args.repeats)]
-    peak = ours_peak_bytes() if who == "ours" else theirs_peak_bytes(args)
-    return {"s": statistics.median(times), "first_loss": first, "peak_bytes": peak}
+    return {"s": statistics.median(times), "first_loss": first, "peak_bytes": peak_bytes(who, args)}
 
 
 def run_separately(args, argv: list[str], folder) -> dict:
@@ -447,6 +453,16 @@ def run_separately(args, argv: list[str], folder) -> dict:
     return out
 
 
+def add_torch_device(parser: argparse.ArgumentParser) -> None:
+    """The `--torch-device` flag of the bench scripts (resolved by `torch_device`)."""
+    parser.add_argument(
+        "--torch-device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: cuda when jax runs on a GPU, else cpu",
+    )
+
+
 def torch_device(requested: str) -> str:
     """`--torch-device auto`: torch on the GPU when jax runs on one (the same GPU), else CPU."""
     on_gpu = jax.default_backend() == "gpu"
@@ -472,12 +488,7 @@ def main(argv=None) -> dict:
         help="full: recompute each block in the backward (ours: the `full` policy; diffusers: "
         "gradient checkpointing)",
     )
-    parser.add_argument(
-        "--torch-device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="auto: cuda when jax runs on a GPU, else cpu",
-    )
+    add_torch_device(parser)
     parser.add_argument(
         "--separate",
         action="store_true",
@@ -513,22 +524,20 @@ def main(argv=None) -> dict:
             med = {name: r["s"] for name, r in runs.items()}
         else:
             inputs = _inputs(args, ab)
-            step, state = ours_step(folder, args, ab)
-            batch = {k: jnp.asarray(v) for k, v in inputs.items()}
-            run_theirs = theirs_step(theirs, ab, inputs, args)
             runs = {"ours": {}, "diffusers": {}}
 
-            def run_ours():
-                nonlocal state
-                state, loss = jax.block_until_ready(step(state, batch))
-                runs["ours"].setdefault("first_loss", float(loss))  # the initial weights' loss
+            def recorded(who, run):  # the first call (warm-up) gives the initial weights' loss
+                return lambda: runs[who].setdefault("first_loss", run())
 
-            def run_diffusers():
-                runs["diffusers"].setdefault("first_loss", run_theirs())
-
-            med = alternate({"ours": run_ours, "diffusers": run_diffusers}, args.repeats)
-            runs["ours"]["peak_bytes"] = ours_peak_bytes()
-            runs["diffusers"]["peak_bytes"] = theirs_peak_bytes(args)
+            fns = {
+                "ours": recorded("ours", make_run("ours", args, folder, ab, inputs)),
+                "diffusers": recorded(
+                    "diffusers", make_run("diffusers", args, folder, ab, inputs, theirs)
+                ),
+            }
+            med = alternate(fns, args.repeats)
+            for who in runs:
+                runs[who]["peak_bytes"] = peak_bytes(who, args)
     tokens = args.batch * (args.text_len + tokens_v)
     flop = args.batch * flops.train_flops(cfg, args.text_len, tokens_v)
     peak = metrics.peak_flops(jax.devices()[0])  # dense bf16 peak of the device; 0 if unknown
