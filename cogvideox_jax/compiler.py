@@ -1,16 +1,23 @@
-"""The XLA options this library compiles its programs with, chosen per backend.
+"""The XLA options this library compiles its programs with, chosen per backend, and a mean that
+stays accurate without them.
 
 XLA:CPU in jaxlib 0.10 hands the matmuls, reductions and some elementwise fusions of a program to
-YNNPACK. At the shapes of this model its matmuls are the slower choice: in the profiled CPU
-training step (BENCHMARKS.md) the blocked-attention tiles ran at 57-100 GFLOP/s through YNNPACK
-and at up to 163 GFLOP/s through XLA's own kernel, and the VAE's frame-batched convolutions lost
-time in YNNPACK's elementwise fusions around them. Its reductions are kept: with no YNNPACK
-fusion at all, the bench's first-step loss moved 2.6e-5 (relative) away from PyTorch's, against
-9e-8 with YNNPACK's reductions (which reduction makes the difference was not traced). So on CPU
-the library's jitted programs use YNNPACK for reduction fusions only (which may still take in
-the matmul that feeds a reduction). Other backends get no options.
+YNNPACK. At the shapes of this model none of them pays:
+- its matmuls: in the profiled CPU training step (BENCHMARKS.md) the blocked-attention tiles ran
+  at 57-100 GFLOP/s through YNNPACK and at up to 163 GFLOP/s through XLA's own kernel;
+- its elementwise fusions: the VAE's frame-batched convolutions lost time in them;
+- its reductions: a sum over the token axis of a (1, 4516, 512) product (a bias or modulation
+  gradient of the training step) took 90 ms as a YNNPACK call on a 2-core AMD EPYC (Zen 4), about
+  20 times what reading its inputs takes; the train-step benchmark ran 7.9 s per step without
+  YNNPACK against 9.9 s with its reductions (same process, 7 alternating runs).
+So on CPU the library's jitted programs use no YNNPACK fusion. Other backends get no options.
 
-These are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
+XLA's own CPU reduction adds a long row sequentially, which loses accuracy as the row grows: the
+mean of the benchmark's 274,560 squared errors came out 2.4e-5 (relative) away from float64's.
+`mean` averages one axis at a time instead (at most a few hundred terms per sum in this model's
+shapes), which gave 1.7e-9 there; the training losses and the VAE's GroupNorm use it.
+
+The options are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
 user compiles themselves is left as they set it.
 """
 
@@ -19,15 +26,27 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
-# The exact list of YNNPACK fusion kinds to use (it replaces jax's default one).
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# The exact list of YNNPACK fusion kinds to use (it replaces jax's default one): none.
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def options(backend: str | None = None) -> dict[str, str] | None:
     """`compiler_options` for a program compiled for `backend` (default: jax's default)."""
     backend = backend or jax.default_backend()
     return dict(CPU_OPTIONS) if backend == "cpu" else None
+
+
+def mean(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """`jnp.mean(x, axis, keepdims)` taken one axis at a time, last axis first. A mean of means
+    over equal-sized groups is the same mean, and each sum stays short, so a mean over many
+    elements is accurate on backends (XLA:CPU) that add a reduction's terms one after another."""
+    axes = range(x.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
+    axes = sorted((a % x.ndim for a in axes), reverse=True)
+    for a in axes:
+        x = jnp.mean(x, axis=a, keepdims=True)
+    return x if keepdims else jnp.squeeze(x, axis=tuple(axes))
 
 
 def mesh_options(mesh) -> dict[str, str] | None:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from cogvideox_jax import sharding
+from cogvideox_jax import compiler, sharding
 
 # diffusers' `num_sample_frames_batch_size` and `num_latent_frames_batch_size`: the VAE was trained
 # with these chunk lengths, so they are part of the model rather than a tuning knob.
@@ -366,14 +366,15 @@ class GroupNorm(nnx.Module):
 
 
 def _group_mean(xg: jax.Array, shards: FrameShards | None) -> jax.Array:
-    """Mean of (B, T, H, W, G, Cg) over all but B and G; over the clip's frames on all shards."""
-    axes = (1, 2, 3, 5)
+    """Mean of (B, T, H, W, G, Cg) over all but B and G; over the clip's frames on all shards.
+    Averaged one axis at a time (`compiler.mean`): accurate on the CPU at any frame size."""
     if shards is None:
-        return xg.mean(axes, keepdims=True)
-    _, T, H, W, _, Cg = xg.shape
+        return compiler.mean(xg, (1, 2, 3, 5), keepdims=True)
+    T = xg.shape[1]
     mask = shards.frame_mask(T).astype(xg.dtype)[:, None, None, None, None]  # (T, 1, 1, 1, 1)
-    total = jax.lax.psum((xg * mask).sum(axes, keepdims=True), shards.axis)
-    return total / ((shards.end - shards.first) * H * W * Cg)
+    per_frame = compiler.mean(xg, (2, 3, 5), keepdims=True)  # (B, T, 1, 1, G, 1)
+    total = jax.lax.psum((per_frame * mask).sum(1, keepdims=True), shards.axis)
+    return total / (shards.end - shards.first)
 
 
 def _repeat_to(z: jax.Array, T: int, H: int, W: int) -> jax.Array:
