@@ -7,15 +7,16 @@ YNNPACK. At the shapes of this model none of them pays:
   at 57-100 GFLOP/s through YNNPACK and at up to 163 GFLOP/s through XLA's own kernel;
 - its elementwise fusions: the VAE's frame-batched convolutions lost time in them;
 - its reductions: a sum over the token axis of a (1, 4516, 512) product (a bias or modulation
-  gradient of the training step) took 90 ms as a YNNPACK call on a 2-core AMD EPYC (Zen 4), about
-  20 times what reading its inputs takes; the train-step benchmark ran 7.9 s per step without
-  YNNPACK against 9.9 s with its reductions (same process, 7 alternating runs).
+  gradient of the training step) took 90 ms as a YNNPACK call on a 2-core AMD EPYC (Zen 4), where
+  reading its two 9 MB inputs takes a few milliseconds; the train-step benchmark ran 7.95 s per
+  step without YNNPACK against 8.64 s with its reductions (one process, 9 shuffled rounds).
 So on CPU the library's jitted programs use no YNNPACK fusion. Other backends get no options.
 
 XLA's own CPU reduction adds a long row sequentially, which loses accuracy as the row grows: the
-mean of the benchmark's 274,560 squared errors came out 2.4e-5 (relative) away from float64's.
-`mean` averages one axis at a time instead (at most a few hundred terms per sum in this model's
-shapes), which gave 1.7e-9 there; the training losses and the VAE's GroupNorm use it.
+mean of 274,560 squared errors (the benchmark's loss) comes out 2.5e-5 (relative) away from
+float64's. `mean` averages one axis at a time instead (at most a few hundred terms per sum in
+this model's shapes): 6e-8 on the same elements (tests/test_compiler.py). The training losses and
+the VAE's GroupNorm use it.
 
 The options are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
 user compiles themselves is left as they set it.
