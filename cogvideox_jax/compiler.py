@@ -15,8 +15,8 @@ So on CPU the library's jitted programs use no YNNPACK fusion. Other backends ge
 XLA's own CPU reduction adds a long row sequentially, which loses accuracy as the row grows: the
 mean of 274,560 squared errors (the benchmark's loss) comes out 2.5e-5 (relative) away from
 float64's. `mean` averages one axis at a time instead (at most a few hundred terms per sum in
-this model's shapes): 6e-8 on the same elements (tests/test_compiler.py). The training losses and
-the VAE's GroupNorm use it.
+this model's shapes): 6e-8 on the same elements (tests/test_compiler.py). The unpacked diffusion
+loss (`train.dit.diffusion_loss`, also the held-out loss) and the VAE's GroupNorm use it.
 
 The options are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
 user compiles themselves is left as they set it.

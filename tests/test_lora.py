@@ -50,8 +50,10 @@ def test_new_adapters_change_nothing_and_merge_equals_unmerged():
     # B starts at zero, so each adapter adds exact zeros. The forward is a different program
     # (the adapters' products are extra ops), which XLA may fuse and round differently; on
     # some CPUs the outputs then differ in the last bits (2e-5 at most, elementwise).
-    init = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, lora.LoraParam)))
-    for path, value in init[0]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        nnx.to_pure_dict(nnx.state(model, lora.LoraParam))
+    )
+    for path, value in leaves:
         zero = str(path[-1].key) == "b"
         assert bool(np.all(np.asarray(value) == 0)) == zero, jax.tree_util.keystr(path)
     assert rel_l2(np.asarray(model(x, text, t)), base) < 1e-6
