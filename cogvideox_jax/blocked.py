@@ -32,9 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cogvideox_jax import compiler
+
 BLOCK_Q = 256
 BLOCK_K = 512
-_MASKED = -0.7 * float(np.finfo(np.float32).max)
+# The logit a hidden key gets (as jax.nn.dot_product_attention's): exp(MASKED - m) is 0 in float32.
+MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 
 def attention(
@@ -107,7 +110,7 @@ def _logits(q, k, keep):
     """Scaled float32 logits of one tile, q (G, bq, K) with k (G, bk, K); keep (G|1, bq|1, bk)."""
     s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
     s = s * (q.shape[-1] ** -0.5)
-    return s if keep is None else jnp.where(keep, s, _MASKED)
+    return s if keep is None else jnp.where(keep, s, MASKED)
 
 
 def _keep(key_ok, ids_q, ids_k):
@@ -171,7 +174,7 @@ def _forward(q, k, v, ids, valid, bq, bk):
             m, denom, acc = carry
             kt, vt, ok, kid = y
             s = _logits(qt, kt, _keep(ok, qid, kid))
-            m_new = jnp.maximum(m, s.max(-1))
+            m_new = jnp.maximum(m, compiler.rowmax(s))
             p = jnp.exp(s - m_new[..., None])
             scale = jnp.exp(m - m_new)
             denom = denom * scale + p.sum(-1)
@@ -179,7 +182,7 @@ def _forward(q, k, v, ids, valid, bq, bk):
             return (m_new, denom, acc), None
 
         init = (
-            jnp.full((g, bq), _MASKED, jnp.float32),
+            jnp.full((g, bq), MASKED, jnp.float32),
             jnp.zeros((g, bq), jnp.float32),
             jnp.zeros((g, bq, d), jnp.float32),
         )
@@ -226,7 +229,7 @@ def _backward_rule(valid, bq, bk, res, d_out):
             st = jnp.einsum("gkd,gqd->gkq", kt, qt, preferred_element_type=f32) * scale
             keep = _keep(ok, qid, kid)
             if keep is not None:
-                st = jnp.where(jnp.swapaxes(keep, 1, 2), st, _MASKED)
+                st = jnp.where(jnp.swapaxes(keep, 1, 2), st, MASKED)
             pt = jnp.exp(st - lse_t[:, None, :])
             dv = dv + jnp.einsum("gkq,gqd->gkd", pt, dot)
             dpt = jnp.einsum("gkd,gqd->gkq", vt.astype(f32), dot)

@@ -1,5 +1,5 @@
-"""The XLA options this library compiles its programs with, chosen per backend, and a mean that
-stays accurate without them.
+"""The XLA options this library compiles its programs with, chosen per backend, and two reductions
+that XLA:CPU does badly in their plain form (an accurate mean, a fast row maximum).
 
 XLA:CPU in jaxlib 0.10 hands the matmuls, reductions and some elementwise fusions of a program to
 YNNPACK. At the shapes of this model none of them pays:
@@ -18,6 +18,12 @@ float64's. `mean` averages one axis at a time instead (at most a few hundred ter
 this model's shapes): 6e-8 on the same elements (tests/test_compiler.py). The unpacked diffusion
 loss (`train.dit.diffusion_loss`, also the held-out loss) and the VAE's GroupNorm use it.
 
+XLA:CPU also reduces a row with `jnp.max` several times slower than with a sum: `maximum` must
+return NaN when either side is NaN, and that loop is not vectorised. A softmax only needs its
+row maximum as a shift, so `rowmax` reduces with a plain comparison and select instead: 0.27 ms
+against 1.0 ms over (2, 8, 370, 370) logits on a 2-core AMD EPYC (Zen 4). The attention kernels
+(`attention`'s xla kernel, `blocked`) use it.
+
 The options are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
 user compiles themselves is left as they set it.
 """
@@ -28,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # The exact list of YNNPACK fusion kinds to use (it replaces jax's default one): none.
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -48,6 +55,14 @@ def mean(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
     for a in axes:
         x = jnp.mean(x, axis=a, keepdims=True)
     return x if keepdims else jnp.squeeze(x, axis=tuple(axes))
+
+
+def rowmax(x: jax.Array) -> jax.Array:
+    """The maximum of `x` over its last axis, with no gradient: a softmax's shift. A NaN in a row
+    may be passed over (a softmax shifted by it is NaN all the same, through its own terms)."""
+    x = jax.lax.stop_gradient(x)
+    init = np.array(-np.inf, x.dtype)
+    return jax.lax.reduce(x, init, lambda a, b: jnp.where(a > b, a, b), (x.ndim - 1,))
 
 
 def mesh_options(mesh) -> dict[str, str] | None:

@@ -1,7 +1,8 @@
 """The blocked (flash-style) attention kernel against the unblocked softmax of
 `jax.nn.dot_product_attention(implementation="xla")`: outputs and all three input gradients, with
 every mask it supports, ragged lengths, several tiles per axis, inside both context-parallel
-modes, and in the transformer."""
+modes, and in the transformer. The library's own unblocked kernel (`impl="xla"`) against the
+same reference, and `compiler.rowmax`, which both kernels use."""
 
 import functools
 
@@ -13,7 +14,7 @@ import reference as ref
 from flax import nnx
 from jax.sharding import AxisType
 
-from cogvideox_jax import attention, blocked, sharding
+from cogvideox_jax import attention, blocked, compiler, sharding
 
 
 def _qkv(b, lq, lk, n, k, dtype=np.float32, seed=0):
@@ -92,6 +93,47 @@ def test_bfloat16_inputs_keep_float32_statistics():
     assert got[0].dtype == jnp.bfloat16 and got[1][0].dtype == jnp.bfloat16
     err_unblocked = ref.rel_l2(unblocked[0], f32[0])
     assert ref.rel_l2(got[0], f32[0]) <= 1.5 * err_unblocked + 1e-3
+
+
+@pytest.mark.parametrize("b,lq,lk,kv_valid,seg", list(dict.fromkeys(c[:5] for c in CASES)))
+def test_xla_kernel_matches_jax(b, lq, lk, kv_valid, seg):
+    """`impl="xla"` is the library's own softmax (attention._softmax_attention), not jax's."""
+    q, k, v = _qkv(b, lq, lk, 3, 16)
+    ids = _segments(b, lq) if seg else None
+    want = _value_and_grads(lambda q, k, v: _xla(q, k, v, kv_valid, ids), q, k, v)
+    got = _value_and_grads(
+        lambda q, k, v: attention._kernel(q, k, v, "xla", kv_valid, ids, ids), q, k, v
+    )
+    _assert_close(got, want, 1e-6)
+
+
+def test_xla_kernel_in_bfloat16():
+    """bf16 in, bf16 out, outputs and gradients as close to float32's as jax's bf16 kernel."""
+    q, k, v = _qkv(2, 96, 96, 2, 32, dtype=jnp.bfloat16)
+    f32 = _value_and_grads(_xla, *(x.astype(jnp.float32) for x in (q, k, v)))
+    jax_bf16 = _value_and_grads(_xla, q, k, v)
+    got = _value_and_grads(lambda q, k, v: attention._kernel(q, k, v, "xla", None), q, k, v)
+    assert got[0].dtype == jnp.bfloat16 and got[1][0].dtype == jnp.bfloat16
+    assert ref.rel_l2(got[0], f32[0]) <= 1.5 * ref.rel_l2(jax_bf16[0], f32[0]) + 1e-3
+    for name, a, b, c in zip("qkv", got[1], jax_bf16[1], f32[1], strict=True):
+        assert ref.rel_l2(a, c) <= 1.5 * ref.rel_l2(b, c) + 1e-3, name
+
+
+def test_rowmax():
+    """The row maximum both kernels shift their logits by: exact, any float dtype, large negative
+    (masked) values and -inf included, and no gradient."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 37), dtype=np.float32) * 50
+    x[0, 0, :] = blocked.MASKED
+    x[0, 1, 5:] = -np.inf
+    x[1, 2, :] = -np.inf
+    for dtype in (jnp.float32, jnp.bfloat16):
+        xd = jnp.asarray(x, dtype)
+        got = jax.jit(compiler.rowmax)(xd)
+        assert got.dtype == dtype and got.shape == (2, 3)
+        np.testing.assert_array_equal(got, np.max(np.asarray(xd), axis=-1))
+    grad = jax.grad(lambda x: (compiler.rowmax(x) * 3.0).sum())(jnp.asarray(x[1:, :2]))
+    np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_rejects_mismatched_inputs():
