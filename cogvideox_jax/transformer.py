@@ -283,10 +283,13 @@ class ExpertAdaLN(nnx.Module):
         )
         self.norm = LayerNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, h, temb, is_text, segment_ids=None):
+    def __call__(self, h, temb, is_text, segment_ids=None, mod=None):
         """h (B, S + L, D), temb (B, E), is_text (S + L,) bool -> (modulated h, per-token gate).
-        Packed rows: temb (B, G, E) per segment and segment_ids (B, S + L) (see `_per_token`)."""
-        mod = self.linear(jax.nn.silu(temb))  # (B, 6D) or (B, G, 6D)
+        Packed rows: temb (B, G, E) per segment and segment_ids (B, S + L) (see `_per_token`).
+        `mod`: this norm's linear of silu(temb) when the caller has computed it already (the
+        transformer does, for every layer at once: `_modulations`)."""
+        if mod is None:
+            mod = self.linear(jax.nn.silu(temb))  # (B, 6D) or (B, G, 6D)
         shift, scale, gate = _per_token(mod, is_text, segment_ids)  # (B, S + L, D) each
         return self.norm(h) * (1 + scale) + shift, gate
 
@@ -412,10 +415,13 @@ class Block(nnx.Module):
         self.norm2 = ExpertAdaLN(time_embed_dim, dim, eps, **kw)
         self.ff = FeedForward(dim, 4 * dim, **kw)
 
-    def __call__(self, h, temb, cos, sin, is_text, kv_valid=None, segment_ids=None):
-        n, gate = self.norm1(h, temb, is_text, segment_ids)
+    def __call__(
+        self, h, temb, cos, sin, is_text, kv_valid=None, segment_ids=None, mods=(None, None)
+    ):
+        """`mods`: norm1's and norm2's modulations if computed already (`ExpertAdaLN`)."""
+        n, gate = self.norm1(h, temb, is_text, segment_ids, mods[0])
         h = h + gate * self.attn1(n, cos, sin, kv_valid, segment_ids)
-        n, gate = self.norm2(h, temb, is_text, segment_ids)
+        n, gate = self.norm2(h, temb, is_text, segment_ids, mods[1])
         h = h + gate * self.ff(n)
         return sharding.constrain(h, ("batch", "length", "act_embed"))
 
@@ -724,18 +730,37 @@ class Transformer(nnx.Module):
         return jnp.asarray(cos), jnp.asarray(sin)
 
     def _run_blocks(self, h, temb, cos, sin, is_text, kv_valid, segment_ids=None):
-        def body(h, block):
-            return block(h, temb, cos, sin, is_text, kv_valid, segment_ids)
+        blocks = self.transformer_blocks
+        mods = tuple(_modulations(n.linear, temb, self.dtype) for n in (blocks.norm1, blocks.norm2))
+
+        def body(h, block, mods):
+            return block(h, temb, cos, sin, is_text, kv_valid, segment_ids, mods)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = nnx.remat(body, policy=policy, prevent_cse=False)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def run(h, block):
-            return body(h, block)
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+        def run(h, block, mods):
+            return body(h, block, mods)
 
-        return run(h, self.transformer_blocks)
+        return run(h, blocks, mods)
+
+
+def _modulations(linear: Linear, temb: jax.Array, dtype) -> jax.Array:
+    """Every layer's adaLN modulation, linear(silu(temb)) for the stacked (layers, E, 6D) `linear`:
+    (layers, B, 6D), or (layers, B, G, 6D) for packed rows' temb (B, G, E). One batched product
+    before the layer scan: inside it, XLA:CPU first copies each layer's (E, 6D) kernel out of
+    the stack for a product with only B rows (6 MB per norm at the sampling benchmark's width,
+    38 MB at 5B's); those copies took about 5 ms of its 142 ms step (BENCHMARKS.md)."""
+    kernel = linear.kernel[...].astype(dtype)
+    x = jax.nn.silu(temb).astype(dtype)
+    y = jnp.einsum("l...e,led->l...d", jnp.broadcast_to(x, kernel.shape[:1] + x.shape), kernel)
+    bias = linear.bias[...].astype(dtype)  # (layers, 6D)
+    y = y + bias.reshape(bias.shape[:1] + (1,) * (y.ndim - 2) + bias.shape[1:])
+    # Sharded like the kernel's output axis, so that each device multiplies its own shard of the
+    # stacked kernels (otherwise the partitioner may gather all layers' kernels at once).
+    return sharding.constrain(y, ("layers",) + (None,) * (y.ndim - 2) + ("embed",))
 
 
 def packed_rope_tables(
