@@ -139,8 +139,9 @@ def test_attention(tmp_path, dtype, tol):
 
 def test_gemm(tmp_path):
     out = tmp_path / "gemm.json"
-    gemm.main(["--smallest", "--repeats", "1", "--out", str(out)])
+    gemm.main(["--smallest", "--repeats", "1", "--calls", "2", "--out", str(out)])
     r = _read(out)
+    assert r["calls"] == 2
     assert len(r["products"]) == 5  # four layer products at one token count, one square
     for name, row in r["products"].items():
         assert row["xla_gflops_per_s"] > 0 and row["torch_gflops_per_s"] > 0, (name, row)
