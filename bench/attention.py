@@ -9,9 +9,9 @@ tokens, 8 heads x 64), fp32 on the CPU: the gradient of <attention(q, k, v), w> 
 q, k and v, for fixed random inputs and w. Ours goes through
 `cogvideox_jax.attention.dot_product_attention(impl=...)`, compiled with
 `cogvideox_jax.compiler.options()`; torch's is `scaled_dot_product_attention` (its CPU flash
-kernel). Runs alternate after one warm-up each; medians. FLOPs: 4 B N L^2 K forward and twice
-that backward (the matmuls of unfused attention; a flash backward recomputes the logits, which
-is not counted).
+kernel). One warm-up each, then rounds that run each once in a shuffled order; medians.
+FLOPs: 4 B N L^2 K forward and twice that backward (the matmuls of unfused attention; a flash
+backward recomputes the logits, which is not counted).
 
 On a GPU (torch too, by `--torch-device auto`), 5B's attention at 49 x 480 x 720:
   python -m bench.attention --tokens 17776 --heads 48 --impls cudnn,xla --dtype bfloat16
@@ -20,8 +20,6 @@ On a GPU (torch too, by `--torch-device auto`), 5B's attention at 49 x 480 x 720
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -30,6 +28,7 @@ import torch
 from bench.train_step import (
     DTYPES,
     add_torch_device,
+    alternate,
     machine_facts,
     parse_sized,
     sig,
@@ -84,21 +83,14 @@ def main(argv=None) -> dict:
 
     runs = {f"ours_{impl}": ours(impl) for impl in impls}
     runs["torch_sdpa"] = theirs
-    times = {name: [] for name in runs}
-    for fn in runs.values():
-        fn()  # warm-up: compilation for ours
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = alternate(runs, args.repeats)  # medians; the warm-up compiles ours
 
     # Same gradients: each of ours against torch's.
     want = [g.transpose(1, 2).float().cpu().numpy() for g in theirs()]
     flops = 3 * 4 * args.batch * args.heads * args.tokens**2 * args.head_dim
     rows = {}
     for name, fn in runs.items():
-        med = statistics.median(times[name])
+        med = times[name]
         rows[name] = {"s": sig(med), "gflops_per_s": sig(flops / med / 1e9)}
         if name != "torch_sdpa":
             got = [np.asarray(g, np.float32) for g in fn()]
@@ -106,7 +98,7 @@ def main(argv=None) -> dict:
                 float(np.linalg.norm(a - b) / np.linalg.norm(b))
                 for a, b in zip(got, want, strict=True)
             )
-            rows[name]["ratio_over_torch"] = sig(med / statistics.median(times["torch_sdpa"]), 3)
+            rows[name]["ratio_over_torch"] = sig(med / times["torch_sdpa"], 3)
     result = {
         "benchmark": "attention",
         "config": {

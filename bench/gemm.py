@@ -12,8 +12,8 @@ with `cogvideox_jax.compiler.options()` (as the library compiles), torch's as `x
 same thread count. Each timed run makes `--calls` products back to back (the next one queued
 while the last runs, as inside a model), so that neither library is timed waking its threads for
 a single product of a few milliseconds: at 740 tokens single calls ran at about half the rate.
-Runs alternate after one warm-up each; medians, and the best (maximum) rate of each library
-over every shape.
+One warm-up each, then rounds in a shuffled order (`bench.train_step.alternate`); medians, and
+the best (maximum) rate of each library over every shape.
 
 What it is for: a model's step cannot run faster than its matmul work at this ceiling, so the
 ceiling says what a target time demands (BENCHMARKS.md: "How close the CPU targets are to this

@@ -16,7 +16,8 @@ a one-step sample (one denoising step with classifier-free guidance: a batch of 
 uncond) and a whole `--steps`-step sample. Our sampler is one compiled `lax.fori_loop` with both
 CFG branches in one batched forward; diffusers loops in Python, also batching cond + uncond.
 Model FLOPs: `cogvideox_jax.flops.transformer_flops` x CFG batch x steps.
-Runs alternate between the two after one warm-up each (compilation for ours); medians.
+One warm-up each (compilation for ours), then rounds that run each once, in an order
+shuffled every round (`bench.train_step.alternate`); medians.
 The default latent 3 x 12 x 16 (9 frames, 96 x 128 pixels) keeps a 50-step sample under a
 minute or so per implementation on a 2-core CPU.
 """

@@ -22,8 +22,9 @@ computed in `--dtype` (ours: the model's `dtype`/`param_dtype`, as the trainer's
 fine-tuning scripts do). `--remat full` recomputes each block in the backward on both sides.
 
 Where: ours on jax's default device (one device); torch on `--torch-device` (auto: the GPU
-when jax runs on one). By default both live in one process and their runs alternate after one
-warm-up each (compilation for ours); medians. `--separate` runs each alone in a fresh process,
+when jax runs on one). By default both live in one process: one warm-up each (compilation
+for ours), then rounds that run each once, in an order shuffled every round (`alternate`);
+medians. `--separate` runs each alone in a fresh process,
 ours first (warm-up, then the repeats), for models that fit a device only once (5B with
 AdamW state is about 90 GB in fp32).
 
@@ -46,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -122,16 +124,21 @@ def seconds(fn) -> float:
 
 
 def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable: one warm-up each, then `repeats` rounds that run them in
-    turn (so that load drifting on a shared machine hits all of them alike)."""
+    """Median seconds of each callable: one warm-up each (in the given order), then `repeats`
+    rounds that run each once, so that load drifting on a shared machine hits all of them alike.
+    Each round takes its own order (shuffled, seeded by the round): a fixed order has one
+    implementation always run right after the other, and on the CPU what ran just before moves a
+    step's time (BENCHMARKS.md: ours after torch's train step, torch after our sampling call)."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(seconds(fn))
+    for r in range(repeats):
+        order = list(fns)
+        random.Random(r).shuffle(order)
+        for name in order:
+            times[name].append(seconds(fns[name]))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -569,7 +576,7 @@ def main(argv=None) -> dict:
             if args.no_attention
             else attention.resolve(args.attention, np.dtype(args.dtype), seq),
             "torch_device": args.torch_device,
-            "processes": "one per implementation" if args.separate else "one, alternating",
+            "processes": "one per implementation" if args.separate else "one, shuffled rounds",
         },
         "parameters": parameters,
         "tokens_per_step": tokens,

@@ -7,29 +7,22 @@ Both run the full-size CogVideoX VAE architecture (random weights, 216M paramete
 --smallest the library's "tiny" VAE on a 5 x 16 x 16 clip, seconds, for CI) in fp32 on the CPU,
 with diffusers' default frame batching (the mode that reproduces its outputs). Ours is compiled
 with `cogvideox_jax.compiler.options()`, as the library compiles its own VAE calls.
-Runs alternate between the two implementations after one warm-up each; medians are reported.
+One warm-up each, then rounds that run each once in a shuffled order
+(`bench.train_step.alternate`); medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 import cogvideox_jax as cj
-from bench.train_step import machine_facts
+from bench.train_step import alternate, machine_facts
 from cogvideox_jax import compiler, vae
-
-
-def _seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -73,12 +66,8 @@ def main(argv=None):
         ("encode", lambda: encode(video).block_until_ready(), run_theirs_encode),
         ("decode", lambda: decode(z).block_until_ready(), run_theirs_decode),
     ]:
-        fn_ours(), fn_theirs()  # warm-up (compilation for ours)
-        t_ours, t_theirs = [], []
-        for _ in range(args.repeats):  # alternate so load drifts hit both equally
-            t_ours.append(_seconds(fn_ours))
-            t_theirs.append(_seconds(fn_theirs))
-        mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
+        med = alternate({"ours": fn_ours, "diffusers": fn_theirs}, args.repeats)
+        mo, mt = med["ours"], med["diffusers"]
         results[name] = {
             "ours_s": round(mo, 3),
             "diffusers_s": round(mt, 3),
