@@ -88,20 +88,25 @@ def rotary_tables(model, latent_frames: int, latent_h: int, latent_w: int):
 
 def transformer_forward(model, latents, text, timesteps, ofs=None) -> np.ndarray:
     """diffusers forward on channels-last numpy inputs; channels-last float32 output."""
+    with torch.no_grad():
+        out = transformer_forward_torch(model, latents, text, timesteps, ofs)
+    return out.float().numpy()
+
+
+def transformer_forward_torch(model, latents, text, timesteps, ofs=None) -> torch.Tensor:
+    """`transformer_forward` as a channels-last torch tensor, differentiable."""
     dtype = next(model.parameters()).dtype
     x = torch.from_numpy(np.asarray(latents, np.float32)).permute(0, 1, 4, 2, 3).to(dtype)
     b, f, _, h, w = x.shape
-    rope = rotary_tables(model, f, h, w)
-    with torch.no_grad():
-        out = model(
-            hidden_states=x,
-            encoder_hidden_states=torch.from_numpy(np.asarray(text, np.float32)).to(dtype),
-            timestep=torch.from_numpy(np.asarray(timesteps)),
-            ofs=None if ofs is None else torch.full((1,), float(ofs), dtype=dtype),
-            image_rotary_emb=rope,
-            return_dict=False,
-        )[0]
-    return out.float().permute(0, 1, 3, 4, 2).numpy()
+    out = model(
+        hidden_states=x,
+        encoder_hidden_states=torch.from_numpy(np.asarray(text, np.float32)).to(dtype),
+        timestep=torch.from_numpy(np.asarray(timesteps)),
+        ofs=None if ofs is None else torch.full((1,), float(ofs), dtype=dtype),
+        image_rotary_emb=rotary_tables(model, f, h, w),
+        return_dict=False,
+    )[0]
+    return out.permute(0, 1, 3, 4, 2)
 
 
 def rel_l2(a, b) -> float:

@@ -1,5 +1,7 @@
 """The expert transformer against diffusers' CogVideoXTransformer3DModel, for every variant."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,42 @@ def test_parity_fp32(pair):
         got = np.asarray(ours(lat, txt, t, ofs=ofs))
         assert got.shape == want.shape
         assert ref.rel_l2(got, want) <= 1e-5, (variant, (f, h, w), ref.rel_l2(got, want))
+
+
+def test_gradients_match_diffusers(pair, tmp_path):
+    """Every parameter's gradient of <output, w> (fixed random w) against torch autograd's
+    through diffusers. Torch's gradients go through the converter: they are saved as the
+    weights of a diffusers checkpoint and loaded into our layout."""
+    variant, theirs, _, ours = pair
+    f, h, w = SIZES[variant][0]
+    lat, txt, t, ofs = _inputs(ours.cfg, f, h, w)
+    weights = (
+        np.random.default_rng(1)
+        .standard_normal(lat.shape[:-1] + (ours.cfg.out_channels,))
+        .astype(np.float32)
+    )
+
+    model = copy.deepcopy(theirs)
+    out = ref.transformer_forward_torch(model, lat, txt, t, ofs)
+    (out * torch.from_numpy(weights)).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.zeros_like(p) if p.grad is None else p.grad)
+    model.save_pretrained(tmp_path)
+    want = nnx.state(cj.load_transformer(tmp_path), nnx.Param)
+
+    got = nnx.grad(lambda m: jnp.sum(m(lat, txt, t, ofs=ofs) * weights))(ours)
+    want, got = nnx.to_flat_state(want), nnx.to_flat_state(got)
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        a, b = np.asarray(a[...]), np.asarray(b[...])
+        if not ours.cfg.rope and path[-2:] == ("norm_k", "bias"):
+            # Without RoPE a key bias adds the same q.b to all of a query's logits, which the
+            # softmax cancels: the gradient is zero, and both sides give rounding noise.
+            assert max(np.linalg.norm(a), np.linalg.norm(b)) < 1e-4, (variant, path)
+            continue
+        assert np.linalg.norm(b) > 0, (variant, path)  # every parameter takes part
+        assert ref.rel_l2(a, b) <= 1e-5, (variant, path, ref.rel_l2(a, b))  # 3.0e-6 at most
 
 
 def test_bf16_close_to_fp32_reference(pair):
@@ -124,6 +162,35 @@ def test_remat_policies_give_same_outputs_and_gradients(remat):
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=False):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_a_block_keeps_only_its_products_inputs_for_the_backward():
+    """What one block keeps from its forward for its backward (the leaves of `jax.vjp`'s
+    function), in units of one (tokens, width) activation. Wanted: the block input, the two
+    modulated norms, pre-norm q and k, the attention kernel's q, k, v and output (and the
+    output again, in the out-projection's layout), the attention's and the MLP's updates (for
+    their gates), the residual between them, and the MLP's pre-activation and GELU output (4
+    units each): 21, plus the RoPE tables and the parameters (0.9). Without recomputing norms,
+    modulation, RoPE and GELU in the backward, autodiff kept 60: three copies of each
+    LayerNorm's input, five of the GELU's, the per-token scales and gates."""
+    d, n, k, e, s, length = 64, 2, 32, 16, 5, 1000
+    block = transformer.Block(
+        d, n, k, e, 1e-5, attention_impl="blocked", context_parallel="allgather",
+        dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graph, params, rest = nnx.split(block, nnx.Param, ...)
+    keys = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(keys[0], (1, s + length, d))
+    temb = jax.random.normal(keys[1], (1, e))
+    angles = jax.random.uniform(keys[2], (s + length, k))
+    is_text = np.arange(s + length) < s
+
+    def run(h, params):
+        return nnx.merge(graph, params, rest)(h, temb, jnp.cos(angles), jnp.sin(angles), is_text)
+
+    _, backward = jax.vjp(run, h, params)
+    kept = sum(leaf.size for leaf in jax.tree.leaves(backward)) / h.size
+    assert 21 <= kept <= 23, kept  # 22.9
 
 
 def test_every_parameter_has_logical_axes_of_its_rank():
