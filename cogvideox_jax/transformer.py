@@ -302,7 +302,7 @@ class ExpertAdaLN(nnx.Module):
 
     def __call__(self, h, temb, is_text, segment_ids=None, mod=None):
         """h (B, S + L, D), temb (B, E), is_text (S + L,) bool -> (modulated h, mod), where mod
-        (B, 6D) is the modulation `gated_residual` takes the gate from. Packed rows: temb
+        (B, 6D) is the modulation `_gated_residual` takes the gate from. Packed rows: temb
         (B, G, E) per segment and segment_ids (B, S + L), mod (B, G, 6D) (see `_per_token`).
         `mod`: this norm's linear of silu(temb) when the caller has computed it already (the
         transformer does, for every layer at once: `_modulations`)."""
@@ -316,14 +316,14 @@ class ExpertAdaLN(nnx.Module):
 
 
 @functools.partial(_recomputed, static_argnums=(6, 7))
-def _modulated_norm(h, scale, bias, mod, is_text, segment_ids, eps, dtype):
+def _modulated_norm(h, ln_scale, ln_bias, mod, is_text, segment_ids, eps, dtype):
     """LN(h) * (1 + scale) + shift with each token's (text or video) scale and shift."""
-    shift, scale_, _ = _per_token(mod, is_text, segment_ids)  # (B, S + L, D) each
-    return _layer_norm(h, scale, bias, eps, dtype) * (1 + scale_) + shift
+    shift, scale, _ = _per_token(mod, is_text, segment_ids)  # (B, S + L, D) each
+    return _layer_norm(h, ln_scale, ln_bias, eps, dtype) * (1 + scale) + shift
 
 
 @_recomputed
-def gated_residual(h, y, mod, is_text, segment_ids=None):
+def _gated_residual(h, y, mod, is_text, segment_ids=None):
     """h + gate * y, with each token's gate from an `ExpertAdaLN` modulation `mod`."""
     _, _, gate = _per_token(mod, is_text, segment_ids)
     return h + gate * y
@@ -466,11 +466,11 @@ class Block(nnx.Module):
     ):
         """`mods`: norm1's and norm2's modulations if computed already (`ExpertAdaLN`)."""
         n, mod = self.norm1(h, temb, is_text, segment_ids, mods[0])
-        h = gated_residual(
+        h = _gated_residual(
             h, self.attn1(n, cos, sin, kv_valid, segment_ids), mod, is_text, segment_ids
         )
         n, mod = self.norm2(h, temb, is_text, segment_ids, mods[1])
-        h = gated_residual(h, self.ff(n), mod, is_text, segment_ids)
+        h = _gated_residual(h, self.ff(n), mod, is_text, segment_ids)
         return sharding.constrain(h, ("batch", "length", "act_embed"))
 
 
