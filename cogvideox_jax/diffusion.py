@@ -23,6 +23,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
+    """The noise schedule's parameters, named as in diffusers' scheduler_config.json."""
+
     snr_shift_scale: float = 1.0
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -86,18 +88,27 @@ def _prev_alpha(ab: np.ndarray, t: np.ndarray, num_steps: int) -> np.ndarray:
 
 
 def _coefs(ab: jax.Array, t: jax.Array, like: jax.Array):
-    a = jnp.asarray(ab)[t].astype(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    a = jnp.asarray(ab)[t].astype(like.dtype)  # t's shape: (B,), or (B, V) per token
+    a = a.reshape(a.shape + (1,) * (like.ndim - a.ndim))  # broadcast over like's other axes
     return jnp.sqrt(a), jnp.sqrt(1 - a)
 
 
 def add_noise(x0: jax.Array, noise: jax.Array, t: jax.Array, ab) -> jax.Array:
-    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise, per-sample t (B,)."""
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise.
+
+    Args:
+      x0, noise: clean latents and noise of one shape, e.g. (B, T, H, W, C), or packed rows'
+        tokens (B, V, P).
+      t: integer timesteps whose shape leads x0's: per sample (B,), or per token (B, V).
+      ab: alpha_bar (num_train_timesteps,), `alphas_cumprod`.
+    """
     sa, sb = _coefs(ab, t, x0)
     return sa * x0 + sb * noise
 
 
 def velocity(x0: jax.Array, noise: jax.Array, t: jax.Array, ab) -> jax.Array:
-    """The v-prediction target sqrt(ab_t) noise - sqrt(1 - ab_t) x0."""
+    """The v-prediction target sqrt(ab_t) noise - sqrt(1 - ab_t) x0 (arguments as
+    `add_noise`)."""
     sa, sb = _coefs(ab, t, x0)
     return sa * noise - sb * x0
 
@@ -117,7 +128,8 @@ def ddim_table(ab: np.ndarray, num_steps: int) -> dict[str, np.ndarray]:
 
 
 def ddim_step(row, v: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x_prev, x0) from the v-prediction at this step."""
+    """(x_prev, x0) from the latents `x` and the v-prediction `v` (one shape) at the step whose
+    `ddim_table` row is `row`."""
     x0 = row["sa"] * x - row["sb"] * v
     return row["c_x"] * x + row["c_x0"] * x0, x0
 
@@ -150,15 +162,17 @@ def dpm_table(ab: np.ndarray, num_steps: int) -> dict[str, np.ndarray]:
 
 
 def dpm_step(row, v, x, old_x0, noise) -> tuple[jax.Array, jax.Array]:
-    """(x_prev, x0); `noise` is the draw diffusers uses for the returned sample (its second
-    draw on second-order steps, the first on first-order ones)."""
+    """(x_prev, x0) as `ddim_step`, for a `dpm_table` row; `old_x0` is the previous step's x0
+    (unused on first-order steps), `noise` the draw diffusers uses for the returned sample (its
+    second draw on second-order steps, the first on first-order ones)."""
     x0 = row["sa"] * x - row["sb"] * v
     d = jnp.where(row["second"], row["m3"] * x0 - row["m4"] * old_x0, x0)
     return row["m1"] * x - row["m2"] * d + row["m_noise"] * noise, x0
 
 
 def dynamic_cfg_scales(guidance_scale: float, num_steps: int) -> np.ndarray:
-    """diffusers' use_dynamic_cfg weights per step; like diffusers (and SAT as called) it uses
-    the timestep value, not the step index, in the power, so the weights oscillate."""
+    """diffusers' use_dynamic_cfg weights, (num_steps,) float64; like diffusers (and SAT as
+    called) it uses the timestep value, not the step index, in the power, so the weights
+    oscillate."""
     t = inference_timesteps(num_steps).astype(np.float64)
     return 1 + guidance_scale * ((1 - np.cos(np.pi * ((num_steps - t) / num_steps) ** 5.0)) / 2)

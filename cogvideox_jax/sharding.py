@@ -21,10 +21,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -106,15 +107,79 @@ def rules_with(overrides: Rules | Sequence[Sequence]) -> Rules:
     return out + tuple(new.items())
 
 
-def mesh_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
-    """`spec(names)` on the current mesh for an array of `shape`: mesh axes the mesh lacks, or
-    whose size does not divide their dimension, are dropped (that dimension is replicated)."""
-    mesh = jax.sharding.get_abstract_mesh()
+def mesh_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    rules: Rules | None = None,
+) -> PartitionSpec:
+    """`spec(names, rules)` on `mesh` (default: the current mesh) for an array of `shape`: mesh
+    axes the mesh lacks, or whose size does not divide their dimension, are dropped (that
+    dimension is replicated: tiny models on many devices)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     out = []
-    for dim, entry in zip(shape, spec(names), strict=True):
+    for dim, entry in zip(shape, spec(names, rules), strict=True):
         entry = _drop_missing(entry, () if mesh.empty else mesh.axis_names)
         out.append(entry if entry is None or dim % _size(entry, mesh) == 0 else None)
     return PartitionSpec(*out)
+
+
+def named_sharding(
+    mesh: jax.sharding.Mesh, names: Sequence[str | None], shape: Sequence[int], rules: Rules
+) -> NamedSharding:
+    """The NamedSharding of an array of `shape` whose axes have the logical `names`."""
+    return NamedSharding(mesh, mesh_spec(names, shape, mesh, rules))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules) -> NamedSharding:
+    """How a batch (leading axis `batch`, the rest whole) is laid out on `mesh` under `rules`:
+    the sharding the input pipeline builds its global arrays with, and the one the model's
+    `constrain(x, ("batch", ...))` pins its activations to."""
+    entry = _drop_missing(spec(("batch",), rules)[0], mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(entry))
+
+
+def state_shardings(abstract_vars: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> dict:
+    """NamedShardings (a pure dict) for an nnx.State of (abstract) Variables, from their logical
+    names; mesh axes that do not divide a dimension are dropped from it."""
+    shardings = jax.tree.map(
+        lambda v: named_sharding(mesh, logical_axes(v), v.shape, rules),
+        abstract_vars,
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
+    return nnx.to_pure_dict(shardings)
+
+
+def axis_size(name: str, mesh_shape: Mapping[str, int], rules: Rules) -> int:
+    """How many pieces a mesh of `mesh_shape` (axis name -> size) cuts the logical axis `name`
+    into under `rules` (before any divisibility check): the batch's data shards for "batch"."""
+    entry = spec((name,), rules)[0]
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    return int(math.prod(mesh_shape.get(a, 1) for a in axes))
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int, limit: int = 0) -> dict[str, int]:
+    """Mesh axis sizes (MESH_AXES order) from requested `sizes` (one may be -1: the remaining
+    devices) over `num_devices` devices, or the first `limit` of them when 0 < limit."""
+    requested = [sizes[a] for a in MESH_AXES]
+    n = min(num_devices, limit) if limit > 0 else num_devices
+    fixed = math.prod(s for s in requested if s != -1)
+    if requested.count(-1) > 1 or any(s < 1 and s != -1 for s in requested) or n % fixed:
+        raise ValueError(
+            f"mesh (data, fsdp, context, tensor) = {requested}: sizes must be >= 1 or -1 (at "
+            f"most one) and their product must divide the {n} devices used"
+        )
+    return {a: n // fixed if s == -1 else s for a, s in zip(MESH_AXES, requested, strict=True)}
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence) -> jax.sharding.Mesh:
+    """The (data, fsdp, context, tensor) mesh of `shape` over the first devices of `devices`."""
+    sizes = tuple(shape[a] for a in MESH_AXES)
+    devices = list(devices)[: math.prod(sizes)]
+    # Like jax.make_mesh, but a mesh axis may split a physical one (jax.make_mesh allows that on
+    # v5e only): context=2 over a v5p 4x4x4 torus needs it.
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
 def num_shards(name: str) -> int:
@@ -133,7 +198,8 @@ def _size(entry, mesh) -> int:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's sharding to the current mesh; a no-op outside a mesh."""
+    """Pin an activation's sharding to the current mesh, from one logical name (or None) per axis
+    of x; a no-op outside a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
