@@ -37,7 +37,7 @@ def _peak_mb(cmd: list[str]) -> float:
     if cmd[0] == "convert":
         body = "from tools import convert; convert.main(sys.argv[1:])"
     else:
-        body = "import cogvideox_jax.convert"
+        body = "import cogvideox_jax.components"
     out = subprocess.run(
         [sys.executable, "-c", code.format(argv=cmd, body=body)],
         capture_output=True,

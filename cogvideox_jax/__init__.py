@@ -1,6 +1,11 @@
 """CogVideoX in JAX/Flax NNX: models, conversion to and from diffusers, loading."""
 
-from cogvideox_jax.convert import load_text_encoder, load_transformer, load_vae, save_transformer
+from cogvideox_jax.components import (
+    load_text_encoder,
+    load_transformer,
+    load_vae,
+    save_transformer,
+)
 from cogvideox_jax.pipeline import Pipeline
 from cogvideox_jax.t5 import T5Config, T5Encoder
 from cogvideox_jax.transformer import VARIANTS, Transformer, TransformerConfig, transformer_config

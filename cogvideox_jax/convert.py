@@ -9,6 +9,10 @@ patch (un)flattening is channels-last (t, i, j, c) here and channel-major (c, t,
 Conversion is strict: every source tensor matches exactly one rule and is consumed once, every
 target leaf is written once, and every shape equals the model's (checked from file headers
 before any data is read). Tensors are streamed one target leaf at a time.
+
+This module knows a model only by its config attributes and parameter shapes (a `ComponentSpec`)
+and never builds one: `components.py` makes the spec of a config.json from the model classes,
+loads and saves modules, and converts whole folders with the functions below.
 """
 
 from __future__ import annotations
@@ -18,20 +22,21 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from cogvideox_jax import weights
-from cogvideox_jax.transformer import TransformerConfig
 
 Array = np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One diffusers tensor (one per layer when stacked) <-> one leaf of our tree."""
+
     theirs: str  # diffusers name; "{layer}" marks the index of a stacked (scanned) block
     ours: str  # "/"-separated path in our parameter tree
     to_ours: Callable[[Array], Array] = lambda x: x
@@ -63,8 +68,9 @@ def _norm(theirs: str, ours: str) -> list[Rule]:
     return [Rule(f"{theirs}.weight", f"{ours}/scale"), Rule(f"{theirs}.bias", f"{ours}/bias")]
 
 
-def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
-    """Rules for `CogVideoXTransformer3DModel` <-> `transformer.Transformer`."""
+def transformer_rules(cfg) -> list[Rule]:
+    """Rules for `CogVideoXTransformer3DModel` <-> `transformer.Transformer` of the
+    `transformer.TransformerConfig` `cfg`."""
     d, n, k = cfg.width, cfg.num_heads, cfg.head_dim
     p, pt, c_in, c_out = cfg.patch_size, cfg.patch_size_t or 1, cfg.in_channels, cfg.out_channels
     if cfg.patch_size_t is None:  # Conv2d (D, C, i, j) -> (i*j*C, D)
@@ -132,7 +138,7 @@ def transformer_rules(cfg: TransformerConfig) -> list[Rule]:
 
 
 def t5_rules(cfg) -> list[Rule]:
-    """Rules for transformers' `T5EncoderModel` <-> `t5.T5Encoder`."""
+    """Rules for transformers' `T5EncoderModel` <-> `t5.T5Encoder` of the `t5.T5Config` `cfg`."""
     d, n, k = cfg.d_model, cfg.num_heads, cfg.d_kv
     blk, ours = "encoder.block.{layer}.layer", "encoder/block/layer"
     rules = [
@@ -262,7 +268,7 @@ def plan_to_ours(
             continue
         names = [got[i] for i in want_layers]
         shape = tuple(target_shapes[path][1:] if rule.stacked else target_shapes[path])
-        want = _source_shape(rule, shape)
+        want = source_shape(rule, shape)
         for n in names:
             if tuple(source_shapes[n]) != want:
                 problems.append(
@@ -276,7 +282,7 @@ def plan_to_ours(
     return Plan(rules=rule_of, sources=sources)
 
 
-def _source_shape(rule: Rule, target_shape: tuple[int, ...]) -> tuple[int, ...]:
+def source_shape(rule: Rule, target_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The diffusers shape that maps to `target_shape` (by tracing the inverse transform)."""
     spec = jax.ShapeDtypeStruct(target_shape, np.float32)
     return tuple(jax.eval_shape(rule.to_theirs, spec).shape)
@@ -304,16 +310,20 @@ def split_leaf(rule: Rule, value: Array) -> Iterable[tuple[str, Array]]:
         yield rule.theirs.format(layer=i), np.ascontiguousarray(rule.to_theirs(value[i]))
 
 
-# Whole components and model folders.
+# Component folders: diffusers' (config.json + safetensors) or ours (config.json, MARKER, Orbax
+# PARAMS_DIR).
 
 # Host memory per conversion step: leaves are read and written in groups of about this size.
 STREAM_GROUP_BYTES = 64 * 2**20  # a larger leaf goes alone
-MARKER = "cogvideox_jax.json"  # present in every component folder written by `diffusers_to_orbax`
+MARKER = "cogvideox_jax.json"  # in every component folder this library writes
 PARAMS_DIR = "params"
 
 
 @dataclasses.dataclass
 class ComponentSpec:
+    """What converting one component needs: its rules and the model's parameter shapes
+    (`components.component_spec` makes it from a config.json)."""
+
     kind: str  # "transformer" | "vae" | "text_encoder"
     rules: list[Rule]
     target_shapes: dict[str, tuple[int, ...]]
@@ -334,52 +344,17 @@ def component_kind(config: Mapping) -> str | None:
     return None
 
 
-def _abstract_shapes(build) -> dict[str, tuple[int, ...]]:
-    from flax import nnx
-
-    from cogvideox_jax.transformer import Buffer
-
-    model = nnx.eval_shape(build)
-    state = nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer)))
-    return {k: tuple(v.shape) for k, v in weights.flatten(state).items()}
+def read_config(folder: Path) -> dict:
+    """A component folder's config.json."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    return json.loads(cfg_path.read_text())
 
 
-def component_spec(config: Mapping) -> ComponentSpec:
-    """Rules and model shapes for a component config.json, or ValueError if unsupported."""
-    from flax import nnx
-
-    kind = component_kind(config)
-    if kind == "transformer":
-        from cogvideox_jax.transformer import Transformer
-
-        cfg = TransformerConfig.from_diffusers(dict(config))
-        shapes = _abstract_shapes(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-        return ComponentSpec(
-            kind, transformer_rules(cfg), shapes, cfg.num_layers, "diffusion_pytorch_model"
-        )
-    if kind == "vae":
-        from cogvideox_jax.vae import AutoencoderKL, VaeConfig
-
-        cfg = VaeConfig.from_diffusers(dict(config))
-        shapes = _abstract_shapes(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
-        return ComponentSpec(kind, vae_rules(shapes), shapes, 0, "diffusion_pytorch_model")
-    if kind == "text_encoder":
-        from cogvideox_jax.t5 import T5Config, T5Encoder
-
-        cfg = T5Config.from_transformers(dict(config))
-        shapes = _abstract_shapes(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
-        return ComponentSpec(
-            kind,
-            t5_rules(cfg),
-            shapes,
-            cfg.num_layers,
-            "model",
-            aliases={"encoder.embed_tokens.weight": "shared.weight"},
-        )
-    raise ValueError(
-        f"unsupported component (_class_name={config.get('_class_name')!r}, "
-        f"model_type={config.get('model_type')!r})"
-    )
+def is_orbax_component(folder: Path) -> bool:
+    """Whether `folder` is a component folder this library wrote (it holds MARKER)."""
+    return (Path(folder) / MARKER).is_file()
 
 
 def _source_plan(folder: Path, spec: ComponentSpec) -> tuple[weights.SafetensorsReader, Plan, list]:
@@ -399,23 +374,17 @@ def _source_plan(folder: Path, spec: ComponentSpec) -> tuple[weights.Safetensors
     return reader, plan_to_ours(spec.rules, shapes, spec.target_shapes, spec.num_layers), present
 
 
-def _read_config(folder: Path) -> dict:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json")
-    return json.loads(cfg_path.read_text())
+def read_leaves(
+    folder: str | os.PathLike, spec: ComponentSpec, sharding=None
+) -> tuple[np.dtype, Iterator[tuple[str, Array | jax.Array]]]:
+    """The leaves of a diffusers or Orbax component folder in our layout, checked against `spec`.
 
-
-def is_orbax_component(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
-
-
-def read_component(folder: str | os.PathLike, sharding=None):
-    """(config.json dict, stored dtype, iterator of (path, array) in our layout) from a diffusers
-    or Orbax component folder. Leaves are read lazily, one (group) at a time."""
+    Returns:
+      (the dtype most tensors are stored in, an iterator of ("/"-path, array)). Leaves are read
+      lazily, one (group) at a time: diffusers tensors as numpy arrays, Orbax leaves as jax
+      arrays placed by `sharding` (None: the default device).
+    """
     folder = Path(folder)
-    config = _read_config(folder)
-    spec = component_spec(config)
     if is_orbax_component(folder):
         meta = weights.param_metadata(folder / PARAMS_DIR)
         _check_orbax_shapes(folder, meta, spec)
@@ -424,10 +393,10 @@ def read_component(folder: str | os.PathLike, sharding=None):
             for group in _groups(meta):
                 yield from weights.load_params(folder / PARAMS_DIR, group, sharding).items()
 
-        return config, _main_dtype(d for _, d in meta.values()), orbax_leaves()
+        return _main_dtype(d for _, d in meta.values()), orbax_leaves()
     reader, plan, _ = _source_plan(folder, spec)
     leaves = ((p, build_leaf(plan, p, reader.read)) for p in plan.sources)
-    return config, _main_dtype(weights.st_dtype(d) for d in reader.dtypes.values()), leaves
+    return _main_dtype(weights.st_dtype(d) for d in reader.dtypes.values()), leaves
 
 
 def _main_dtype(dtypes: Iterable[np.dtype]) -> np.dtype:
@@ -452,7 +421,9 @@ def _check_orbax_shapes(folder, meta, spec: ComponentSpec):
         )
 
 
-def _staging(dst: Path, overwrite: bool) -> Path:
+def staging(dst: Path, overwrite: bool) -> Path:
+    """A new empty folder beside `dst` to write its content into, then `commit` it; raises
+    FileExistsError if dst exists and not `overwrite`."""
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists (pass overwrite to replace it)")
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -461,7 +432,7 @@ def _staging(dst: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _commit(tmp: Path, dst: Path) -> None:
+def commit(tmp: Path, dst: Path) -> None:
     """Replace dst by the finished staging folder (a crash before this leaves dst untouched)."""
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
@@ -472,9 +443,9 @@ def _commit(tmp: Path, dst: Path) -> None:
         tmp.rename(dst)
 
 
-def _component_to_orbax(src: Path, out: Path) -> None:
-    config = _read_config(src)
-    spec = component_spec(config)
+def component_to_orbax(src: Path, out: Path, spec: ComponentSpec) -> None:
+    """Write the diffusers component folder `src` (of the spec `spec`) as our Orbax component
+    folder into the existing folder `out`, recording the safetensors file layout to restore."""
     reader, plan, aliases = _source_plan(src, spec)
     leaves = ((p, build_leaf(plan, p, reader.read)) for p in plan.sources)
     weights.save_params(out / PARAMS_DIR, leaves, group_bytes=STREAM_GROUP_BYTES)
@@ -488,9 +459,9 @@ def _component_to_orbax(src: Path, out: Path) -> None:
     (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
-def _component_to_diffusers(src: Path, out: Path) -> None:
-    config = _read_config(src)
-    spec = component_spec(config)
+def component_to_diffusers(src: Path, out: Path, spec: ComponentSpec) -> None:
+    """Write our Orbax component folder `src` (of the spec `spec`) as a diffusers component
+    folder into the existing folder `out`, in the file layout it came from when recorded."""
     meta = weights.param_metadata(src / PARAMS_DIR)
     _check_orbax_shapes(src, meta, spec)
     rules = {r.ours: r for r in spec.rules}
@@ -498,7 +469,7 @@ def _component_to_diffusers(src: Path, out: Path) -> None:
     for path, (shape, dtype) in meta.items():
         rule = rules[path]
         one = shape[1:] if rule.stacked else shape
-        theirs = _source_shape(rule, one)
+        theirs = source_shape(rule, one)
         for i in range(shape[0]) if rule.stacked else [None]:
             specs[rule.theirs.format(layer=i)] = (theirs, dtype)
     marker = json.loads((src / MARKER).read_text())
@@ -532,171 +503,3 @@ def _groups(meta):
         size += nbytes
     if group:
         yield group
-
-
-def convert(
-    direction: str, src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False
-) -> list[str]:
-    """Convert a component folder or a whole diffusers model folder; returns a report.
-
-    direction: "diffusers-to-orbax" or "orbax-to-diffusers". A model folder (with
-    model_index.json) has each supported component converted and everything else copied.
-    The result appears at dst only once complete.
-    """
-    if direction not in ("diffusers-to-orbax", "orbax-to-diffusers"):
-        raise ValueError(f"unknown direction {direction!r}")
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: not a folder")
-    tmp = _staging(dst, overwrite)
-    try:
-        report = _convert_tree(direction, src, tmp)
-        _commit(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
-
-
-def _convert_tree(direction: str, src: Path, out: Path) -> list[str]:
-    one = _component_to_orbax if direction == "diffusers-to-orbax" else _component_to_diffusers
-    if not (src / "model_index.json").is_file():
-        one(src, out)
-        return [f"converted {src.name}"]
-    report = []
-    for entry in sorted(src.iterdir()):
-        target = out / entry.name
-        if entry.is_dir() and _convertible(direction, entry):
-            target.mkdir()
-            one(entry, target)
-            report.append(f"converted {entry.name}/")
-        elif entry.is_dir():
-            shutil.copytree(entry, target)
-            report.append(f"copied {entry.name}/")
-        else:
-            shutil.copy2(entry, target)
-            report.append(f"copied {entry.name}")
-    return report
-
-
-def _convertible(direction: str, folder: Path) -> bool:
-    if direction == "orbax-to-diffusers":
-        return is_orbax_component(folder)
-    if not (folder / "config.json").is_file():
-        return False
-    return component_kind(_read_config(folder)) is not None
-
-
-def component_folder(path: str | os.PathLike, name: str) -> Path:
-    """A component folder itself, or the `name` subfolder of a whole model folder."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        path = path / name
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a folder")
-    return path
-
-
-def _load_module(folder: Path, build):
-    """Build a module abstractly and fill it leaf by leaf from a component folder."""
-    from flax import nnx
-
-    from cogvideox_jax.transformer import Buffer
-
-    config, stored, leaves = read_component(folder)
-    model = nnx.eval_shape(lambda: build(config, stored))
-    state = nnx.state(model, (nnx.Param, Buffer))
-    dtypes = {k: v.dtype for k, v in weights.flatten(nnx.to_pure_dict(state)).items()}
-    # One leaf at a time to device arrays: host memory never holds a second copy of the model.
-    params = {k: jax.numpy.asarray(v, dtypes[k]) for k, v in leaves}
-    nnx.replace_by_pure_dict(state, _int_keys(weights.nest(params)))
-    nnx.update(model, state)
-    return model
-
-
-def _int_keys(tree):
-    """Orbax and our flat paths spell list indices as strings; NNX lists want ints."""
-    if not isinstance(tree, dict):
-        return tree
-    return {
-        int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()
-    }
-
-
-def load_transformer(path: str | os.PathLike, *, dtype=None, attention_impl: str = "auto"):
-    """The transformer of a diffusers folder or of its Orbax conversion, as an NNX module.
-
-    `path` is the component folder or a whole model folder (its `transformer/` is used).
-    `dtype` sets parameter and compute dtype; None keeps the dtype the weights are stored in.
-    `attention_impl`: the attention kernel (`cogvideox_jax.attention.IMPLEMENTATIONS`).
-    """
-    from flax import nnx
-
-    from cogvideox_jax.transformer import Transformer
-
-    def build(config, stored):
-        cfg = TransformerConfig.from_diffusers(config)
-        dt = np.dtype(dtype or stored)
-        return Transformer(
-            cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl, rngs=nnx.Rngs(0)
-        )
-
-    return _load_module(component_folder(path, "transformer"), build)
-
-
-def load_vae(path: str | os.PathLike, *, dtype=np.float32):
-    """The VAE of a diffusers `vae` folder (or a model folder's) or of its Orbax conversion.
-
-    Parameters and compute default to float32, whatever the stored dtype (diffusers likewise
-    upcasts the CogVideoX VAE: `force_upcast`).
-    """
-    from flax import nnx
-
-    from cogvideox_jax.vae import AutoencoderKL, VaeConfig
-
-    def build(config, stored):
-        dt = np.dtype(dtype or stored)
-        return AutoencoderKL(
-            VaeConfig.from_diffusers(config), dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)
-        )
-
-    return _load_module(component_folder(path, "vae"), build)
-
-
-def load_text_encoder(path: str | os.PathLike, *, dtype=None):
-    """The T5 encoder of a transformers `T5EncoderModel` folder (a model folder's
-    `text_encoder/`) or of its Orbax conversion. `dtype` as in `load_transformer`."""
-    from flax import nnx
-
-    from cogvideox_jax.t5 import T5Config, T5Encoder
-
-    def build(config, stored):
-        dt = np.dtype(dtype or stored)
-        return T5Encoder(
-            T5Config.from_transformers(config), dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)
-        )
-
-    return _load_module(component_folder(path, "text_encoder"), build)
-
-
-def save_transformer(model, folder: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """Write a transformer as an Orbax component folder (exportable with `orbax-to-diffusers`)."""
-    from flax import nnx
-
-    from cogvideox_jax.transformer import Buffer
-
-    folder = Path(folder)
-    tmp = _staging(folder, overwrite)
-    try:
-        state = weights.flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer))))
-        weights.save_params(
-            tmp / PARAMS_DIR,
-            ((k, np.asarray(v)) for k, v in state.items()),
-            group_bytes=STREAM_GROUP_BYTES,
-        )
-        (tmp / "config.json").write_text(json.dumps(model.cfg.to_diffusers(), indent=2) + "\n")
-        (tmp / MARKER).write_text(json.dumps({"format": 1, "component": "transformer"}) + "\n")
-        _commit(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

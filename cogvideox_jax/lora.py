@@ -25,6 +25,7 @@ import json
 import math
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
-from cogvideox_jax import weights
+from cogvideox_jax import components, convert, weights
 from cogvideox_jax.transformer import TransformerConfig
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -68,6 +71,8 @@ class LoraParam(nnx.Param):
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
+    """Adapter rank, alpha (the scale is alpha / rank) and targets (keys of TARGETS)."""
+
     rank: int
     alpha: float
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -111,6 +116,7 @@ class Adapter(nnx.Module):
         self.in_ndim, self.scale, self.dtype = in_ndim, scale, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., *in) -> (..., *out) in the compute dtype."""
         a, b = self.a[...].astype(self.dtype), self.b[...].astype(self.dtype)
         xa = jnp.tensordot(x.astype(self.dtype), a, axes=self.in_ndim)
         return self.scale * jnp.tensordot(xa, b, axes=1)
@@ -340,9 +346,6 @@ def from_diffusers(
 
 def read_diffusers(path: str | Path, tcfg: TransformerConfig):
     """A diffusers LoRA (`pytorch_lora_weights.safetensors` or the folder holding it)."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if path.is_dir():
         path = path / DIFFUSERS_FILE
@@ -355,8 +358,6 @@ def read_diffusers(path: str | Path, tcfg: TransformerConfig):
 
 def write_diffusers(folder: str | Path, cfg: LoraConfig, tree: Mapping[str, np.ndarray]) -> Path:
     """Write `pytorch_lora_weights.safetensors` into `folder` (created); returns the file."""
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / DIFFUSERS_FILE
@@ -371,21 +372,20 @@ def write_diffusers(folder: str | Path, cfg: LoraConfig, tree: Mapping[str, np.n
 
 def save(folder: str | Path, cfg: LoraConfig, tcfg: TransformerConfig, tree, *, overwrite=False):
     """Write an Orbax LoRA folder (lora.json + params/); it appears only once complete."""
-    from cogvideox_jax import convert
-
     folder = Path(folder)
-    tmp = convert._staging(folder, overwrite)
+    tmp = convert.staging(folder, overwrite)
     try:
         weights.save_params(tmp / "params", ((k, np.asarray(v)) for k, v in sorted(tree.items())))
         meta = {"format": 1, "lora": cfg.to_json(), "transformer": tcfg.to_diffusers()}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        convert._commit(tmp, folder)
+        convert.commit(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def is_folder(path: str | Path) -> bool:
+    """Whether `path` is our LoRA folder (it holds CONFIG_FILE)."""
     return (Path(path) / CONFIG_FILE).is_file()
 
 
@@ -413,23 +413,19 @@ def write_merged(
     """The base transformer with the adapters merged (`merge`), written as a diffusers folder in
     the base's stored dtype. A whole model folder as `base` gives a whole model folder, its other
     entries copied as they are. The result appears at `out` only once complete."""
-    import tempfile
-
-    from cogvideox_jax import convert
-
     base, out = Path(base), Path(out)
     whole = (base / "model_index.json").is_file()
-    model = convert.load_transformer(base)
+    model = components.load_transformer(base)
     load_adapters(model, cfg, tree)
     merge(model)
-    tmp = convert._staging(out, overwrite)
+    tmp = convert.staging(out, overwrite)
     report = []
     try:
         dst = tmp / "transformer" if whole else tmp
         with tempfile.TemporaryDirectory(dir=tmp.parent) as scratch:
-            convert.save_transformer(model, Path(scratch) / "orbax")
+            components.save_transformer(model, Path(scratch) / "orbax")
             dst.mkdir(parents=True, exist_ok=True)
-            convert._component_to_diffusers(Path(scratch) / "orbax", dst)
+            components.convert_component("orbax-to-diffusers", Path(scratch) / "orbax", dst)
         report.append(f"merged rank-{cfg.rank} LoRA on {list(cfg.targets)} into transformer")
         if whole:
             for entry in sorted(base.iterdir()):
@@ -440,7 +436,7 @@ def write_merged(
                 else:
                     shutil.copy2(entry, tmp / entry.name)
                 report.append(f"copied {entry.name}")
-        convert._commit(tmp, out)
+        convert.commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

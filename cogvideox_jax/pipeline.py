@@ -21,14 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogvideox_jax import compiler, convert, diffusion, t5
+from cogvideox_jax import compiler, components, diffusion, t5
 from cogvideox_jax.vae import sample_latents
 
 SCHEDULERS = ("ddim", "dpm")
 
 
 class Pipeline:
-    """transformer + vae (+ text encoder and tokenizer) + the noise schedule."""
+    """transformer + vae (+ text encoder and tokenizer) + the noise schedule.
+
+    Args:
+      transformer: a `transformer.Transformer` (`load_transformer`).
+      vae: a `vae.AutoencoderKL` (`load_vae`).
+      schedule: the training noise schedule the samplers step through.
+      text_encoder, tokenizer: a `t5.T5Encoder` and its tokenizer (`t5.load_tokenizer`), for
+        prompts given as text; without them pass `prompt_embeds`.
+    """
 
     def __init__(
         self,
@@ -57,12 +65,12 @@ class Pipeline:
         schedule = diffusion.ScheduleConfig.from_diffusers(json.loads(sched.read_text()))
         text_encoder = tokenizer = None
         if (path / "text_encoder").is_dir():
-            text_encoder = convert.load_text_encoder(path, dtype=dtype)
+            text_encoder = components.load_text_encoder(path, dtype=dtype)
         if (path / "tokenizer").is_dir():
             tokenizer = t5.load_tokenizer(path / "tokenizer")
         return cls(
-            convert.load_transformer(path, dtype=dtype),
-            convert.load_vae(path),
+            components.load_transformer(path, dtype=dtype),
+            components.load_vae(path),
             schedule,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -103,11 +111,13 @@ class Pipeline:
     ) -> np.ndarray:
         """Sample videos; the arguments are diffusers' (see its CogVideoX pipelines).
 
-        `image` (I2V models): PIL image(s) or uint8 (B, H, W, 3) array, resized to the output
-        size. `image_latents` (B, 1, h, w, C) replaces encoding the image and sampling its
+        `prompt_embeds` / `negative_prompt_embeds` (B, S, text_embed_dim) replace encoding the
+        prompts. `image` (I2V models): PIL image(s) or uint8 (B, H, W, 3) array, resized to the
+        output size. `image_latents` (B, 1, h, w, C) replaces encoding the image and sampling its
         posterior (unscaled, like the VAE's output). `latents` is the initial noise
-        (B, T, h, w, C). Returns frames (B, F, H, W, 3) in [0, 1] (`output_type="np"`), or the
-        final latents before the padding frames are dropped (`"latent"`).
+        (B, T, h, w, C); otherwise drawn from `seed`. Returns frames (B, F, H, W, 3) in [0, 1]
+        (`output_type="np"`), or the final latents before the padding frames are dropped
+        (`"latent"`).
         """
         cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
         height = height or cfg.sample_height * vae_cfg.spatial_compression
@@ -224,7 +234,7 @@ def preprocess_image(image, height: int, width: int, batch: int) -> jax.Array:
     """PIL image(s) or uint8 (H, W, 3) / (B, H, W, 3) arrays -> (B, 1, H, W, 3) in [-1, 1].
 
     Resized to exactly (height, width) with Lanczos and no crop, as diffusers' VideoProcessor."""
-    from PIL import Image
+    from PIL import Image  # only image-to-video needs Pillow
 
     images = image if isinstance(image, (list, tuple)) else [image]
     if isinstance(image, np.ndarray):
@@ -266,7 +276,7 @@ class _ProgressBar:
     active = None
 
     def __init__(self, total):
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # only progress=True needs tqdm
 
         self.bar = tqdm(total=total, desc="denoising", unit="step")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from cogvideox_jax import convert, weights
+from cogvideox_jax import components, convert, weights
 from cogvideox_jax.convert import ConversionError
 from cogvideox_jax.transformer import VARIANTS, transformer_config
 from cogvideox_jax.vae import VaeConfig, vae_config
@@ -451,7 +451,7 @@ def trace(kind: str, shapes: Mapping[str, tuple[int, ...]], spec, cfg: Mapping):
     want: dict[str, tuple[int, ...]] = {}  # diffusers name -> shape the model needs
     for path, shape in spec.target_shapes.items():
         rule = rules[path]
-        one = convert._source_shape(rule, shape[1:] if rule.stacked else shape)
+        one = convert.source_shape(rule, shape[1:] if rule.stacked else shape)
         for i in range(spec.num_layers) if rule.stacked else [None]:
             want[rule.theirs.format(layer=i)] = one
     if kind == "transformer":
@@ -518,7 +518,7 @@ def sat_to_orbax(
         kind, tensors = state_dict(ckpt)
         shapes = {n: t.shape for n, t in tensors.items()}
         cfg, origin = component_config(kind, shapes, variant, config)
-        spec = convert.component_spec(cfg)
+        spec = components.component_spec(cfg)
         sources, drops = trace(kind, shapes, spec, cfg)
         plan = convert.plan_to_ours(
             spec.rules,
@@ -527,7 +527,7 @@ def sat_to_orbax(
             spec.num_layers,
         )
         read = lambda n: sources[n].take(ckpt.read(tensors[sources[n].sat]))
-        tmp = convert._staging(dst, overwrite)
+        tmp = convert.staging(dst, overwrite)
         try:
             leaves = ((p, convert.build_leaf(plan, p, read)) for p in plan.sources)
             weights.save_params(
@@ -539,7 +539,7 @@ def sat_to_orbax(
                 (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             marker = {"format": 1, "component": kind, "source": "sat", "aliases": []}
             (tmp / convert.MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-            convert._commit(tmp, dst)
+            convert.commit(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -30,11 +30,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cogvideox_jax import sharding
-from cogvideox_jax.transformer import REMAT_POLICIES
+from cogvideox_jax.layers import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
 class T5Config:
+    """A T5 v1.1 encoder's architecture, in transformers' `T5Config` field names."""
+
     vocab_size: int
     d_model: int
     d_kv: int
@@ -115,6 +117,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def t5_config(variant: str, **overrides) -> T5Config:
+    """The T5Config of a key of VARIANTS, fields replaced by `overrides`."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown T5 variant {variant!r}; known: {sorted(VARIANTS)}")
     return T5Config(**{**VARIANTS[variant], **overrides})
@@ -401,7 +404,11 @@ class T5Encoder(nnx.Module):
         )
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """CogVideoX passes no mask: its 226 tokens attend to the padding too."""
+        """input_ids (B, L) int -> last hidden state (B, L, D) in the compute dtype.
+
+        attention_mask (B, L), nonzero = attend: keys where it is zero get no weight. CogVideoX
+        passes none: its 226 tokens attend to the padding too.
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L), got shape {input_ids.shape}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:

@@ -33,10 +33,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cogvideox_jax import attention, posemb, sharding
+from cogvideox_jax.layers import REMAT_POLICIES, Buffer, LayerNorm, Linear, kernel_init, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
+    """The architecture of a CogVideoX transformer (diffusers' config.json through
+    `from_diffusers` / `to_diffusers`; the released ones in VARIANTS)."""
+
     num_layers: int
     num_heads: int
     head_dim: int = 64
@@ -60,10 +64,12 @@ class TransformerConfig:
 
     @property
     def width(self) -> int:
+        """D, the model width: num_heads * head_dim."""
         return self.num_heads * self.head_dim
 
     @property
     def patch_features(self) -> int:
+        """Features of one video token before the patch embedding: pt * p * p * in_channels."""
         return (self.patch_size_t or 1) * self.patch_size**2 * self.in_channels
 
     @classmethod
@@ -166,24 +172,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def transformer_config(variant: str, **overrides) -> TransformerConfig:
+    """The TransformerConfig of a released variant (a key of VARIANTS), fields replaced by
+    `overrides`."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown transformer variant {variant!r}; known: {sorted(VARIANTS)}")
     return TransformerConfig(**{**VARIANTS[variant], **overrides})
-
-
-class Buffer(nnx.Variable):
-    """A stored, non-trained tensor (diffusers' persistent buffers: 5B-I2V's position table)."""
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention": jax.checkpoint_policies.save_only_these_names("attn_out"),
-    # Saves what save_dots saves, in host memory (the `pinned_host` memory kind; TPU and GPU,
-    # and XLA's CPU backend, which makes it a copy).
-    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
 
 
 def join(ctx: jax.Array, x: jax.Array) -> jax.Array:
@@ -215,57 +208,16 @@ def unpatchify(x, t: int, h: int, w: int, p: int, pt: int, c: int):
     return x.reshape(*lead, t, h, w, c)  # (..., T/pt, pt, H/p, p, W/p, p, C) merged
 
 
-def _kernel_init(in_axes, out_axes):
-    return jax.nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axes, out_axes
-    )
-
-
-class Linear(nnx.Module):
-    def __init__(self, din, dout, names, *, zero_init=False, dtype, param_dtype, rngs):
-        init = jax.nn.initializers.zeros if zero_init else _kernel_init(0, 1)
-        self.kernel = sharding.param(init(rngs.params(), (din, dout), param_dtype), names)
-        self.bias = sharding.param(jnp.zeros((dout,), param_dtype), names[1:])
-        self.dtype = dtype
-        self.lora = nnx.data(None)  # a LoRA adapter (cogvideox_jax.lora.attach)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
-        if self.lora is not None:
-            y = y + self.lora(x)
-        return y + self.bias[...].astype(self.dtype)
-
-
-class LayerNorm(nnx.Module):
-    """Affine LayerNorm; statistics (two-pass variance) and affine in float32, cast back."""
-
-    def __init__(self, dim, eps, *, dtype, param_dtype):
-        self.scale = sharding.param(jnp.ones((dim,), param_dtype), (None,))
-        self.bias = sharding.param(jnp.zeros((dim,), param_dtype), (None,))
-        self.eps, self.dtype = eps, dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _layer_norm(x, self.scale[...], self.bias[...], self.eps, self.dtype)
-
-
-def _layer_norm(x, scale, bias, eps: float, dtype):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
-    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(dtype)
-
-
 def _recomputed(fn, static_argnums=()):
     """`fn` under `jax.checkpoint`, for the elementwise work between a block's products (norms,
     modulation, RoPE, GELU, gating): the backward keeps fn's inputs and recomputes the rest,
     where autodiff alone kept every intermediate (three copies of a LayerNorm's input, five of
-    the GELU's, the per-token scales and gates). A block now keeps 21 activations of width D
-    for its backward instead of 60 (tests/test_transformer.py), and bench.train_step's step
-    needs 1.03 GiB of temporaries instead of 2.03. No products inside, so a block-level remat
-    policy (`REMAT_POLICIES`) still decides alone which products are kept. prevent_cse=False:
-    these run inside the layer scan, whose forward and backward are separate loops."""
+    the GELU's, the per-token scales and gates). So a block keeps far fewer activations for its
+    backward (counted by tests/test_transformer.py), and a train step needs much less temporary
+    memory (BENCHMARKS.md, "what the train step keeps for its backward"). No products inside,
+    so a block-level remat policy (`REMAT_POLICIES`) still decides alone which products are
+    kept. prevent_cse=False: these run inside the layer scan, whose forward and backward are
+    separate loops."""
     return jax.checkpoint(fn, prevent_cse=False, static_argnums=static_argnums)
 
 
@@ -319,7 +271,7 @@ class ExpertAdaLN(nnx.Module):
 def _modulated_norm(h, ln_scale, ln_bias, mod, is_text, segment_ids, eps, dtype):
     """LN(h) * (1 + scale) + shift with each token's (text or video) scale and shift."""
     shift, scale, _ = _per_token(mod, is_text, segment_ids)  # (B, S + L, D) each
-    return _layer_norm(h, ln_scale, ln_bias, eps, dtype) * (1 + scale) + shift
+    return layer_norm(h, ln_scale, ln_bias, eps, dtype) * (1 + scale) + shift
 
 
 @_recomputed
@@ -351,7 +303,7 @@ class Attention(nnx.Module):
         self, dim, num_heads, head_dim, *, impl, context_parallel, dtype, param_dtype, rngs
     ):
         def proj():
-            k = _kernel_init(0, (1, 2))(rngs.params(), (dim, num_heads, head_dim), param_dtype)
+            k = kernel_init(0, (1, 2))(rngs.params(), (dim, num_heads, head_dim), param_dtype)
             b = jnp.zeros((num_heads, head_dim), param_dtype)
             return (
                 sharding.param(k, ("embed", "heads", "kv")),
@@ -361,7 +313,7 @@ class Attention(nnx.Module):
         self.to_q_kernel, self.to_q_bias = proj()
         self.to_k_kernel, self.to_k_bias = proj()
         self.to_v_kernel, self.to_v_bias = proj()
-        out = _kernel_init((0, 1), 2)(rngs.params(), (num_heads, head_dim, dim), param_dtype)
+        out = kernel_init((0, 1), 2)(rngs.params(), (num_heads, head_dim, dim), param_dtype)
         self.to_out_kernel = sharding.param(out, ("heads", "kv", "embed"))
         self.to_out_bias = sharding.param(jnp.zeros((dim,), param_dtype), ("embed",))
         self.norm_q = LayerNorm(head_dim, 1e-6, dtype=dtype, param_dtype=param_dtype)
@@ -408,7 +360,7 @@ class Attention(nnx.Module):
 @functools.partial(_recomputed, static_argnums=(5, 6))
 def _normed_rope(x, scale, bias, cos, sin, eps, dtype):
     """RoPE(LN(x)) over the head dim of x (B, S + L, N, K): the q/k norm and rotation."""
-    return posemb.apply_rope(_layer_norm(x, scale, bias, eps, dtype), cos, sin)
+    return posemb.apply_rope(layer_norm(x, scale, bias, eps, dtype), cos, sin)
 
 
 _gelu = _recomputed(lambda x: jax.nn.gelu(x, approximate=True))
@@ -464,7 +416,9 @@ class Block(nnx.Module):
     def __call__(
         self, h, temb, cos, sin, is_text, kv_valid=None, segment_ids=None, mods=(None, None)
     ):
-        """`mods`: norm1's and norm2's modulations if computed already (`ExpertAdaLN`)."""
+        """h (B, S + L, D), temb (B, E) -> (B, S + L, D); cos/sin, kv_valid and segment_ids as
+        `Attention` takes them. `mods`: norm1's and norm2's modulations if computed already
+        (`ExpertAdaLN`)."""
         n, mod = self.norm1(h, temb, is_text, segment_ids, mods[0])
         h = _gated_residual(
             h, self.attn1(n, cos, sin, kv_valid, segment_ids), mod, is_text, segment_ids
@@ -489,6 +443,7 @@ class PatchEmbed(nnx.Module):
             )
 
     def __call__(self, patches, text):
+        """patches (B, L, patch_features), text (B, S, text_embed_dim) -> (B, S + L, D)."""
         return join(self.text_proj(text), self.proj(patches))
 
 
@@ -566,6 +521,21 @@ class Transformer(nnx.Module):
         *,
         ofs: jax.Array | float | None = None,
     ) -> jax.Array:
+        """The v-prediction of one clip per row.
+
+        Args:
+          latents: (B, T, H, W, in_channels) noisy latents; image-to-video models take the image
+            latents after them on the channel axis. With patch_size_t (1.5), T is a multiple of
+            it (the pipelines pad at the front).
+          text_embeds: (B, S, text_embed_dim) T5 states; S = max_text_len for the models with an
+            absolute position table (2B, 5B-I2V).
+          timesteps: (B,) or a scalar, integer or float.
+          ofs: the 1.5-I2V ofs scalar (the pipelines pass 2.0); required when the model has an
+            ofs embedding.
+
+        Returns:
+          (B, T, H, W, out_channels) in the compute dtype.
+        """
         cfg = self.cfg
         b, t, h, w, _ = latents.shape
         self._check_inputs(latents, text_embeds, ofs)
@@ -799,8 +769,8 @@ def _modulations(linear: Linear, temb: jax.Array, dtype) -> jax.Array:
     """Every layer's adaLN modulation, linear(silu(temb)) for the stacked (layers, E, 6D) `linear`:
     (layers, B, 6D), or (layers, B, G, 6D) for packed rows' temb (B, G, E). One batched product
     before the layer scan: inside it, XLA:CPU first copies each layer's (E, 6D) kernel out of
-    the stack for a product with only B rows (6 MB per norm at the sampling benchmark's width,
-    38 MB at 5B's); those copies took about 5 ms of its 142 ms step (BENCHMARKS.md)."""
+    the stack for a product with only B rows, and those copies were a visible part of a sampling
+    step (BENCHMARKS.md, "Measurements formerly in docstrings")."""
     kernel = linear.kernel[...].astype(dtype)
     x = jax.nn.silu(temb).astype(dtype)
     y = jnp.einsum("l...e,led->l...d", jnp.broadcast_to(x, kernel.shape[:1] + x.shape), kernel)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 import cogvideox_jax as cj
-from cogvideox_jax import convert
+from cogvideox_jax import components, convert
 
 
 def _tensors(folder):
@@ -46,8 +46,8 @@ def test_round_trip_is_byte_exact(tmp_path, variant, dtype, shard):
     model.save_pretrained(src, **kw)
     assert (len(list(src.glob("*.safetensors"))) > 1) == (shard is not None)
 
-    convert.convert("diffusers-to-orbax", src, tmp_path / "orbax")
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("diffusers-to-orbax", src, tmp_path / "orbax")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
 
     before, after = _tensors(src), _tensors(tmp_path / "back")
     assert sorted(after) == sorted(before)
@@ -71,10 +71,10 @@ def test_model_trained_here_exports_to_diffusers(tmp_path):
     """An Orbax folder without a recorded file layout gets diffusers' default file names."""
     model = ref.diffusers_transformer("5b")
     model.save_pretrained(tmp_path / "src")
-    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
     marker = tmp_path / "orbax" / convert.MARKER
     marker.write_text(json.dumps({"format": 1, "component": "transformer"}))
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert (tmp_path / "back/diffusion_pytorch_model.safetensors").is_file()
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
 
@@ -90,7 +90,7 @@ def test_whole_model_folder(tmp_path):
     (src / "tokenizer/spiece.model").write_bytes(b"\x00\x01binary")
     (src / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
 
-    report = convert.convert("diffusers-to-orbax", src, tmp_path / "orbax")
+    report = components.convert("diffusers-to-orbax", src, tmp_path / "orbax")
     assert report == [
         "copied model_index.json",
         "copied scheduler/",
@@ -102,7 +102,7 @@ def test_whole_model_folder(tmp_path):
     # load_transformer takes the model folder too.
     assert cj.load_transformer(tmp_path / "orbax").cfg.num_layers == 2
 
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back/transformer") == _tensors(src / "transformer")
     assert (tmp_path / "back/scheduler/scheduler_config.json").read_text() == (
         src / "scheduler/scheduler_config.json"
@@ -141,7 +141,7 @@ def test_strictness_names_the_tensor(tmp_path, edit, message):
     ref.diffusers_transformer("5b").save_pretrained(tmp_path / "src")
     _edit_checkpoint(tmp_path / "src", edit)
     with pytest.raises(convert.ConversionError, match=message):
-        convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "out")
+        components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "out")
     with pytest.raises(convert.ConversionError, match=message):
         cj.load_transformer(tmp_path / "src")
     assert not (tmp_path / "out").exists()  # nothing half-written
@@ -150,11 +150,11 @@ def test_strictness_names_the_tensor(tmp_path, edit, message):
 
 def test_orbax_to_diffusers_rejects_a_mismatched_checkpoint(tmp_path):
     ref.diffusers_transformer("5b").save_pretrained(tmp_path / "src")
-    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
     cfg = json.loads((tmp_path / "orbax/config.json").read_text())
     (tmp_path / "orbax/config.json").write_text(json.dumps(cfg | {"num_layers": 3}))
     with pytest.raises(convert.ConversionError, match="transformer_blocks/attn1/to_q_kernel"):
-        convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+        components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
 
 
 def test_existing_destination_is_kept(tmp_path):
@@ -162,7 +162,7 @@ def test_existing_destination_is_kept(tmp_path):
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst/keep").write_text("x")
     with pytest.raises(FileExistsError):
-        convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "dst")
+        components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "dst")
     assert (tmp_path / "dst/keep").read_text() == "x"
 
 
@@ -184,7 +184,7 @@ def test_cli(tmp_path):
 def test_streaming_reads_one_leaf_group_at_a_time(tmp_path, monkeypatch):
     """Orbax -> diffusers reads parameter groups, never the whole checkpoint at once."""
     ref.diffusers_transformer("5b", num_layers=4).save_pretrained(tmp_path / "src")
-    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
     seen = []
     real = convert.weights.load_params
     monkeypatch.setattr(
@@ -193,7 +193,7 @@ def test_streaming_reads_one_leaf_group_at_a_time(tmp_path, monkeypatch):
         lambda path, names, *a: seen.append(list(names)) or real(path, names, *a),
     )
     monkeypatch.setattr(convert, "STREAM_GROUP_BYTES", 4096)
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert len(seen) > 5 and max(map(len, seen)) < 10
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
 
@@ -213,8 +213,8 @@ def _t5(dtype=torch.float32):
 def test_t5_round_trip_is_byte_exact(tmp_path, dtype, shard):
     model = _t5(dtype)
     model.save_pretrained(tmp_path / "src", **({} if shard is None else {"max_shard_size": shard}))
-    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
     want = np.float32 if dtype == torch.float32 else "bfloat16"
     direct, converted = (
@@ -232,14 +232,14 @@ def test_t5_tied_embedding_copy_is_checked_and_kept(tmp_path):
     tensors = safetensors.torch.load_file(path)
     tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"].clone()
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
-    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
 
     tensors["encoder.embed_tokens.weight"][0, 0] += 1
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(convert.ConversionError, match="encoder.embed_tokens.weight"):
-        convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax2")
+        components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax2")
 
 
 def test_model_folder_converts_text_encoder_and_transformer(tmp_path):
@@ -247,10 +247,10 @@ def test_model_folder_converts_text_encoder_and_transformer(tmp_path):
     ref.diffusers_transformer("5b").save_pretrained(src / "transformer")
     _t5().save_pretrained(src / "text_encoder")
     (src / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
-    report = convert.convert("diffusers-to-orbax", src, tmp_path / "orbax")
+    report = components.convert("diffusers-to-orbax", src, tmp_path / "orbax")
     assert "converted text_encoder/" in report and "converted transformer/" in report
     assert cj.load_text_encoder(tmp_path / "orbax").cfg.d_model == 16
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back/text_encoder") == _tensors(src / "text_encoder")
 
 
@@ -270,8 +270,8 @@ def test_vae_round_trip_is_byte_exact(tmp_path, dtype, shard):
     _tiny_vae(dtype).save_pretrained(
         tmp_path / "src", **({} if shard is None else {"max_shard_size": shard})
     )
-    convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
-    convert.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "orbax")
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
     assert json.loads((tmp_path / "back/config.json").read_text()) == json.loads(
         (tmp_path / "src/config.json").read_text()
@@ -289,4 +289,4 @@ def test_vae_strictness_names_the_tensor(tmp_path):
         convert.ConversionError,
         match="missing tensor 'decoder.up_blocks.0.resnets.0.norm1.conv_y.conv.bias'",
     ):
-        convert.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "out")
+        components.convert("diffusers-to-orbax", tmp_path / "src", tmp_path / "out")

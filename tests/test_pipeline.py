@@ -15,7 +15,7 @@ from diffusers import (
 from diffusers.pipelines.cogvideo import pipeline_cogvideox_image2video
 
 import cogvideox_jax as cj
-from cogvideox_jax import convert, pipeline, vae
+from cogvideox_jax import components, pipeline, vae
 
 SIZES = {
     "5b": (48, 64, 9),
@@ -267,7 +267,7 @@ def test_prompt_to_video_matches_diffusers(tmp_path):
     got = ours(prompts, latents=noise, output_type="latent", **kw)
     assert ref.rel_l2(got, want) <= 1e-4, ref.rel_l2(got, want)
     # The Orbax conversion of the same folder samples the same video.
-    convert.convert("diffusers-to-orbax", tmp_path / "model", tmp_path / "orbax")
+    components.convert("diffusers-to-orbax", tmp_path / "model", tmp_path / "orbax")
     again = pipeline.Pipeline.from_pretrained(tmp_path / "orbax")
     np.testing.assert_array_equal(again(prompts, latents=noise, output_type="latent", **kw), got)
 

@@ -404,7 +404,7 @@ def model(tmp_path_factory):
 def test_latents_equal_our_vae_and_t5(model, dataset, tmp_path):
     import jax.numpy as jnp
 
-    from cogvideox_jax import convert, t5
+    from cogvideox_jax import components, t5
 
     out = tmp_path / "out"
     size = ("--fps", 8, "--frames", 9, "--size", f"{H}x{W}")
@@ -427,7 +427,7 @@ def test_latents_equal_our_vae_and_t5(model, dataset, tmp_path):
     assert (
         feats["first_frame"].shape == (None, None, 3) and feats["first_frame"].np_dtype == np.uint8
     )
-    vae_model, encoder = convert.load_vae(model), convert.load_text_encoder(model)
+    vae_model, encoder = components.load_vae(model), components.load_text_encoder(model)
     tokenizer = t5.load_tokenizer(model / "tokenizer")
     for r, shape in zip(_all(ds.source()), ds.shapes(), strict=True):
         clip = video.load_clip(dataset / r["path"], fps=8, max_frames=9, size=(H, W))

@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 import cogvideox_jax as cj
-from cogvideox_jax import convert, posemb, sharding, transformer
+from cogvideox_jax import components, layers, posemb, sharding, transformer
 
 # (latent frames, latent height, latent width) per variant: native size, then another
 # resolution, aspect ratio and frame count (1.5 needs an even frame count).
@@ -103,7 +103,7 @@ def test_bf16_close_to_fp32_reference(pair):
 
 def test_orbax_and_diffusers_folders_give_identical_outputs(pair, tmp_path):
     variant, _, folder, ours = pair
-    convert.convert("diffusers-to-orbax", folder, tmp_path / "orbax")
+    components.convert("diffusers-to-orbax", folder, tmp_path / "orbax")
     reloaded = cj.load_transformer(tmp_path / "orbax")
     lat, txt, t, ofs = _inputs(ours.cfg, *SIZES[variant][-1], seed=3)
     np.testing.assert_array_equal(
@@ -127,7 +127,7 @@ def test_variants_match_published_sizes(variant):
     model = nnx.eval_shape(lambda: cj.Transformer(cfg, rngs=nnx.Rngs(0)))  # nothing allocated
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert sum(int(np.prod(p.shape)) for p in params) == PARAM_COUNTS[variant]
-    buffers = jax.tree.leaves(nnx.state(model, transformer.Buffer))
+    buffers = jax.tree.leaves(nnx.state(model, layers.Buffer))
     want = [(1, 17776, 3072)] if variant == "5b-i2v" else []
     assert [tuple(b.shape) for b in buffers] == want
 
@@ -197,7 +197,7 @@ def test_every_parameter_has_logical_axes_of_its_rank():
     model = nnx.eval_shape(
         lambda: cj.Transformer(cj.transformer_config("5b-i2v"), rngs=nnx.Rngs(0))
     )
-    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, transformer.Buffer))):
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, layers.Buffer))):
         names = sharding.logical_axes(var)
         assert len(names) == len(var.shape), path
         assert all(n is not None for n in names) or len(var.shape) <= 3, path

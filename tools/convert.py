@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cogvideox_jax import convert, sat
+from cogvideox_jax import components, convert, sat
 from cogvideox_jax.transformer import VARIANTS
 from tools import convert_lora
 
@@ -76,7 +76,9 @@ def main(argv=None) -> int:
                 overwrite=args.overwrite,
             )
         else:
-            report = convert.convert(args.direction, args.src, args.dst, overwrite=args.overwrite)
+            report = components.convert(
+                args.direction, args.src, args.dst, overwrite=args.overwrite
+            )
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,14 +21,14 @@ import argparse
 import json
 from pathlib import Path
 
-from cogvideox_jax import convert, lora
+from cogvideox_jax import components, lora
 from cogvideox_jax.transformer import TransformerConfig
 
 COMMANDS = ("lora-to-diffusers", "diffusers-lora-to-orbax")
 
 
 def _transformer_config(model: str) -> TransformerConfig:
-    folder = convert.component_folder(model, "transformer")
+    folder = components.component_folder(model, "transformer")
     return TransformerConfig.from_diffusers(json.loads((folder / "config.json").read_text()))
 
 

@@ -32,13 +32,16 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from data import prepared
 from data.sources import Entry, Skipped, list_dataset
 from data.video import BadClip, load_clip
-from train.encoders import Encoder
+
+if TYPE_CHECKING:
+    from cogvideox_jax.encoders import Encoder
 
 
 class BadEntry(Exception):
@@ -273,7 +276,12 @@ def run(args) -> int:
         s = source_skipped[0]
         raise BadEntry(f"{s.path}: {s.reason}")
     splits = split_entries(entries, args)
-    encoder = Encoder(model, text_len, args.batch) if model else None
+    encoder = None
+    if model:
+        # Imported here: without --model (clips only) this tool needs no JAX and starts faster.
+        from cogvideox_jax.encoders import Encoder
+
+        encoder = Encoder(model, text_len, args.batch)
     extra = encoder.meta() if encoder else {}
     feats = prepared.features(settings["kind"], {**settings, **extra})
     written = 0

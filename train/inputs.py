@@ -167,7 +167,7 @@ def model_encoder(c):
     on each clip as it is read."""
     from pathlib import Path
 
-    from train.encoders import Encoder
+    from cogvideox_jax.encoders import Encoder
 
     enc = Encoder(Path(c.input.encoder_model), c.input.text_len, batch=1)
     meta = enc.meta()

@@ -6,31 +6,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from data.video import to_unit_range
+from cogvideox_jax import compiler, components, sharding, t5
 
 
 class Encoder:
-    """Our VAE and T5 from a model folder, run on batches sharded over all local devices."""
+    """Our VAE and T5 from a model folder, run on batches sharded over all local devices.
+
+    Args:
+      model: a model folder (model_index.json; vae/, text_encoder/, tokenizer/), diffusers'
+        or its Orbax conversion.
+      text_len: tokens per caption (the transformer's max_text_seq_length).
+      batch: items per call, rounded up to a multiple of the local devices.
+    """
 
     def __init__(self, model: Path, text_len: int, batch: int):
-        import jax
-        from flax import nnx
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        from cogvideox_jax import compiler, convert, t5
-
-        self.jax, self.text_len = jax, text_len
+        self.text_len = text_len
         devices = jax.local_devices()
-        mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-        self.batch_sharding = NamedSharding(mesh, P("batch"))
+        everything_data = {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}
+        mesh = sharding.make_mesh(sharding.mesh_shape(everything_data, len(devices)), devices)
+        self.batch_sharding = sharding.batch_sharding(mesh, sharding.DEFAULT_RULES)
         replicated = NamedSharding(mesh, P())
         self.batch = -(-batch // len(devices)) * len(devices)  # a multiple of the devices
-        self.vae = convert.load_vae(model)
+        self.vae = components.load_vae(model)
         self.tokenizer = t5.load_tokenizer(model / "tokenizer")
-        text_encoder = convert.load_text_encoder(model)
+        text_encoder = components.load_text_encoder(model)
         vae_def, vae_state = nnx.split(self.vae)
         t5_def, t5_state = nnx.split(text_encoder)
         self._vae_state = jax.device_put(vae_state, replicated)
@@ -40,6 +45,7 @@ class Encoder:
         self.text_dim = text_encoder.cfg.d_model
 
     def meta(self) -> dict:
+        """The VAE's latent facts and the text width, as a prepared dataset records them."""
         cfg = self.vae.cfg
         return {
             "latent_channels": cfg.latent_channels,
@@ -58,20 +64,24 @@ class Encoder:
             chunk = items[start : start + self.batch]
             pad = self.batch - len(chunk)  # the last batch repeats its last item
             full = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            x = self.jax.device_put(full, self.batch_sharding)
-            y = self.jax.tree.map(np.asarray, fn(state, x))
-            outs += [self.jax.tree.map(lambda a, i=i: a[i], y) for i in range(len(chunk))]
+            x = jax.device_put(full, self.batch_sharding)
+            y = jax.tree.map(np.asarray, fn(state, x))
+            outs += [jax.tree.map(lambda a, i=i: a[i], y) for i in range(len(chunk))]
         return outs
 
     def latents(self, clips: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(mean, logvar) (T, h, w, C) of each (F, H, W, 3) uint8 clip (all of one shape)."""
-        return self._batched(self._encode, self._vae_state, to_unit_range(np.stack(clips)))
+        return self._batched(self._encode, self._vae_state, _to_unit_range(np.stack(clips)))
 
     def texts(self, captions: list[str]) -> list[np.ndarray]:
         """(S, Dt) float32 T5 states of each caption."""
-        from cogvideox_jax import t5
-
         if not captions:
             return []
         ids = t5.tokenize(self.tokenizer, captions, self.text_len)
         return self._batched(self._text, self._t5_state, ids)
+
+
+def _to_unit_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames -> float32 in [-1, 1], the VAE's input range (`data.video.to_unit_range`;
+    the library does not import `data/`)."""
+    return np.asarray(frames, np.float32) / 127.5 - 1.0
