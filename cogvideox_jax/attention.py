@@ -10,12 +10,12 @@ whatever the input dtype (all kernels below).
 
 Kernels (`impl`):
   xla     the whole (Lq, Lk) softmax at once in plain JAX (`_softmax_attention`); every
-          backend. Our own rather than jax.nn.dot_product_attention(implementation="xla"):
-          on XLA:CPU, at the sampling benchmark's 2 x 370 tokens, jax's takes 7.9 ms and this
-          5.4 ms (torch's SDPA 4.7 ms; BENCHMARKS.md). The row maximum is `compiler.rowmax`,
-          the row sums a product with a ones vector, and a scale that is a power of two (head
-          dim 64: 1/8) multiplies q instead of the logits, which gives the same logits bit for
-          bit with one pass less over them.
+          backend. Our own rather than jax.nn.dot_product_attention(implementation="xla"),
+          which is slower on XLA:CPU at the sampling benchmark's shapes (BENCHMARKS.md,
+          "2026-11-22, later"). The row maximum is `compiler.rowmax`, the row sums a product
+          with a ones vector, and a scale that is a power of two (head dim 64: 1/8) multiplies
+          q instead of the logits, which gives the same logits bit for bit with one pass less
+          over them.
   cudnn   cuDNN flash attention through jax.nn.dot_product_attention; GPU, bf16/fp16 only.
           Segment ids become its boolean `mask`, which jax 0.10 turns into an additive
           (B, 1, Lq, Lk) bias (`combine_bias_and_mask`): correct, but O(L^2) memory. cuDNN's
@@ -29,7 +29,7 @@ Kernels (`impl`):
           returns (B, Lq, N, K) in q's dtype, softmax(q k^T / sqrt(K)) v.
   blocked `cogvideox_jax.blocked.attention`: flash-style tiles with an online softmax and its own
           backward, in plain JAX; every backend. O(L x block) memory instead of O(L^2), and on
-          XLA:CPU about 2x faster than `xla` at CogVideoX's lengths (BENCHMARKS.md).
+          XLA:CPU faster than `xla` at CogVideoX's lengths (BENCHMARKS.md, "Attention alone").
   auto    cudnn on GPU for bf16/fp16 inputs, splash on TPU, blocked on CPU for sequences of at
           least BLOCKED_MIN_LENGTH tokens, xla otherwise.
 
@@ -74,9 +74,10 @@ def dot_product_attention(
     segment_ids: jax.Array | None = None,
     context_parallel: str = "allgather",
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(K)) v for (B, L, N, K) inputs; keys at positions >= kv_valid (a
-    Python int) are ignored; with segment_ids (B, L) int32 (q and k/v the same sequence) a query
-    attends only the keys of its own id."""
+    """softmax(q k^T / sqrt(K)) v for (B, L, N, K) inputs -> (B, L, N, K) in q's dtype; keys at
+    positions >= kv_valid (a Python int) are ignored; with segment_ids (B, L) int32 (q and k/v
+    the same sequence) a query attends only the keys of its own id. `impl` and
+    `context_parallel`: see the module docstring."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if context_parallel not in CONTEXT_PARALLEL:
@@ -157,7 +158,7 @@ def _kernel(q, k, v, impl, kv_valid, q_ids=None, kv_ids=None):
     if kv_valid is not None and kv_valid >= k.shape[1]:
         kv_valid = None
     if impl == "splash":
-        from cogvideox_jax import splash
+        from cogvideox_jax import splash  # TPU only: spares other backends the Pallas TPU import
 
         if q_ids is None:
             return splash.attention(q, k, v, kv_valid=kv_valid)

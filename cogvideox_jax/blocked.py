@@ -9,9 +9,9 @@ FlashAttention-2 (Dao, arXiv 2307.08691), instead of storing them.
 It exists for backends without a fused attention kernel in the library: on XLA:CPU the plain
 `jax.nn.dot_product_attention(implementation="xla")` reads and writes the (B, N, L, L) logits
 several times over and its probability-times-values product runs from main memory; tiled, the
-same work is 2x faster at CogVideoX's sequence lengths (BENCHMARKS.md). Numbers: logits,
-softmax statistics and accumulators in float32 whatever the input dtype; same results as the
-unblocked softmax to float32 rounding (tests/test_attention_blocked.py).
+same work is faster at CogVideoX's sequence lengths (BENCHMARKS.md, "Attention alone").
+Numbers: logits, softmax statistics and accumulators in float32 whatever the input dtype; same
+results as the unblocked softmax to float32 rounding (tests/test_attention_blocked.py).
 
 Keys are never padded: the key tiles that fill a whole block go through the scan, and the
 remainder (Lk mod block, a static size) is one more step of the same code after it. So without

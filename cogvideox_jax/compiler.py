@@ -2,27 +2,26 @@
 that XLA:CPU does badly in their plain form (an accurate mean, a fast row maximum).
 
 XLA:CPU in jaxlib 0.10 hands the matmuls, reductions and some elementwise fusions of a program to
-YNNPACK. At the shapes of this model none of them pays:
-- its matmuls: in the profiled CPU training step (BENCHMARKS.md) the blocked-attention tiles ran
-  at 57-100 GFLOP/s through YNNPACK and at up to 163 GFLOP/s through XLA's own kernel;
+YNNPACK. At the shapes of this model none of them pays (measurements in BENCHMARKS.md, sections
+"Transformer train step" and "2026-11-22: a different CPU, YNNPACK off"):
+- its matmuls: in a profile of the CPU training step the blocked-attention tiles ran slower
+  through YNNPACK than the tile product left to XLA's own kernel;
 - its elementwise fusions: the VAE's frame-batched convolutions lost time in them;
-- its reductions: a sum over the token axis of a (1, 4516, 512) product (a bias or modulation
-  gradient of the training step) took 90 ms as a YNNPACK call on a 2-core AMD EPYC (Zen 4), where
-  reading its two 9 MB inputs takes a few milliseconds; the train-step benchmark ran 7.95 s per
-  step without YNNPACK against 8.64 s with its reductions (one process, 9 shuffled rounds).
+- its reductions: a sum over the token axis (a bias or modulation gradient of the training step)
+  took many times longer as a YNNPACK call than reading its inputs takes, and the train step
+  ran faster without them.
 So on CPU the library's jitted programs use no YNNPACK fusion. Other backends get no options.
 
 XLA's own CPU reduction adds a long row sequentially, which loses accuracy as the row grows: the
-mean of 274,560 squared errors (the benchmark's loss) comes out 2.5e-5 (relative) away from
-float64's. `mean` averages one axis at a time instead (at most a few hundred terms per sum in
-this model's shapes): 6e-8 on the same elements (tests/test_compiler.py). The unpacked diffusion
-loss (`train.dit.diffusion_loss`, also the held-out loss) and the VAE's GroupNorm use it.
+mean of the training loss's squared errors drifts measurably from float64's. `mean` averages one
+axis at a time instead (at most a few hundred terms per sum in this model's shapes), which keeps
+it close to float64's (tests/test_compiler.py; figures in BENCHMARKS.md). The trainer's
+diffusion losses (train/objective.py, also the held-out loss) and the VAE's GroupNorm use it.
 
-XLA:CPU also reduces a row with `jnp.max` several times slower than with a sum: `maximum` must
-return NaN when either side is NaN, and that loop is not vectorised. A softmax only needs its
-row maximum as a shift, so `rowmax` reduces with a plain comparison and select instead: 0.27 ms
-against 1.0 ms over (2, 8, 370, 370) logits on a 2-core AMD EPYC (Zen 4). The attention kernels
-(`attention`'s xla kernel, `blocked`) use it.
+XLA:CPU also reduces a row with `jnp.max` much more slowly than with a sum: `maximum` must return
+NaN when either side is NaN, and that loop is not vectorised. A softmax only needs its row
+maximum as a shift, so `rowmax` reduces with a plain comparison and select instead (BENCHMARKS.md,
+"2026-11-22, later"). The attention kernels (`attention`'s xla kernel, `blocked`) use it.
 
 The options are per-program `compiler_options` of `jax.jit`, not process-wide XLA flags, so what a
 user compiles themselves is left as they set it.

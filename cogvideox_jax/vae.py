@@ -65,6 +65,9 @@ VARIANTS = {
 
 @dataclasses.dataclass(frozen=True)
 class VaeConfig:
+    """A CogVideoX VAE's architecture and latent scaling, in diffusers' `AutoencoderKLCogVideoX`
+    config field names (`from_diffusers` / `to_diffusers`; the released ones in VARIANTS)."""
+
     block_out_channels: tuple[int, ...]
     latent_channels: int
     layers_per_block: int
@@ -108,6 +111,7 @@ class VaeConfig:
 
     @property
     def spatial_compression(self) -> int:
+        """Pixels per latent along height and width."""
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
@@ -157,6 +161,7 @@ class VaeConfig:
 
 
 def vae_config(variant: str, **overrides) -> VaeConfig:
+    """The VaeConfig of a key of VARIANTS, fields replaced by `overrides`."""
     return VaeConfig(**{**VARIANTS[variant], **overrides})
 
 
@@ -195,6 +200,7 @@ class FrameShards:
     end: int
 
     def pooled(self) -> FrameShards:
+        """The layout after temporal downsampling by 2 (frame pairs averaged)."""
         # Whole clip: an odd count keeps frame 0 alone and pairs the rest, an even count pairs all
         # frames. Uniform pairs agree when the clip starts on a pair's second frame (odd count) or
         # on a pair boundary (even count), i.e. when `end` is even.
@@ -204,10 +210,13 @@ class FrameShards:
         return FrameShards(self.axis, (self.first - count % 2) // 2, self.end // 2)
 
     def doubled(self) -> FrameShards:
+        """The layout after temporal upsampling by 2."""
         # Whole clip: an odd count upsamples frame 0 to one frame, so one more copy appears.
         return FrameShards(self.axis, 2 * self.first + (self.end - self.first) % 2, 2 * self.end)
 
     def frame_mask(self, local_frames: int) -> jax.Array:
+        """(local_frames,) bool: which of this shard's frames belong to the clip (inside
+        `shard_map` over `axis`)."""
         index = jax.lax.axis_index(self.axis) * local_frames + jnp.arange(local_frames)
         return (index >= self.first) & (index < self.end)  # (T,)
 
@@ -749,7 +758,9 @@ class AutoencoderKL(nnx.Module):
     def encode(
         self, video: jax.Array, *, frame_batching: bool = True
     ) -> tuple[jax.Array, jax.Array]:
-        """Posterior (mean, logvar), each (B, T', H/8, W/8, latent)."""
+        """Posterior (mean, logvar), each (B, T', H/8, W/8, latent), of video (B, T, H, W, 3) in
+        [-1, 1] with T = 4T' - 3. `frame_batching`: diffusers' chunks of frames with per-chunk
+        GroupNorm statistics (results equal diffusers'); False: GroupNorm sees the whole clip."""
         return diagonal_gaussian(self.encode_moments(video, frame_batching=frame_batching))
 
     def decode(self, z: jax.Array, *, frame_batching: bool = True) -> jax.Array:

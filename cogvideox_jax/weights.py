@@ -215,6 +215,7 @@ def write_safetensors(
 
 
 def nest(flat: Mapping[str, np.ndarray]) -> dict:
+    """{"/"-path: array} -> nested dicts (the inverse of `flatten`)."""
     tree: dict = {}
     for path, value in flat.items():
         node = tree
@@ -226,6 +227,7 @@ def nest(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict:
+    """Nested mappings -> {"/"-path: leaf}, paths prefixed by `prefix`."""
     out = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
