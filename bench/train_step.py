@@ -10,7 +10,7 @@ r"""Transformer training step, ours against diffusers' CogVideoXTransformer3DMod
 One step = forward + backward + global-norm clipping + AdamW update. Same config, weights (the
 diffusers model is built with random weights, saved, and loaded into ours by
 `load_transformer`), inputs (latents, text, timesteps, noise) and objective
-(`train.dit.diffusion_loss`: mean squared v-prediction error; noise schedule with
+(`train.objective.diffusion_loss`: mean squared v-prediction error; noise schedule with
 snr_shift_scale 3). Optimiser on both sides: clipping at 1.0, then AdamW (lr 1e-4, b1 0.9,
 b2 0.95, eps 1e-8, weight decay 1e-4 on matrices only), ours from `train.optim`.
 
@@ -65,7 +65,7 @@ from flax import nnx
 
 import cogvideox_jax as cj
 from cogvideox_jax import attention, compiler, diffusion, flops
-from train import dit, metrics, optim
+from train import metrics, objective, optim, steps
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository (children of --separate run here)
 # The smallest configuration: a run of a few seconds (CI).
@@ -312,9 +312,13 @@ def ours_step(folder, args, ab: np.ndarray):
     tx, _ = optim.make_optimizer(OPTIM, total_steps=1)
     ab = jnp.asarray(ab, jnp.float32)
 
+    model = steps.Model(graphdef, tuple(templates))
+
     def loss_fn(p, b, batch):
-        m = dit._merge(graphdef, templates, p, b)
-        return dit.diffusion_loss(m, batch["z0"], batch["text"], batch["t"], batch["noise"], ab)
+        m = model.merge(p, b)
+        return objective.diffusion_loss(
+            m, batch["z0"], batch["text"], batch["t"], batch["noise"], ab
+        )
 
     def step(state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], state["buffers"], batch)

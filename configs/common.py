@@ -55,7 +55,7 @@ def dit_config(
     invert_scale_latents: bool = False,
     pretrain_context: int = 1,
 ) -> ml_collections.ConfigDict:
-    """The sections of a transformer run (STYLE 9.4); the caller states the checkpoint facts."""
+    """The sections of a transformer run; the caller states the checkpoint facts."""
     c = ml_collections.ConfigDict()
     c.trainer = "dit"
     c.mode = "train"  # or "eval": evaluate the latest checkpoint of the workdir

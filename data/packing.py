@@ -45,7 +45,7 @@ def patchify(x, p: int, pt: int = 1):
 
 def pad_front_frames(z: np.ndarray, pt: int) -> np.ndarray:
     """(T, h, w, C) -> (T + n, h, w, C): the first frame repeated n times in front so that
-    (T + n) % pt == 0 (CogVideoX 1.5, as train/dit.py pad_latent_frames)."""
+    (T + n) % pt == 0 (CogVideoX 1.5, as train/objective.py pad_latent_frames)."""
     n = -z.shape[0] % pt
     return np.concatenate([np.repeat(z[:1], n, axis=0), z], axis=0) if n else z
 

@@ -14,7 +14,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cogvideox_jax import attention, diffusion, sharding
-from train import dit
+from train import objective
+from train.dit import train_and_evaluate
+from train.run import resolve
 
 # (data, fsdp, context, tensor)
 LAYOUTS = {
@@ -54,13 +56,13 @@ def _inputs(variant):
 
 
 def _value_and_grad(model, inputs, mesh=None):
-    """Loss and parameter gradients of train/dit.py's objective; placed by the default rules
-    on `mesh` when given."""
+    """Loss and parameter gradients of the trainer's diffusion loss (train/objective.py); placed
+    by the default rules on `mesh` when given."""
     ab = jnp.asarray(diffusion.alphas_cumprod(diffusion.ScheduleConfig()), jnp.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, rest, z0, text, t, noise):
-        return dit.diffusion_loss(nnx.merge(graphdef, params, rest), z0, text, t, noise, ab)
+        return objective.diffusion_loss(nnx.merge(graphdef, params, rest), z0, text, t, noise, ab)
 
     f = jax.jit(jax.value_and_grad(loss))
     if mesh is None:
@@ -195,20 +197,20 @@ def test_validate_rejects_ulysses_when_heads_do_not_divide():
     c.model.context_parallel = "ulysses"
     c.mesh.update(fsdp=2, context=4, num_devices=8)
     with pytest.raises(ValueError, match=r"\(2 of 2 heads, mesh.tensor=1\).*mesh.context=4"):
-        dit.validate(c)
+        resolve(c)
     c.mesh.update(fsdp=2, context=2, num_devices=4)
-    dit.validate(c)
+    resolve(c)
     c.model.context_parallel = "ring"
     with pytest.raises(ValueError, match="model.context_parallel"):
-        dit.validate(c)
+        resolve(c)
 
 
 def test_mesh_minus_one_takes_the_remaining_devices():
     c = _runlocal_config()
     c.mesh.update(data=1, fsdp=-1, context=2, tensor=2, num_devices=0)
-    assert dit.make_mesh(c.mesh).shape == dict(data=1, fsdp=2, context=2, tensor=2)
+    assert resolve(c).mesh.shape == dict(data=1, fsdp=2, context=2, tensor=2)
     c.mesh.update(fsdp=2, context=-1, tensor=1)
-    assert dit.make_mesh(c.mesh).shape == dict(data=1, fsdp=2, context=4, tensor=1)
+    assert resolve(c).mesh.shape == dict(data=1, fsdp=2, context=4, tensor=1)
 
 
 def test_config_rules_replace_only_the_names_they_state():
@@ -239,5 +241,5 @@ def test_trainer_runs_context_parallel_with_rule_overrides(tmp_path):
     c.sharding_rules = (("embed", "fsdp"),)
     c.lock()
     with fast_compiling():  # compiling is most of this run
-        row = dit.train_and_evaluate(c, str(tmp_path))
+        row = train_and_evaluate(c, str(tmp_path))
     assert row["step"] == 2 and np.isfinite(row["loss"]), row

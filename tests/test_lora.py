@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
@@ -25,6 +24,8 @@ from cogvideox_jax import lora
 from tools import convert as convert_tool
 from tools import convert_lora
 from train import checkpoint, dit
+from train.program import make_program
+from train.run import resolve
 
 ALL = tuple(lora.TARGETS)
 
@@ -69,15 +70,14 @@ def test_5b_lora_train_state_holds_only_the_adapters():
     """At full size (abstractly): the trained parameters, Adam moments and checkpoint of a 5B
     rank-128 LoRA run are the adapters alone, 42 layers x 4 projections x (A + B)."""
     cfg = importlib.import_module("configs.cogvideox_5b").get_config("lora")
-    mesh = dit.make_mesh(cfg.mesh)
-    prog = dit.make_program(cfg, mesh)
-    state = jax.eval_shape(functools.partial(dit.init_state, prog, 0))
+    prog = make_program(resolve(cfg))
+    state = jax.eval_shape(prog.init_state)
     adapters = 42 * 4 * (3072 * 128 + 128 * 3072)
     assert sum(x.size for x in jax.tree.leaves(state["params"])) == adapters == 132_120_576
     assert state["buffers"] == {} and state["ema"] == {}
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     assert total < 3 * 4 * adapters + 1024  # params + 2 Adam moments, float32: 1.6 GB
-    base = jax.eval_shape(functools.partial(dit.init_base, prog, 0))  # frozen, outside the state
+    base = jax.eval_shape(prog.init_base)  # frozen, outside the state
     assert sum(x.size for x in jax.tree.leaves(base)) > 5e9
     assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
 
@@ -89,23 +89,20 @@ def test_5b_lora_train_state_holds_only_the_adapters():
 def test_every_config_has_a_lora_mode_whose_step_lowers(name):
     """The `lora` mode of each config: its train step (image conditioning included) traces and
     lowers with the adapters as the only trained state and the base passed frozen."""
-    from cogvideox_jax import sharding
-
     cfg = importlib.import_module(f"configs.{name}").get_config("lora,runlocal")
     assert cfg.lora.rank > 0 and cfg.optim.ema_decay == 0
-    dit.validate(cfg)
-    mesh = dit.make_mesh(cfg.mesh)
-    prog = dit.make_program(cfg, mesh)
-    state, batch, frozen = dit.abstract_train_args(cfg, prog, mesh)
-    lcfg = dit.lora_config(cfg)
+    run = resolve(cfg)
+    prog = make_program(run)
+    state, batch, frozen = prog.abstract_train_args()
+    lcfg = run.lora
     paths = {
         "/".join(str(getattr(k, "key", k)) for k in path)
         for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]
     }
     assert paths == set(lora.adapter_paths(lcfg))
-    assert "base" in frozen and ("vae" in frozen) == cfg.input.i2v
-    with jax.set_mesh(mesh), sharding.use_rules(prog.rules):
-        lowered = dit.jit_train_step(prog, mesh).lower(state, batch, frozen)
+    assert frozen.base is not None and (frozen.vae is not None) == cfg.input.i2v
+    with run.on_mesh():
+        lowered = prog.jit_train_step().lower(state, batch, frozen)
     out_state, _ = lowered.out_info  # the step returns adapters only, nothing of the base
     assert jax.tree.structure(out_state) == jax.tree.structure(state)
 
@@ -118,7 +115,7 @@ def test_bad_lora_configs_name_the_rule():
     cfg = importlib.import_module("configs.cogvideox_5b").get_config("lora,runlocal")
     cfg.lora.targets = "to_q,proj_out"
     with pytest.raises(ValueError, match="config.lora: .*proj_out"):
-        dit.validate(cfg)
+        resolve(cfg)
 
 
 # ---- The trainer's LoRA run, exported to diffusers ----
@@ -229,8 +226,8 @@ def test_lora_run_continues_from_an_exported_lora_on_a_bf16_base(lora_run, tmp_p
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert np.isfinite(rows[-1]["loss"])
     # The frozen base is kept in bfloat16, the adapters in float32.
-    prog = dit.make_program(cfg, dit.make_mesh(cfg.mesh))
-    adapters, base = dit.split_base(prog, prog.build(0))
+    prog = make_program(resolve(cfg))
+    adapters, base = prog.run.training.split(prog.build(0))
     assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(adapters)} == {jnp.dtype(jnp.float32)}
 

@@ -100,12 +100,10 @@ EXPECTED_5B = {
 
 def test_full_size_5b_parameters_get_the_expected_specs():
     """The trainer's placement of the abstract 5B model (nothing allocated) on an abstract mesh."""
-    from train import dit
-
     model = nnx.eval_shape(lambda: cj.Transformer(cj.transformer_config("5b"), rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     mesh = jax.sharding.AbstractMesh((1, 64, 4, 2), sharding.MESH_AXES)
-    shardings = dit._shardings(params, mesh, sharding.DEFAULT_RULES)
+    shardings = sharding.state_shardings(params, mesh, sharding.DEFAULT_RULES)
     flat = {
         "/".join(str(k.key) for k in path): (x.shape, s.spec)
         for (path, x), (_, s) in zip(
@@ -121,3 +119,35 @@ def test_full_size_5b_parameters_get_the_expected_specs():
             assert spec[0] is None, name  # the scanned layer axis is never split
         if np.prod(shape) >= 2**20:  # every large weight is split over fsdp x context (256)
             assert FSDP in tuple(spec), name
+
+
+def test_batches_arrive_sharded_as_the_batch_rule_constrains_activations():
+    """One owner for the batch's layout: with the `batch` rule overridden (fsdp only, the data
+    axis replicating), the trainer's input pipeline builds its global batches with the sharding
+    that `constrain(x, ("batch", ...))` gives the model's activations, and tools.aot compiles the
+    train step for batches laid out so."""
+    from configs import cogvideox_5b
+    from data import pipeline
+    from train import inputs
+    from train.program import make_program
+    from train.run import resolve
+
+    c = cogvideox_5b.get_config("sft,runlocal")
+    c.mesh.update(data=2, fsdp=4, num_devices=8)
+    c.batch_size = c.evals.batch_size = 8
+    default = resolve(c).batch_sharding.spec
+    c.sharding_rules = (("batch", "fsdp"),)
+    run = resolve(c)
+    assert default == P(("data", "fsdp")) and run.batch_sharding.spec == P("fsdp")
+    rows = pipeline.process_rows(run.batch_sharding, c.batch_size)
+    train, _ = inputs.datasets(run, rows, rows)
+    batch = pipeline.global_batch(next(iter(train)), run.batch_sharding, c.batch_size)
+    with run.on_mesh():
+        acts = jax.jit(lambda x: sharding.constrain(x, ("batch", "length", "act_embed")))
+        h = acts(jnp.zeros((c.batch_size, 6, 32)))
+    for x in jax.tree.leaves(batch):
+        assert x.sharding.is_equivalent_to(run.batch_sharding, x.ndim)
+        assert x.sharding.spec[0] == h.sharding.spec[0] == "fsdp"
+    _, abstract_batch, _ = make_program(run).abstract_train_args()  # tools.aot's batch
+    for x in jax.tree.leaves(abstract_batch):
+        assert x.sharding == run.batch_sharding

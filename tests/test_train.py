@@ -24,7 +24,9 @@ from ml_collections import config_flags
 
 import cogvideox_jax as cj
 from cogvideox_jax import diffusion
-from train import dit
+from configs import validate
+from train import dit, objective
+from train.run import resolve
 
 # Compiling dominates these runs: every program is compiled under conftest.fast_compile.
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -144,7 +146,7 @@ def test_loss_equals_diffusers_training_formula(variant, shift, tmp_path):
         img[:, :1] = rng.standard_normal(img[:, :1].shape)  # first-frame latent, zero-padded
     want = _diffusers_loss(theirs, scheduler, z0, noise, t, text, img)
     ab = jnp.asarray(diffusion.alphas_cumprod(diffusion.ScheduleConfig(snr_shift_scale=shift)))
-    got = dit.diffusion_loss(ours, z0, text, t, noise, ab, img)
+    got = objective.diffusion_loss(ours, z0, text, t, noise, ab, img)
     np.testing.assert_allclose(float(got), want, rtol=2e-5)
 
 
@@ -157,11 +159,11 @@ def test_image_condition_scale_follows_the_vae_config(tmp_path):
 
     for name, invert in [("cogvideox_5b_i2v", False), ("cogvideox1_5_5b_i2v", True)]:
         cfg = _config(name)
-        tcfg = cj.transformer_config(cfg.model.variant, **cfg.model.overrides)
         sf = cfg.diffusion.scaling_factor
         vae_cfg = vae_lib.vae_config("tiny", scaling_factor=sf, invert_scale_latents=invert)
         assert cfg.vae.invert_scale_latents is invert
-        assert dit.step_config(cfg, tcfg).image_scale == pytest.approx(1 / sf if invert else sf)
+        scale = resolve(cfg).objective.image.scale
+        assert scale == pytest.approx(1 / sf if invert else sf)
         assert vae_cfg.image_latent_scale == pytest.approx(1 / sf if invert else sf)
     # A frozen VAE whose config disagrees with the run's is refused before anything compiles.
     folder = tmp_path / "vae"
@@ -175,32 +177,32 @@ def test_image_condition_scale_follows_the_vae_config(tmp_path):
 def test_auto_gradient_accumulation_is_one_example_per_data_shard():
     cfg = _config("cogvideox1_5_5b", "pretrain,frames=161,res=768x1360")
     assert cfg.grad_accum_steps == 0 and cfg.batch_size == 1024 and cfg.mesh.context == 2
-    assert dit.grad_accum_steps(cfg, 32) == 32 and dit.grad_accum_steps(cfg, 64) == 16
-    assert dit.grad_accum_steps(_config("cogvideox_5b", "sft"), 8) == 1  # SFT: one pass
+    assert validate.grad_accum_steps(cfg, 32) == 32 and validate.grad_accum_steps(cfg, 64) == 16
+    assert validate.grad_accum_steps(_config("cogvideox_5b", "sft"), 8) == 1  # SFT: one pass
     with pytest.raises(ValueError, match="grad_accum_steps must be >= 0"):
-        dit.validate(_config("cogvideox_5b", grad_accum_steps=-1))
+        resolve(_config("cogvideox_5b", grad_accum_steps=-1))
 
 
 def test_explicit_uniform_sampling_bands():
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
-    t = np.stack([np.asarray(dit.eus_timesteps(k, 8, 4)) for k in keys])  # (400, 8)
+    t = np.stack([np.asarray(objective.eus_timesteps(k, 8, 4)) for k in keys])  # (400, 8)
     for row in range(8):
         band = row // 2  # 8 rows over 4 groups
         lo, hi = band * 250, (band + 1) * 250
         assert t[:, row].min() >= lo and t[:, row].max() < hi
         assert t[:, row].min() < lo + 10 and t[:, row].max() > hi - 10  # the band is covered
     # Any number of groups, and groups = 1 is plain uniform sampling.
-    t3 = np.stack([np.asarray(dit.eus_timesteps(k, 6, 3)) for k in keys[:50]])
+    t3 = np.stack([np.asarray(objective.eus_timesteps(k, 6, 3)) for k in keys[:50]])
     assert (t3[:, :2] < 333).all() and ((t3[:, 2:4] >= 333) & (t3[:, 2:4] < 666)).all()
     assert (t3[:, 4:] >= 666).all() and (t3 < 1000).all()
-    t1 = np.asarray(dit.eus_timesteps(keys[0], 4096, 1))
+    t1 = np.asarray(objective.eus_timesteps(keys[0], 4096, 1))
     assert t1.min() < 5 and t1.max() > 994
 
 
 def test_latent_padding_for_temporal_patches():
     z = jnp.arange(3.0).reshape(1, 3, 1, 1, 1)
-    np.testing.assert_array_equal(np.ravel(dit.pad_latent_frames(z, 2)), [0, 0, 1, 2])
-    assert dit.pad_latent_frames(z, 1) is z
+    np.testing.assert_array_equal(np.ravel(objective.pad_latent_frames(z, 2)), [0, 0, 1, 2])
+    assert objective.pad_latent_frames(z, 1) is z
 
 
 # ---- Resume ----

@@ -9,7 +9,7 @@ from flax import nnx
 
 import cogvideox_jax as cj
 from cogvideox_jax import diffusion, transformer
-from train import dit, packed
+from train import objective
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -87,18 +87,18 @@ def test_packed_loss_is_the_mean_of_per_clip_losses(variant):
     t = np.array([[50, 400, 930, 0]], np.int32)
     ab = jnp.asarray(diffusion.alphas_cumprod(diffusion.ScheduleConfig()), jnp.float32)
     noise = rng.standard_normal(batch["video"].shape).astype(np.float32)
-    segs = {k: jnp.asarray(batch[k]) for k in packed.SEGMENT_KEYS}
+    inputs = dict(
+        z0=jnp.asarray(batch["video"]),
+        text=jnp.asarray(batch["text"]),
+        t=jnp.asarray(t),
+        noise=jnp.asarray(noise),
+        segments={k: jnp.asarray(batch[k]) for k in objective.SEGMENT_KEYS},
+    )
+    recipe = objective.Recipe(scaling_factor=1.0, eus_groups=1, text_dropout=0.0, ofs=None)
+    packed = objective.Packed(recipe, cfg, text_len=6)
 
     def packed_loss(m):
-        return packed.loss(
-            m,
-            jnp.asarray(batch["video"]),
-            jnp.asarray(batch["text"]),
-            jnp.asarray(t),
-            jnp.asarray(noise),
-            segs,
-            ab,
-        )
+        return packed.loss(m, inputs, ab)
 
     def per_clip_loss(m):
         losses, at = [], 0
@@ -110,7 +110,7 @@ def test_packed_loss_is_the_mean_of_per_clip_losses(variant):
                 tok_noise[None], shapes[i][0], *shapes[i][1:], cfg.patch_size, pt, cfg.in_channels
             )
             losses.append(
-                dit.diffusion_loss(
+                objective.diffusion_loss(
                     m,
                     jnp.asarray(z[None]),
                     jnp.asarray(texts[i][None]),
@@ -147,9 +147,11 @@ def test_packing_efficiency_and_flops_count_only_clips():
     clips = [rng.standard_normal((2, 4, 6, 16)).astype(np.float32)]
     texts = [rng.standard_normal((6, 12)).astype(np.float32)]
     batch = _pack(cfg, clips, texts, budget=20, max_clips=2)
-    assert np.isclose(float(packed.efficiency(batch)), (12 + 6) / (20 + 12))
+    assert np.isclose(float(objective.efficiency(batch)), (12 + 6) / (20 + 12))
     from cogvideox_jax import flops
 
     want = flops.train_flops(cfg, 6, 12)
-    tokens, step_flops = packed.step_counts(packed.clip_tokens(batch), cfg, 6)
+    recipe = objective.Recipe(scaling_factor=1.0, eus_groups=1, text_dropout=0.1, ofs=None)
+    outputs = objective.Packed(recipe, cfg, text_len=6).step_outputs(batch)
+    tokens, step_flops = objective.Packed(recipe, cfg, text_len=6).counts(outputs)
     assert tokens == 12 + 6 and np.isclose(step_flops, want, rtol=1e-12)

@@ -4,9 +4,9 @@ python -m tools.aot --config configs/cogvideox_5b.py:sft --topology v5p-8
 python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-64 \
     --config.model.remat=full --config.mesh.fsdp=-1
 
-The step is the trainer's own (`train.dit.jit_train_step` with `train.dit.abstract_train_args`:
-same function, shardings and donation), lowered with ShapeDtypeStructs for the abstract devices
-of `jax.experimental.topologies.get_topology_desc` (libtpu compiles; nothing is allocated).
+The step is the trainer's own (train/program.py: `jit_train_step`, same function, shardings and
+donation), lowered with its `abstract_train_args` (ShapeDtypeStructs) for the abstract devices of
+`jax.experimental.topologies.get_topology_desc` (libtpu compiles; nothing is allocated).
 Printed: per-chip memory from `compiled.memory_analysis()` against the chip's HBM, XLA's FLOPs
 (`cost_analysis()` of the SPMD-partitioned program: per chip; times the chips for the step)
 against the analytic model FLOPs (cogvideox_jax.flops: 3 x forward, no remat), and the
@@ -37,9 +37,9 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import cogvideox_jax as cj  # noqa: E402
-from cogvideox_jax import sharding  # noqa: E402
-from train import dit  # noqa: E402
+from configs import validate  # noqa: E402
+from train.program import make_program  # noqa: E402
+from train.run import resolve  # noqa: E402
 
 GIB = 1024**3
 
@@ -89,13 +89,14 @@ def count_collectives(hlo: str) -> dict[str, int]:
 def analyse(config, topology: str) -> dict:
     c = config
     gen, shape, chips = parse_topology(topology)
-    dit.validate(c, num_devices=chips)  # config errors before libtpu is even loaded
+    validate.validate(c, num_devices=chips)  # config errors before libtpu is even loaded
     if c.model.attention_impl == "auto":  # resolved on the compiling (CPU) backend otherwise
         with c.unlocked():
             c.model.attention_impl = "splash"
     devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu").devices
     assert len(devices) == chips, (topology, len(devices))
-    mesh = dit.make_mesh(c.mesh, devices)
+    run = resolve(c, devices)
+    mesh = run.mesh
     used = mesh.devices.size
     print(
         f"{topology} ({gen}:{shape}, {chips} chips, {devices[0].device_kind}); mesh "
@@ -103,11 +104,11 @@ def analyse(config, topology: str) -> dict:
         flush=True,
     )
 
-    prog = dit.make_program(c, mesh)
-    args = dit.abstract_train_args(c, prog, mesh)
-    step = dit.jit_train_step(prog, mesh)
+    prog = make_program(run)
+    args = prog.abstract_train_args()
+    step = prog.jit_train_step()
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), sharding.use_rules(prog.rules):  # as the trainer's loop runs it
+    with run.on_mesh():  # as the trainer's loop runs it
         lowered = step.lower(*args)
         try:
             compiled = lowered.compile()
@@ -121,8 +122,6 @@ def analyse(config, topology: str) -> dict:
             compiled, refused_bytes = None, int(float(m.group(1)) * GIB)
     compile_s = time.perf_counter() - t0
 
-    tcfg = cj.transformer_config(c.model.variant, **c.model.overrides)
-    video = dit.video_tokens(c, tcfg)
     r = dict(
         config=None,
         topology=topology,
@@ -133,10 +132,10 @@ def analyse(config, topology: str) -> dict:
         remat=c.model.remat,
         attention_impl=c.model.attention_impl,
         batch_size=c.batch_size,
-        grad_accum_steps=dit.grad_accum_steps(c, mesh.shape["data"] * mesh.shape["fsdp"]),
-        tokens_per_sample=c.input.text_len + video,
+        grad_accum_steps=run.grad_accum_steps,
+        tokens_per_sample=run.tokens_per_example,
         hbm_bytes_per_chip=HBM_BYTES[gen],
-        model_flops_per_step=dit.model_flops_per_step(c, tcfg),
+        model_flops_per_step=run.flops_per_step,
         compile_s=round(compile_s, 1),
     )
     if compiled is None:  # out of memory: only XLA's temporaries figure is known

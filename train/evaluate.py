@@ -13,34 +13,52 @@ import os
 import jax
 import numpy as np
 
+from data import pipeline
 from train import checkpoint
 
 
-def held_out_loss(eval_fn, dataset, frozen, timesteps) -> dict[str, float]:
-    """{'eval_loss': mean over batches and timesteps, 'eval_loss_t{t}': per timestep}.
+class HeldOut:
+    """`held_out(state)`: {'eval_loss': mean over batches and timesteps, 'eval_loss_t{t}': per
+    timestep} of a train state on the held-out set ({} without one), by the program's jitted
+    eval step (train/program.py) on the run's mesh."""
 
-    `eval_fn(batch, index, frozen)` returns the (len(timesteps),) losses of one batch.
-    """
-    total, count = np.zeros(len(timesteps)), 0
-    for index, batch in enumerate(dataset):
-        total += np.asarray(jax.device_get(eval_fn(batch, index, frozen)))
-        count += 1
-    if not count:
-        raise ValueError("the eval set is empty: input.eval_examples must be >= evals.batch_size")
-    per_t = total / count
-    out = {"eval_loss": float(per_t.mean())}
-    out.update({f"eval_loss_t{t}": float(v) for t, v in zip(timesteps, per_t, strict=True)})
-    return out
+    def __init__(self, prog, dataset, frozen):
+        self.prog, self.dataset, self.frozen = prog, dataset, frozen
+        self.step = prog.jit_eval_step()
+
+    def __call__(self, state) -> dict[str, float]:
+        if self.dataset is None:
+            return {}
+        run = self.prog.run
+        fixed = run.training.fixed(state, self.frozen)
+        timesteps = tuple(run.config.evals.timesteps)
+        total, count = np.zeros(len(timesteps)), 0
+        for index, local in enumerate(self.dataset):  # read outside the mesh, as in training
+            with run.on_mesh():
+                batch = pipeline.global_batch(
+                    local, run.batch_sharding, run.config.evals.batch_size
+                )
+                losses = self.step(state["params"], fixed, batch, index, self.frozen)
+            total += np.asarray(jax.device_get(losses))
+            count += 1
+        if not count:
+            raise ValueError(
+                "the eval set is empty: input.eval_examples must be >= evals.batch_size"
+            )
+        per_t = total / count
+        out = {"eval_loss": float(per_t.mean())}
+        out.update({f"eval_loss_t{t}": float(v) for t, v in zip(timesteps, per_t, strict=True)})
+        return out
 
 
-def evaluate_checkpoint(mngr, abstract_state, run_eval, workdir: str) -> dict:
+def evaluate_checkpoint(mngr, abstract_state, held_out: HeldOut, workdir: str) -> dict:
     """On-demand evaluation of the latest checkpoint in the workdir (config.mode='eval');
     appends the result to DIR/eval.jsonl and returns it."""
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"config.mode='eval': no checkpoint in {mngr.directory}")
     state = checkpoint.restore_state(mngr, step, abstract_state)
-    row = {"step": step, **run_eval(state)}
+    row = {"step": step, **held_out(state)}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")

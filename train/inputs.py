@@ -1,4 +1,4 @@
-"""The trainer's input: training and held-out datasets from the config.
+"""The trainer's input: training and held-out datasets of a resolved run (train/run.py).
 
   synthetic   random latents and text (data/synthetic.py), one shape: smoke tests, compiling.
   demo        the built-in demo's procedural clips, encoded by its own VAE and text encoder.
@@ -19,16 +19,19 @@ import numpy as np
 
 from cogvideox_jax import vae as vae_lib
 from data import loader, packing, prepared, synthetic
+from train import objective
 
 
-def datasets(c, tcfg, rows, eval_rows, demo=None):
-    """(train dataset, held-out dataset or None) for this process's `rows` of each batch."""
-    if c.input.data_dir:
-        return _prepared(c, tcfg, rows, eval_rows, demo)
-    if demo is not None:
+def datasets(run, rows, eval_rows, demo=None):
+    """(train dataset, held-out dataset or None) of a resolved run (train/run.py) for this
+    process's `rows` and `eval_rows` of each global batch (data/pipeline.py)."""
+    c = run.config
+    if run.data == "prepared":
+        return _prepared(run, rows, eval_rows, demo)
+    if run.data == "demo":
         train = demo.dataset(c.batch_size, train=True, seed=c.seed, rows=rows)
         return train, demo.dataset(c.evals.batch_size, train=False, seed=c.seed, rows=eval_rows)
-    shapes = example_shapes(c)
+    shapes = run.example_shapes
     train = synthetic.dataset(c.input.num_examples, c.batch_size, seed=c.seed, rows=rows, **shapes)
     held_out = synthetic.dataset(
         c.input.eval_examples,
@@ -42,19 +45,8 @@ def datasets(c, tcfg, rows, eval_rows, demo=None):
     return train, held_out
 
 
-def example_shapes(c) -> dict:
-    """The synthetic examples' shapes: the config's clip size."""
-    t = vae_lib.num_latent_frames(c.input.num_frames)
-    f = c.input.spatial_compression
-    h, w = c.input.height // f, c.input.width // f
-    return dict(
-        latent_shape=(t, h, w, c.input.latent_channels),
-        text_shape=(c.input.text_len, c.input.text_dim),
-        image_shape=(c.input.height, c.input.width, 3) if c.input.i2v else None,
-    )
-
-
-def _prepared(c, tcfg, rows, eval_rows, demo):
+def _prepared(run, rows, eval_rows, demo):
+    c, tcfg = run.config, run.model
     ds = prepared.open_prepared(c.input.data_dir)
     check_prepared(ds, c, demo is not None)
     encode = None
@@ -65,17 +57,18 @@ def _prepared(c, tcfg, rows, eval_rows, demo):
     def latent_shape(frames, height, width):
         return vae_lib.num_latent_frames(int(frames)), int(height) // f, int(width) // f
 
+    packed = isinstance(run.objective, objective.Packed)
     kw = dict(
-        packing=bool(c.input.packing),
+        packing=packed,
         patch_size=tcfg.patch_size,
         patch_size_t=tcfg.patch_size_t,
         text_len=c.input.text_len,
         workers=c.input.workers,
         encode=encode,
         latent_shape=latent_shape if ds.kind == "clips" else None,
-        image=bool(c.input.i2v),
+        image=run.i2v,
     )
-    if c.input.packing:
+    if packed:
         kw["video_budget"], kw["max_clips"] = packing_budget(c, tcfg, ds, latent_shape)
     train = loader.train_dataset(
         ds.source("train"),
