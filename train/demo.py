@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -92,8 +93,9 @@ def _load_tree(path: str, like):
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def train_vae(c, workdir: str) -> cj.AutoencoderKL:
-    """The demo VAE, trained on the demo clips or restored from WORKDIR/demo_vae; its
+def train_vae(c, workdir: str) -> tuple[cj.AutoencoderKL, bool]:
+    """(the demo VAE, whether it was trained now): trained on the demo clips, or restored from
+    WORKDIR/demo_vae when that holds one trained with the same settings; its
     cfg.scaling_factor is 1 / std of the training latents."""
     d = c.demo
     cfg = _vae_config(d)
@@ -107,7 +109,7 @@ def train_vae(c, workdir: str) -> cj.AutoencoderKL:
     folder = os.path.join(os.path.abspath(workdir), "demo_vae")
     meta_path = os.path.join(folder, "meta.json")
     settings = _vae_settings(c)
-    meta = None
+    meta, fresh = None, False
     if os.path.isfile(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -119,6 +121,7 @@ def train_vae(c, workdir: str) -> cj.AutoencoderKL:
         _note(f"demo VAE: restored from {folder}")
     else:
         params, meta = _fit_vae(c, graphdef, params)
+        fresh = True
         meta["settings"] = settings
         os.makedirs(folder, exist_ok=True)
         _save_tree(os.path.join(folder, "params"), params)
@@ -127,7 +130,7 @@ def train_vae(c, workdir: str) -> cj.AutoencoderKL:
         os.replace(meta_path + ".tmp", meta_path)
     vae = nnx.merge(graphdef, params)
     vae.cfg = dataclasses.replace(cfg, scaling_factor=meta["scaling_factor"])
-    return vae
+    return vae, fresh
 
 
 def _vae_settings(c) -> dict:
@@ -228,19 +231,28 @@ class Demo:
                 f"VAE's ({factor}: {len(d.vae_widths)} levels of demo.vae_widths)"
             )
         self.encoder = text_encoder(d, c.seed + 5)
-        self.vae = train_vae(c, workdir)
-        sf = self.vae.cfg.scaling_factor
-        t0 = time.perf_counter()
-        total = inp.num_examples + inp.eval_examples
-        latents = _encode_means(self.vae, c, range(total)) * sf  # scaled: diffusion scale is 1
-        captions = [demo_data.caption(i) for i in range(total)]
+        self.vae, trained = train_vae(c, workdir)
+        captions = [demo_data.caption(i) for i in range(inp.num_examples + inp.eval_examples)]
         self.table = embed(self.encoder, sorted(set(captions)), inp.text_len)
         self.caption_row = {cap: i for i, cap in enumerate(sorted(set(captions)))}
-        self.latents = latents.astype(np.float32)
         self.captions = captions
         self.neg = np.zeros((1, inp.text_len, inp.text_dim), np.float32)  # dropped-text embedding
-        _note(f"demo latents {self.latents.shape} precomputed in {time.perf_counter() - t0:.1f}s")
-        self.write_reconstructions()
+        if trained or not os.path.isfile(self._reconstruction_path):  # else it shows this VAE
+            self.write_reconstructions()
+
+    @functools.cached_property
+    def latents(self) -> np.ndarray:
+        """Scaled posterior means (the demo's diffusion scale is 1) of every demo clip, computed
+        on first use (a run on a prepared dataset needs none)."""
+        t0 = time.perf_counter()
+        total = self.c.input.num_examples + self.c.input.eval_examples
+        means = _encode_means(self.vae, self.c, range(total)) * self.vae.cfg.scaling_factor
+        _note(f"demo latents {means.shape} precomputed in {time.perf_counter() - t0:.1f}s")
+        return means.astype(np.float32)
+
+    @property
+    def _reconstruction_path(self) -> str:
+        return os.path.join(self.workdir, "samples", "vae_reconstruction.mp4")
 
     def record(self, i: int) -> dict[str, np.ndarray]:
         return {
@@ -281,8 +293,8 @@ class Demo:
         rec = np.asarray(_reconstruct(self.vae, jnp.asarray(x)))
         top, bottom = np.concatenate(list(x), axis=2), np.concatenate(list(rec), axis=2)
         grid = np.concatenate([top, bottom], axis=1) / 2 + 0.5
-        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
-        video.write_mp4(os.path.join(self.workdir, "samples", "vae_reconstruction.mp4"), grid, 8)
+        os.makedirs(os.path.dirname(self._reconstruction_path), exist_ok=True)
+        video.write_mp4(self._reconstruction_path, grid, 8)
 
     def sample(self, transformer, step: int) -> dict:
         """Sample `demo.samples` videos for fixed captions, write mp4s, score them."""
