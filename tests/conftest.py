@@ -2,19 +2,20 @@
 
 The environment variables must be set before jax is imported anywhere.
 
-Compiling dominates the trainer tests, so the session keeps a persistent compilation cache (a
-temporary folder, unless JAX_COMPILATION_CACHE_DIR names one): a program compiled again, in this
-process or in a `python -m train` child given `compile_env()`, is read back instead (under
-pytest-xdist, as the README runs the suite, each worker process keeps its own). Under the
-`fast_compile` fixture (or `fast_compiling()`), programs compile without XLA:CPU's backend
-optimisation and LLVM's costlier passes.
+Compiling dominates these tiny programs, so:
+- every program compiles without XLA:CPU's backend optimisation and LLVM's costlier passes
+  (jax_disable_most_optimizations: about 2x sooner, the same tolerances hold), except in tests
+  marked `optimized`, one diffusers-parity check per component, which compile as users run;
+- the test run keeps one persistent compilation cache (a temporary folder, unless
+  JAX_COMPILATION_CACHE_DIR names one) that pytest-xdist's workers and the `python -m train`
+  children given `compile_env()` share: a program compiled again is read back instead.
 """
 
 import atexit
-import contextlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
@@ -28,23 +29,38 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-if not jax.config.jax_compilation_cache_dir:
-    _CACHE = tempfile.mkdtemp(prefix="jax_cache_")
-    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", _CACHE)
-    # Also programs that compile in a fraction of a second (the fast-compiled ones, mostly).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
 # Compiling dominates these tiny programs: jax_disable_most_optimizations (env
 # JAX_DISABLE_MOST_OPTIMIZATIONS) compiles every program without XLA:CPU's backend optimisation
 # and LLVM's costlier passes, about 2x sooner (the tests' tolerances are the same under it).
 FAST = "jax_disable_most_optimizations"
+jax.config.update(FAST, True)
+
+if not jax.config.jax_compilation_cache_dir:
+    # Made once by the first process (pytest-xdist's controller), inherited by its workers and
+    # their children through the environment, removed by the process that made it.
+    if "COGVIDEOX_JAX_TEST_CACHE" not in os.environ:
+        os.environ["COGVIDEOX_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="jax_cache_")
+        atexit.register(shutil.rmtree, os.environ["COGVIDEOX_JAX_TEST_CACHE"], True)
+    jax.config.update("jax_compilation_cache_dir", os.environ["COGVIDEOX_JAX_TEST_CACHE"])
+    # Also programs that compile in a fraction of a second (the fast-compiled ones, mostly).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+@pytest.fixture(autouse=True)
+def _compile_mode(request):
+    """Tests marked `optimized` compile with XLA's full optimisation, the others without. The
+    flag is not part of jax's in-memory caches' keys, so they are cleared when it changes."""
+    fast = request.node.get_closest_marker("optimized") is None
+    if jax.config.read(FAST) != fast:
+        jax.clear_caches()
+        jax.config.update(FAST, fast)
+    yield
 
 
 def compile_env(devices: int = 8, fast: bool = True) -> dict:
     """os.environ for a child process on `devices` CPU devices that shares this session's
-    compilation cache; `fast`: compiled as under the `fast_compile` fixture (a program that
-    this process compiled under it is then read back from the cache)."""
+    compilation cache; `fast`: compiled without backend optimisation, as this process compiles
+    outside `optimized` tests (a program it compiled is then read back from the cache)."""
     count = "--xla_force_host_platform_device_count"
     flags = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith(count)]
     return {
@@ -56,20 +72,28 @@ def compile_env(devices: int = 8, fast: bool = True) -> dict:
     }
 
 
-@contextlib.contextmanager
-def fast_compiling():
-    """Every program compiled inside (jitted or eager) compiled with
-    jax_disable_most_optimizations."""
-    before = jax.config.read(FAST)
-    jax.config.update(FAST, True)
-    try:
-        yield
-    finally:
-        jax.config.update(FAST, before)
+def _shared_dir(tmp_path_factory) -> Path:
+    """A folder every worker process of this test run shares (pytest-xdist's workers each get
+    their own basetemp inside the run's folder); the basetemp itself in a single process."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-@pytest.fixture(scope="module")
-def fast_compile():
-    """`fast_compiling` for the whole module (the trainer's steps, the demo's VAE, eager ops)."""
-    with fast_compiling():
-        yield
+@pytest.fixture(scope="session")
+def demo_vae(tmp_path_factory) -> Path:
+    """The `demo_vae` folder that configs/demo.py:runlocal trains (train.demo.train_vae), trained
+    once per test run: the first worker to ask trains it under a file lock, the others wait and
+    reuse it. Tests copy it into a workdir, where the demo restores it instead of training."""
+    import fcntl
+    import importlib
+
+    from train import demo
+
+    shared = _shared_dir(tmp_path_factory)
+    run = shared / "demo_vae_run"
+    with open(shared / "demo_vae.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "demo_vae" / "meta.json").is_file():
+            cfg = importlib.import_module("configs.demo").get_config("runlocal")
+            demo.train_vae(cfg, str(run))
+    return run / "demo_vae"

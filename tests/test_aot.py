@@ -26,6 +26,7 @@ def _run(*args):
     )
 
 
+@pytest.mark.slow
 def test_compiles_runlocal_step_for_v5e_8():
     p = _run(
         "--config=configs/cogvideox1_5_5b.py:sft,runlocal",
@@ -47,6 +48,7 @@ def test_compiles_runlocal_step_for_v5e_8():
     assert r["pallas_kernels"] > 0  # splash lowered to Mosaic kernels for the TPU
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_fit_is_reported_with_its_arguments():
     # 5B SFT on 4 v5e chips (16 GiB each): XLA refuses to compile in seconds. Its figure counts
     # the arguments: without EMA weights it drops by their size, the temporaries stay.

@@ -174,6 +174,7 @@ def test_inside_context_parallelism(mode, seg):
     _assert_close(got, want, 2e-6)
 
 
+@pytest.mark.slow
 def test_transformer_with_blocked_attention():
     """A tiny 5B-style transformer (RoPE) with impl='blocked' gives the 'xla' model's output."""
     rng = np.random.default_rng(0)

@@ -209,7 +209,10 @@ def _t5(dtype=torch.float32):
     return model.to(dtype)
 
 
-@pytest.mark.parametrize("dtype,shard", [(torch.float32, None), (torch.bfloat16, "4KB")])
+@pytest.mark.parametrize(
+    "dtype,shard",
+    [(torch.float32, None), pytest.param(torch.bfloat16, "4KB", marks=pytest.mark.slow)],
+)
 def test_t5_round_trip_is_byte_exact(tmp_path, dtype, shard):
     model = _t5(dtype)
     model.save_pretrained(tmp_path / "src", **({} if shard is None else {"max_shard_size": shard}))
@@ -265,7 +268,10 @@ def _tiny_vae(dtype=torch.float32):
     return model.to(dtype)
 
 
-@pytest.mark.parametrize("dtype,shard", [(torch.float32, None), (torch.bfloat16, "20KB")])
+@pytest.mark.parametrize(
+    "dtype,shard",
+    [(torch.float32, None), pytest.param(torch.bfloat16, "20KB", marks=pytest.mark.slow)],
+)
 def test_vae_round_trip_is_byte_exact(tmp_path, dtype, shard):
     _tiny_vae(dtype).save_pretrained(
         tmp_path / "src", **({} if shard is None else {"max_shard_size": shard})

@@ -264,6 +264,7 @@ def test_resume_is_bit_equal(packing_mode):
     assert out["want"][0] != out["want"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing_mode", [True, False])
 def test_resume_is_bit_equal_with_worker_processes(packing_mode):
     # mp_prefetch workers import the source's module: run in a fresh interpreter.
@@ -372,6 +373,7 @@ print(json.dumps({"pids": sorted(ENCODE_PIDS), "me": os.getpid(), "digest": [
 """
 
 
+@pytest.mark.slow
 def test_clips_encode_stays_in_main_process_with_workers():
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.run(

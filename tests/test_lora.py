@@ -84,7 +84,13 @@ def test_5b_lora_train_state_holds_only_the_adapters():
 
 @pytest.mark.parametrize(
     "name",
-    ["cogvideox_2b", "cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1_5_5b", "cogvideox1_5_5b_i2v"],
+    [
+        "cogvideox_2b",  # the only config no other fast test runs
+        *(
+            pytest.param(n, marks=pytest.mark.slow)
+            for n in ("cogvideox_5b", "cogvideox_5b_i2v", "cogvideox1_5_5b", "cogvideox1_5_5b_i2v")
+        ),
+    ],
 )
 def test_every_config_has_a_lora_mode_whose_step_lowers(name):
     """The `lora` mode of each config: its train step (image conditioning included) traces and
@@ -159,6 +165,7 @@ def lora_run(tmp_path_factory):
     return cfg, base, workdir
 
 
+@pytest.mark.slow
 def test_lora_run_checkpoints_only_adapters_and_resumes(lora_run, capsys):
     cfg, _, workdir = lora_run
     rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -176,6 +183,7 @@ def test_lora_run_checkpoints_only_adapters_and_resumes(lora_run, capsys):
     assert sum(int(np.prod(m.shape)) for m in leaves) <= 4 * adapter_size + 16
 
 
+@pytest.mark.slow
 def test_lora_export_loads_into_diffusers_with_the_same_output(lora_run, tmp_path):
     cfg, base, workdir = lora_run
     assert convert_tool.main(["lora-to-diffusers", str(workdir), str(tmp_path / "out")]) == 0
@@ -210,6 +218,7 @@ def test_lora_export_loads_into_diffusers_with_the_same_output(lora_run, tmp_pat
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_lora_run_continues_from_an_exported_lora_on_a_bf16_base(lora_run, tmp_path):
     cfg, _, workdir = lora_run
     assert convert_tool.main(["lora-to-diffusers", str(workdir), str(tmp_path / "file")]) == 0
@@ -235,7 +244,7 @@ def test_lora_run_continues_from_an_exported_lora_on_a_bf16_base(lora_run, tmp_p
 # ---- A diffusers LoRA imported here ----
 
 
-@pytest.mark.parametrize("with_metadata", [True, False])
+@pytest.mark.parametrize("with_metadata", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_diffusers_lora_imports_with_diffusers_output(with_metadata, tmp_path):
     from reference import diffusers_transformer
 
@@ -319,6 +328,7 @@ def test_diffusers_lora_errors_name_the_tensor(tmp_path):
         lora.from_diffusers(missing, None, tcfg)
 
 
+@pytest.mark.slow
 def test_sample_cli_merges_a_lora(tmp_path):
     from test_pipeline import _full_model
 

@@ -82,6 +82,7 @@ def _rows(workdir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.endswith("_per_sec")} for r in rows]
 
 
+@pytest.mark.slow
 def test_two_processes_train_resume_and_equal_one_process(tmp_path):
     # One process with 2 devices, and two processes with 1 device each (started together).
     one, two_0, _ = _run(

@@ -106,7 +106,9 @@ def _run_packed(model, batch, mesh=None):
         return _jit_run(model, "packed", *args)
 
 
-@pytest.mark.parametrize("variant", ["5b", "1.5-5b-i2v", "2b"])
+@pytest.mark.parametrize(
+    "variant", ["5b", "1.5-5b-i2v", pytest.param("2b", marks=pytest.mark.slow)]
+)
 def test_packed_equals_per_clip_forward(variant):
     """5B: RoPE on the crop-region linspace; 1.5-I2V: arange RoPE, 2 frames a token, ofs; 2B:
     the sin-cos table. Different timesteps per clip."""
@@ -163,6 +165,7 @@ def _output_loss_and_grads(model, batch, mesh=None):
     return float(value), np.asarray(out), jax.tree.map(np.asarray, grads)
 
 
+@pytest.mark.slow  # context parallelism is in the fast subset through test_context_parallel.py
 @pytest.mark.parametrize("mode", ["allgather", "ulysses"])
 def test_packed_under_context_parallelism_equals_one_device(mode):
     """(fsdp 2, context 4): outputs, loss and every parameter gradient; ulysses under full
@@ -249,6 +252,7 @@ def test_splash_segment_ids_per_shard_under_context_parallelism(monkeypatch, mod
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
+@pytest.mark.slow  # the packed forward tests use these tables
 @pytest.mark.parametrize("variant", ["5b", "1.5-5b"])
 def test_per_token_rope_matches_the_per_clip_tables(variant):
     """The published sizes' grids (30 x 45 base, 5B), other aspect ratios and the tie grids

@@ -70,7 +70,13 @@ def _t(x):
 
 @pytest.mark.parametrize(
     "variant,dynamic,steps",
-    [("5b", False, 4), ("5b", True, 5), ("2b", True, 4), ("1.5-5b", False, 3)],
+    [
+        ("5b", False, 4),
+        *(
+            pytest.param(*c, marks=pytest.mark.slow)
+            for c in [("5b", True, 5), ("2b", True, 4), ("1.5-5b", False, 3)]
+        ),
+    ],
 )
 def test_text_to_video_matches_diffusers(tmp_path, variant, dynamic, steps):
     transformer, autoencoder, scheduler, ours = _components(variant, tmp_path)
@@ -110,7 +116,7 @@ def test_text_to_video_matches_diffusers(tmp_path, variant, dynamic, steps):
         assert ref.rel_l2(got, want) <= 1e-4, (output_type, ref.rel_l2(got, want))
 
 
-@pytest.mark.parametrize("variant", ["5b-i2v", "1.5-5b-i2v"])
+@pytest.mark.parametrize("variant", ["5b-i2v", pytest.param("1.5-5b-i2v", marks=pytest.mark.slow)])
 def test_image_to_video_matches_diffusers(tmp_path, variant, monkeypatch):
     transformer, autoencoder, scheduler, ours = _components(variant, tmp_path, shift=1.0)
     (h, w, f), noise, text, neg = _inputs(ours)
@@ -160,6 +166,7 @@ def test_image_to_video_matches_diffusers(tmp_path, variant, monkeypatch):
     assert ref.rel_l2(got, want) <= 1e-4, ref.rel_l2(got, want)
 
 
+@pytest.mark.slow
 def test_dpm_sampler_runs_and_is_seeded(tmp_path):
     *_, ours = _components("5b", tmp_path)
     (h, w, f), _, text, neg = _inputs(ours)
@@ -203,6 +210,7 @@ def test_image_preprocessing_equals_diffusers():
     np.testing.assert_allclose(got[:, 0], want.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_image_to_video_encodes_the_image(tmp_path):
     *_, ours = _components("5b-i2v", tmp_path)
     (h, w, f), noise, text, _ = _inputs(ours, batch=1)
@@ -246,6 +254,8 @@ def _full_model(tmp_path):
     return theirs, pipeline.Pipeline.from_pretrained(tmp_path / "model")
 
 
+@pytest.mark.slow
+@pytest.mark.optimized  # compiled as users run (conftest)
 def test_prompt_to_video_matches_diffusers(tmp_path):
     theirs, ours = _full_model(tmp_path)
     (h, w, f), noise, _, _ = _inputs(ours)

@@ -401,6 +401,7 @@ def model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_latents_equal_our_vae_and_t5(model, dataset, tmp_path):
     import jax.numpy as jnp
 

@@ -37,8 +37,12 @@ def test_param_rejects_names_of_the_wrong_rank():
 
 
 @pytest.mark.parametrize(
-    "shape", [(8, 1, 1, 1), (1, 4, 1, 2), (2, 2, 2, 1)]
-)  # data, fsdp, context, tensor
+    "shape",  # data, fsdp, context, tensor
+    [
+        (8, 1, 1, 1),
+        *(pytest.param(s, marks=pytest.mark.slow) for s in [(1, 4, 1, 2), (2, 2, 2, 1)]),
+    ],
+)
 def test_sharded_forward_equals_one_device(shape):
     """Placing the parameters by the default rules changes where they live, not the result."""
     cfg = cj.TransformerConfig.from_diffusers(

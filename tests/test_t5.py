@@ -76,6 +76,7 @@ def pair():
     return theirs, _ours(theirs)
 
 
+@pytest.mark.optimized  # compiled as users run (conftest)
 def test_parity_fp32(pair):
     theirs, ours = pair
     ids = _ids(TINY)
@@ -99,7 +100,10 @@ def test_parity_with_padding_mask(pair):
     assert ref.rel_l2(got, np.asarray(ours(ids))) > 1e-3  # the mask does change the output
 
 
-@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.optimized  # compiled as users run (conftest)
+@pytest.mark.parametrize(
+    "param_dtype", [pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.bfloat16]
+)
 def test_bf16_close_to_fp32_reference(pair, param_dtype):
     theirs, _ = pair
     ours = _ours(theirs, dtype=jnp.bfloat16, param_dtype=param_dtype)
@@ -112,6 +116,7 @@ def test_bf16_close_to_fp32_reference(pair, param_dtype):
     assert 1e-4 < err <= 3e-2, err  # really bf16 (not fp32), and within bf16 rounding
 
 
+@pytest.mark.slow  # recompute is in the fast subset through test_transformer.py
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention"])
 def test_remat_gives_same_outputs_and_gradients(pair, remat):
     theirs, base = pair

@@ -28,9 +28,6 @@ from configs import validate
 from train import dit, objective
 from train.run import resolve
 
-# Compiling dominates these runs: every program is compiled under conftest.fast_compile.
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
     "cogvideox_2b",
@@ -57,21 +54,32 @@ def _rows(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-# cogvideox_5b's two steps run in the init/mesh test below.
-@pytest.mark.parametrize("name", [c for c in CONFIGS if c != "cogvideox_5b"])
+def _check_run(workdir, steps: int) -> None:
+    """A finished run's log, last checkpoint and TensorBoard files."""
+    rows = _rows(workdir)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec"):
+        assert np.isfinite(rows[-1][key]), key
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps)]
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+
+
+# Run elsewhere: cogvideox_5b in the init/mesh test below, cogvideox1_5_5b_i2v in the gradient
+# accumulation test, cogvideox1_5_5b (sft,runlocal) in test_context_parallel's trainer run.
+ELSEWHERE = ("cogvideox_5b", "cogvideox1_5_5b_i2v", "cogvideox1_5_5b")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c not in ELSEWHERE])
 def test_every_config_runs_two_steps(name, tmp_path):
     mode = "pretrain" if name.endswith("i2v") else "sft"
     extra = {"batch_size": 4, "grad_accum_steps": 2} if name == "cogvideox_2b" else {}
     cfg = _config(name, f"{mode},runlocal", total_steps=2, **{"evals.every_steps": 100}, **extra)
     dit.train_and_evaluate(cfg, str(tmp_path))
-    rows = _rows(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2]
-    for key in ("loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec"):
-        assert np.isfinite(rows[-1][key]), key
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    _check_run(tmp_path, 2)
 
 
+@pytest.mark.slow
 def test_init_checkpoint_then_restore_onto_another_mesh_and_eval_mode(tmp_path, capsys):
     cfg = _config("cogvideox_5b")
     model = cj.Transformer(
@@ -225,6 +233,7 @@ def _wait(proc):
     return proc
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     args = [
         "--config.total_steps=150",
@@ -232,17 +241,14 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         "--config.evals.every_steps=50",
         "--config.log.progress=False",
     ]
-    # The uninterrupted run goes on beside the one that is killed (another workdir).
+    # The uninterrupted run goes on beside the one that is killed (another workdir), which
+    # starts once the first has stepped: its programs then come from the compilation cache.
     straight = _run(tmp_path / "straight", *args, wait=False)
     try:
+        _wait_for_rows(straight, tmp_path / "straight" / "metrics.jsonl", 1)
         proc = _run(tmp_path / "killed", *args, wait=False)
         metrics_file = tmp_path / "killed" / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            rows = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-            if len(rows) >= 40:  # at least 3 checkpoints started
-                break
-            time.sleep(0.05)
+        _wait_for_rows(proc, metrics_file, 40)  # at least 3 checkpoints started
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -264,6 +270,15 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     # shows each step's loss once, with metrics.jsonl's values.
     tb = _tensorboard_scalars(tmp_path / "killed" / "tb", "loss")
     assert tb == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in resumed}
+
+
+def _wait_for_rows(proc, metrics_file, n, timeout=240):
+    """Until `metrics_file` has `n` rows (the run compiled and stepped), or `proc` ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
 
 
 def _tensorboard_scalars(folder, tag):
@@ -329,6 +344,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert max(int(s) for s in os.listdir(tmp_path / "checkpoints")) == bad - 1
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_mode_keeps_weights_and_continues(tmp_path):
     import orbax.checkpoint as ocp
 
@@ -351,6 +367,7 @@ def test_nonfinite_loss_skip_mode_keeps_weights_and_continues(tmp_path):
     assert int(state["step"]) == 6
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     # The same global batch in one pass or in micro-batches: same losses, gradients and updates
     # (1.5-I2V: the image condition and the temporal padding are split with the batch too).
@@ -364,6 +381,7 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
             **{"mesh.num_devices": 1, "evals.every_steps": 3, "ckpt.every_steps": 100},
         )
         dit.train_and_evaluate(cfg, str(tmp_path / str(accum)))
+        _check_run(tmp_path / str(accum), 3)
         rows[accum] = _rows(tmp_path / str(accum))
     for one, two in zip(rows[1], rows[2], strict=True):
         for key in ("loss", "grad_norm", "eval_loss"):
@@ -392,16 +410,39 @@ def test_demo_prompt_adherence_scorer():
     assert ids.shape == (2, demo.TEXT_LEN) and ids[0, 4] > 1 and not ids[1].any()
 
 
+def test_demo_run_resolves_and_its_text_encoder_tells_captions_apart():
+    from data import demo as demo_data
+    from train import demo
+
+    c = importlib.import_module("configs.demo").get_config("runlocal")
+    r = resolve(c)
+    assert r.demo and r.data == "demo" and not r.i2v
+    # 9 frames -> 3 latents; 32x32 pixels -> 4x4 latents -> 2x2 tokens of 2x2 patches.
+    assert r.tokens_per_example == 3 * 2 * 2 + c.input.text_len
+    captions = [demo_data.caption(i) for i in range(3)]
+    encoder = demo.text_encoder(c.demo, c.seed + 5)
+    table = demo.embed(encoder, captions + captions[:1], c.input.text_len)
+    assert table.shape == (4, c.input.text_len, c.input.text_dim) and np.isfinite(table).all()
+    np.testing.assert_array_equal(table[3], table[0])  # the same caption, the same conditioning
+    for i in range(3):
+        for j in range(i):
+            assert np.abs(table[i] - table[j]).max() > 1e-3, (captions[i], captions[j])
+
+
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One runlocal demo run (its trained VAE is reused by the loss test)."""
+def demo_run(tmp_path_factory, demo_vae):
+    """One runlocal demo run, from the session's trained demo VAE (conftest.demo_vae)."""
+    import shutil
+
     workdir = tmp_path_factory.mktemp("demo")
+    shutil.copytree(demo_vae, workdir / "demo_vae")
     cfg = importlib.import_module("configs.demo").get_config("runlocal")
     cfg.lock()
     dit.train_and_evaluate(cfg, str(workdir))
     return workdir
 
 
+@pytest.mark.slow
 def test_demo_runlocal_end_to_end(demo_run):
     rows = _rows(demo_run)
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -416,10 +457,11 @@ def test_demo_runlocal_end_to_end(demo_run):
     assert (demo_run / "demo_vae" / "meta.json").is_file()
 
 
-def test_demo_loss_goes_down(demo_run, tmp_path, capsys):
+@pytest.mark.slow
+def test_demo_loss_goes_down(demo_vae, tmp_path, capsys):
     import shutil
 
-    shutil.copytree(demo_run / "demo_vae", tmp_path / "demo_vae")  # skip the VAE stage
+    shutil.copytree(demo_vae, tmp_path / "demo_vae")  # skip the VAE stage
     cfg = importlib.import_module("configs.demo").get_config("runlocal")
     cfg.total_steps = 200
     cfg.evals.every_steps = 10_000

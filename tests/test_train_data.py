@@ -18,9 +18,6 @@ from data import demo as demo_data
 from data import prepared, video
 from train import dit
 
-# Compiling dominates these runs: every program is compiled under conftest.fast_compile.
-pytestmark = pytest.mark.usefixtures("fast_compile")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -79,8 +76,10 @@ def test_prepared_folder_reports_the_bad_entries(raw):
         assert name in stdout
 
 
-def test_demo_trains_on_a_prepared_folder_with_packing(raw, tmp_path):
+@pytest.mark.slow
+def test_demo_trains_on_a_prepared_folder_with_packing(raw, demo_vae, tmp_path):
     out, _ = raw  # (bucketing: the model-config tests below)
+    shutil.copytree(demo_vae, tmp_path / "demo_vae")  # the demo's own clips train it
     cfg = _config(
         "demo",
         "runlocal",
@@ -123,6 +122,7 @@ def latents(folder, model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_model_config_trains_on_precomputed_latents(latents, packing, tmp_path):
     out = latents
@@ -159,6 +159,7 @@ def test_model_config_trains_on_precomputed_latents(latents, packing, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_model_config_encodes_raw_clips_on_the_fly(raw, model, tmp_path):
     overrides = {"input.data_dir": str(raw[0]), "input.encoder_model": str(model)}
     cfg = _config("cogvideox_5b", "sft,runlocal", total_steps=2, **overrides)
@@ -170,6 +171,7 @@ def test_model_config_encodes_raw_clips_on_the_fly(raw, model, tmp_path):
         dit.train_and_evaluate(cfg, str(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_a_latent_dataset_from_another_vae_is_refused(latents, tmp_path):
     out = latents
     meta = json.loads((out / "meta.json").read_text())

@@ -75,7 +75,7 @@ def _pack(cfg, clips, texts, budget, max_clips):
     )
 
 
-@pytest.mark.parametrize("variant", ["5b", "1.5-5b"])
+@pytest.mark.parametrize("variant", [pytest.param("5b", marks=pytest.mark.slow), "1.5-5b"])
 def test_packed_loss_is_the_mean_of_per_clip_losses(variant):
     cfg, model = _perturbed(variant)
     pt = cfg.patch_size_t or 1

@@ -43,6 +43,19 @@ def pair(request, tmp_path_factory):
     return variant, model, folder, cj.load_transformer(folder)
 
 
+def _pairs(*fast):
+    """Run a `pair` test on every variant, the ones not in `fast` only in the whole suite."""
+    return pytest.mark.parametrize(
+        "pair",
+        [
+            v if v in fast else pytest.param(v, marks=pytest.mark.slow)
+            for v in ref.TINY_TRANSFORMERS
+        ],
+        indirect=True,
+    )
+
+
+@pytest.mark.optimized  # compiled as users run (conftest)
 def test_parity_fp32(pair):
     variant, theirs, _, ours = pair
     for f, h, w in SIZES[variant]:
@@ -53,6 +66,7 @@ def test_parity_fp32(pair):
         assert ref.rel_l2(got, want) <= 1e-5, (variant, (f, h, w), ref.rel_l2(got, want))
 
 
+@_pairs("2b")
 def test_gradients_match_diffusers(pair, tmp_path):
     """Every parameter's gradient of <output, w> (fixed random w) against torch autograd's
     through diffusers. Torch's gradients go through the converter: they are saved as the
@@ -89,6 +103,8 @@ def test_gradients_match_diffusers(pair, tmp_path):
         assert ref.rel_l2(a, b) <= 1e-5, (variant, path, ref.rel_l2(a, b))  # 3.0e-6 at most
 
 
+@pytest.mark.optimized  # compiled as users run (conftest)
+@_pairs("2b")
 def test_bf16_close_to_fp32_reference(pair):
     variant, theirs, folder, _ = pair
     ours = cj.load_transformer(folder, dtype=jnp.bfloat16)
@@ -101,6 +117,7 @@ def test_bf16_close_to_fp32_reference(pair):
     assert 1e-4 < err <= 3e-2, err  # really bf16 (not fp32), and within bf16 rounding
 
 
+@_pairs("2b")
 def test_orbax_and_diffusers_folders_give_identical_outputs(pair, tmp_path):
     variant, _, folder, ours = pair
     components.convert("diffusers-to-orbax", folder, tmp_path / "orbax")
@@ -148,6 +165,7 @@ def _perturbed(cfg, **kw):
     return model
 
 
+@pytest.mark.slow  # a block's recompute is in the fast subset (the next test)
 @pytest.mark.parametrize("remat", ["full", "save_dots", "save_attention", "offload_dots"])
 def test_remat_policies_give_same_outputs_and_gradients(remat):
     cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS["5b"] | {"num_layers": 3})

@@ -36,16 +36,12 @@ CONFIGS = {
 }
 
 
-# Compile time dominates these tiny programs; XLA's unoptimised CPU backend halves it.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-@functools.partial(_jit, static_argnames=("graphdef", "frame_batching"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "frame_batching"))
 def _moments(graphdef, state, video, frame_batching=True):
     return nnx.merge(graphdef, state).encode_moments(video, frame_batching=frame_batching)
 
 
-@functools.partial(_jit, static_argnames=("graphdef", "frame_batching"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "frame_batching"))
 def _decode(graphdef, state, z, frame_batching=True):
     return nnx.merge(graphdef, state).decode(z, frame_batching=frame_batching)
 
@@ -95,7 +91,9 @@ def _latents(cfg, num_latents, seed=1, height=HEIGHT // 8, width=WIDTH // 8):
     return rng.normal(size=(2, num_latents, height, width, cfg.latent_channels)).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize(
+    "name", ["tiny", *(pytest.param(n, marks=pytest.mark.slow) for n in CONFIGS if n != "tiny")]
+)
 def test_matches_diffusers(name):
 
     model, vae = _models(name)
@@ -120,6 +118,8 @@ def test_matches_diffusers(name):
         assert _rel(ours, ref) <= 1e-4, num_frames
 
 
+@pytest.mark.slow
+@pytest.mark.optimized  # compiled as users run (conftest)
 def test_whole_clip_matches_diffusers_single_pass():
 
     model, vae = _models("tiny")
@@ -134,6 +134,7 @@ def test_whole_clip_matches_diffusers_single_pass():
     assert _rel(_moments(graphdef, state, video), ref_moments) > 1e-3
 
 
+@pytest.mark.slow
 def test_encode_is_causal():
     vae = _jax_model("tiny")
     graphdef, state = nnx.split(vae)
@@ -148,6 +149,7 @@ def test_encode_is_causal():
         assert np.abs(out[:, 3:] - base[:, 3:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_decode_is_causal():
     vae = _jax_model("tiny")
     graphdef, state = nnx.split(vae)
@@ -160,6 +162,7 @@ def test_decode_is_causal():
     assert np.abs(out[:, 9:] - base[:, 9:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_context_parallel_matches_whole_clip():
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -172,7 +175,7 @@ def test_context_parallel_matches_whole_clip():
         mean, logvar = vae_lib.diagonal_gaussian(
             _moments(graphdef, state, video, frame_batching=False)
         )
-        cp_mean, cp_logvar = _jit(vae_lib.encode_context_parallel, static_argnums=2)(
+        cp_mean, cp_logvar = jax.jit(vae_lib.encode_context_parallel, static_argnums=2)(
             vae, video, mesh
         )
         assert _rel(cp_mean, mean) <= 1e-5 and _rel(cp_logvar, logvar) <= 1e-5, num_frames
@@ -180,7 +183,7 @@ def test_context_parallel_matches_whole_clip():
     for num_latents in (5, 4):
         z = _latents(vae.cfg, num_latents, seed=num_latents)
         ref = _decode(graphdef, state, z, frame_batching=False)
-        out = _jit(vae_lib.decode_context_parallel, static_argnums=2)(vae, z, mesh)
+        out = jax.jit(vae_lib.decode_context_parallel, static_argnums=2)(vae, z, mesh)
         assert out.shape == ref.shape
         assert _rel(out, ref) <= 1e-5, num_latents
 
@@ -204,10 +207,10 @@ def test_tiled_matches_diffusers_tiled():
             ref_video = _from_torch(model.decode(_to_torch(z)).sample)
     finally:
         model.disable_tiling()
-    mean, logvar = _jit(lambda x: vae_tiling.encode_tiled(vae, x, **tiling))(video)
+    mean, logvar = jax.jit(lambda x: vae_tiling.encode_tiled(vae, x, **tiling))(video)
     assert _rel(mean, _from_torch(posterior.mean)) <= 1e-4
     assert _rel(logvar, _from_torch(posterior.logvar)) <= 1e-4
-    out = _jit(lambda z: vae_tiling.decode_tiled(vae, z, **tiling))(z)
+    out = jax.jit(lambda z: vae_tiling.decode_tiled(vae, z, **tiling))(z)
     assert out.shape == ref_video.shape == (2, 9, 48, 64, 3)
     assert _rel(out, ref_video) <= 1e-4
 
@@ -234,6 +237,7 @@ def test_shapes_and_frame_counts():
         jax.eval_shape(vae.encode, jax.ShapeDtypeStruct((1, 8, HEIGHT, WIDTH, 3), jnp.float32))
 
 
+@pytest.mark.slow
 def test_dtypes_and_logical_axes():
     def make():
         return vae_lib.AutoencoderKL(
