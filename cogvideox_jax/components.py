@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -167,28 +168,113 @@ def save_transformer(model, folder: str | os.PathLike, *, overwrite: bool = Fals
     folder = Path(folder)
     tmp = staging(folder, overwrite)
     try:
-        state = weights.flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer))))
-        weights.save_params(
-            tmp / PARAMS_DIR,
-            ((k, np.asarray(v)) for k, v in state.items()),
-            group_bytes=STREAM_GROUP_BYTES,
-        )
-        (tmp / "config.json").write_text(json.dumps(model.cfg.to_diffusers(), indent=2) + "\n")
-        (tmp / MARKER).write_text(json.dumps({"format": 1, "component": "transformer"}) + "\n")
+        _write_orbax_transformer(model, tmp)
         commit(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _write_orbax_transformer(model, folder: Path) -> None:
+    state = weights.flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer))))
+    weights.save_params(
+        folder / PARAMS_DIR,
+        ((k, np.asarray(v)) for k, v in state.items()),
+        group_bytes=STREAM_GROUP_BYTES,
+    )
+    (folder / "config.json").write_text(json.dumps(model.cfg.to_diffusers(), indent=2) + "\n")
+    (folder / MARKER).write_text(json.dumps({"format": 1, "component": "transformer"}) + "\n")
+
+
+FORMATS = ("diffusers", "orbax")
+
+
+def write_model(
+    model, dst: str | os.PathLike, fmt: str, *, base: str | os.PathLike = "", overwrite=False
+) -> list[str]:
+    """Write a `transformer.Transformer` in `fmt` ("diffusers": safetensors that diffusers'
+    `from_pretrained` loads; "orbax"): as a transformer component folder, or with `base` (a whole
+    model folder, diffusers or Orbax) as a whole model folder holding base's other components in
+    `fmt` (converted where needed, the rest copied) and this transformer. Returns a report; dst
+    appears only once complete."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (one of {FORMATS})")
+    dst = Path(dst)
+    if base and not (Path(base) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--base {base}: not a whole model folder (no model_index.json)")
+    tmp = staging(dst, overwrite)
+    try:
+        report, target = [], tmp
+        if base:
+            report = _copy_components(Path(base), tmp, fmt, skip="transformer")
+            target = tmp / "transformer"
+            target.mkdir()
+        if fmt == "orbax":
+            _write_orbax_transformer(model, target)
+        else:
+            orbax = Path(str(tmp) + ".orbax")
+            orbax.mkdir()
+            try:
+                _write_orbax_transformer(model, orbax)
+                component_to_diffusers(orbax, target, component_spec(read_config(orbax)))
+            finally:
+                shutil.rmtree(orbax, ignore_errors=True)
+        report.append(f"wrote the transformer ({fmt})")
+        commit(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _copy_components(base: Path, out: Path, fmt: str, *, skip: str) -> list[str]:
+    """base's entries but `skip` into `out`, supported components in `fmt`."""
+    report = []
+    for entry in sorted(base.iterdir()):
+        target = out / entry.name
+        if entry.name == skip:
+            continue
+        if not entry.is_dir():
+            shutil.copy2(entry, target)
+            continue
+        convertible = _convertible("diffusers-to-orbax", entry) or is_orbax_component(entry)
+        if convertible and is_orbax_component(entry) != (fmt == "orbax"):
+            target.mkdir()
+            direction = "diffusers-to-orbax" if fmt == "orbax" else "orbax-to-diffusers"
+            convert_component(direction, entry, target)
+            report.append(f"converted {entry.name}/ from {base}")
+        else:
+            shutil.copytree(entry, target)
+            report.append(f"copied {entry.name}/ from {base}")
+    return report
+
+
 def _load_module(folder: Path, build):
     """Build a module abstractly and fill it leaf by leaf from a component folder."""
     config, stored, leaves = read_component(folder)
-    model = nnx.eval_shape(lambda: build(config, stored))
+    return fill(nnx.eval_shape(lambda: build(config, stored)), leaves, where=str(folder))
+
+
+def fill(model, leaves: Iterable[tuple[str, Any]], *, where: str = "weights"):
+    """Set every parameter and buffer of `model` (built abstractly, `nnx.eval_shape`) from
+    ('/'-path, array) pairs in our layout, cast to the model's dtypes, one leaf at a time to
+    device arrays (host memory never holds a second copy of the model). A missing, unexpected
+    or misshapen leaf is an error naming it and `where`."""
     state = nnx.state(model, (nnx.Param, Buffer))
-    dtypes = {k: v.dtype for k, v in weights.flatten(nnx.to_pure_dict(state)).items()}
-    # One leaf at a time to device arrays: host memory never holds a second copy of the model.
-    params = {k: jax.numpy.asarray(v, dtypes[k]) for k, v in leaves}
+    want = {k: v for k, v in weights.flatten(nnx.to_pure_dict(state)).items()}
+    params = {}
+    for k, v in leaves:
+        if k not in want:
+            raise ValueError(f"{where}: unexpected tensor {k!r} for this model")
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise ValueError(
+                f"{where}: tensor {k!r} has shape {tuple(v.shape)}, model expects "
+                f"{tuple(want[k].shape)}"
+            )
+        params[k] = jax.numpy.asarray(v, want[k].dtype)
+    missing = sorted(set(want) - set(params))
+    if missing:
+        raise ValueError(f"{where}: missing tensor {missing[0]!r} ({len(missing)} missing)")
     nnx.replace_by_pure_dict(state, _int_keys(weights.nest(params)))
     nnx.update(model, state)
     return model

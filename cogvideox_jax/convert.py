@@ -56,6 +56,12 @@ class ConversionError(ValueError):
     """A checkpoint does not match the model: lists every offending tensor name."""
 
 
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (a multi-line message's lines joined by "; ")."""
+    lines = [line.strip() for line in (str(e) or type(e).__name__).splitlines() if line.strip()]
+    return "; ".join(lines)
+
+
 def _linear(theirs: str, ours: str) -> list[Rule]:
     """torch Linear (out, in) weight and bias <-> our (in, out) kernel and bias."""
     return [
@@ -425,7 +431,7 @@ def staging(dst: Path, overwrite: bool) -> Path:
     """A new empty folder beside `dst` to write its content into, then `commit` it; raises
     FileExistsError if dst exists and not `overwrite`."""
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists (pass overwrite to replace it)")
+        raise FileExistsError(f"{dst} exists (pass --overwrite, or overwrite=True, to replace it)")
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -52,10 +52,11 @@ class Pipeline:
         self.alphas_cumprod = diffusion.alphas_cumprod(schedule)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None) -> Pipeline:
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, transformer=None) -> Pipeline:
         """A diffusers-layout model folder (model_index.json with transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its Orbax conversion. `dtype` applies to the
-        transformer and text encoder (None: as stored); the VAE runs in float32."""
+        transformer and text encoder (None: as stored); the VAE runs in float32. `transformer`:
+        one to use instead of the folder's (a training run's, `train.export`)."""
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: no model_index.json (not a model folder)")
@@ -69,7 +70,7 @@ class Pipeline:
         if (path / "tokenizer").is_dir():
             tokenizer = t5.load_tokenizer(path / "tokenizer")
         return cls(
-            components.load_transformer(path, dtype=dtype),
+            transformer or components.load_transformer(path, dtype=dtype),
             components.load_vae(path),
             schedule,
             text_encoder=text_encoder,

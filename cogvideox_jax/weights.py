@@ -8,6 +8,7 @@ group by leaf group with Orbax's partial saving and read back with partial loadi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -17,7 +18,8 @@ from pathlib import Path
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError
+from safetensors import safe_open as _safe_open
 
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -61,6 +63,16 @@ def safetensors_files(folder: Path) -> tuple[list[Path], dict | None]:
     if len(files) > 1:
         raise ValueError(f"{folder}: several *.safetensors files but no *{INDEX_SUFFIX}")
     return files, None
+
+
+@contextlib.contextmanager
+def safe_open(path, framework: str):
+    """safetensors' `safe_open`, its errors (a truncated or corrupt file) naming the file."""
+    try:
+        with _safe_open(path, framework=framework) as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class SafetensorsReader:
