@@ -86,12 +86,14 @@ def abstract(tree, shardings):
     )
 
 
-def step_folder(path: str) -> str:
-    """A step folder of a run: `path` itself (holding `state/`), or the latest step of a
-    checkpoints folder or of a workdir (holding `checkpoints/`)."""
+def step_folder(path: str, step: int | None = None) -> str:
+    """A step folder of a run: `path` itself (holding `state/`), or step `step` (default: the
+    latest) of a checkpoints folder or of a workdir (holding `checkpoints/`)."""
     import os
 
     if os.path.isdir(os.path.join(path, "state")):
+        if step is not None and os.path.basename(os.path.normpath(path)) != str(step):
+            raise ValueError(f"{path} is the step folder {os.path.basename(path)}, not step {step}")
         return path
     folder = (
         os.path.join(path, "checkpoints")
@@ -103,29 +105,57 @@ def step_folder(path: str) -> str:
         raise FileNotFoundError(
             f"{path}: no training checkpoint (a workdir, its checkpoints/ or a step folder)"
         )
-    return os.path.join(folder, str(max(steps)))
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{path}: no checkpoint of step {step} (it has {sorted(steps)})")
+    return os.path.join(folder, str(max(steps) if step is None else step))
 
 
-def read_lora(path: str, *, ema: bool = False):
-    """(meta, {'/'-path: host array}) of a LoRA run's checkpoint: the adapters (or their EMA),
-    read to host memory without the mesh they were trained on."""
+def read_meta(step: str) -> dict:
+    """The `meta` JSON of a step folder: what the run was (`Program.checkpoint_meta`)."""
     import json
+    import os
+
+    meta_file = os.path.join(step, "meta", "metadata")
+    if not os.path.isfile(meta_file):
+        raise ValueError(
+            f"{step}: the checkpoint does not record its model (no meta/): it was written before "
+            "runs recorded it; resume the run for one step to write a checkpoint that does"
+        )
+    with open(meta_file) as f:
+        return json.load(f)
+
+
+def read_weights(step: str, *, ema: bool = False) -> dict:
+    """{'/'-path: host array} of a step folder's trained weights: the parameters (or their EMA
+    with `ema`) and, in a full run, the buffers; read to host memory without the mesh they were
+    trained on, and without the optimiser state."""
     import os
 
     import numpy as np
 
     from cogvideox_jax import weights
 
-    step = step_folder(path)
-    meta_file = os.path.join(step, "meta", "metadata")
-    if not os.path.isfile(meta_file):
-        raise ValueError(f"{step}: not a LoRA run's checkpoint (no meta/, written by lora runs)")
-    meta = json.loads(open(meta_file).read())
     ckptr = ocp.PyTreeCheckpointer()
-    tree = ckptr.metadata(os.path.join(step, "state")).item_metadata.tree
+    path = os.path.join(step, "state")
+    tree = ckptr.metadata(path).item_metadata.tree
     key = "ema" if ema else "params"
     if not tree.get(key):
         raise ValueError(f"{step}: the checkpoint holds no {key!r} (EMA is off in this run)")
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    state = ckptr.restore(os.path.join(step, "state"), restore_args=args)
-    return meta, weights.flatten(state[key])
+    keys = [k for k in (key, "buffers") if tree.get(k)]
+    item = {k: tree[k] for k in keys}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    state = ckptr.restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
+    return {k: v for part in keys for k, v in weights.flatten(state[part]).items()}
+
+
+def read_lora(path: str, *, ema: bool = False, step: int | None = None):
+    """(meta, {'/'-path: host array}) of a LoRA run's checkpoint: the adapters (or their EMA),
+    read to host memory without the mesh they were trained on."""
+    folder = step_folder(path, step)
+    meta = read_meta(folder)
+    if "lora" not in meta:
+        raise ValueError(f"{folder}: not a LoRA run's checkpoint (its meta names no adapters)")
+    return meta, read_weights(folder, ema=ema)

@@ -24,7 +24,7 @@ import jax
 from data import pipeline
 from train import checkpoint, evaluate, inputs, metrics
 from train.objective import Packed
-from train.program import Program, make_program
+from train.program import Program, make_program, model_folder
 from train.run import Lora, Run, resolve
 
 
@@ -73,10 +73,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
     _note(f"train state: {origin}")
     try:
-        return _loop(prog, state, data_iter, frozen, mngr, held_out, demo, workdir)
+        last = _loop(prog, state, data_iter, frozen, mngr, held_out, demo, workdir)
     finally:
         mngr.wait_until_finished()
         mngr.close()
+    if jax.process_index() == 0:
+        steps = sorted(mngr.all_steps())
+        model = model_folder(config)
+        print(metrics.summary(workdir, checkpoints=steps, demo=run.demo, model=model), flush=True)
+    return last
 
 
 def _loop(prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir) -> dict:

@@ -97,3 +97,49 @@ def _truncate_after(path: str, step: int) -> None:
 def _plain(v):
     v = np.asarray(v)
     return float(v) if v.dtype.kind == "f" else int(v) if v.dtype.kind in "iu" else v.tolist()
+
+
+def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> str:
+    """The end-of-run report from WORKDIR/metrics.jsonl: final and best held-out loss, the demo's
+        prompt adherence, throughput, where the outputs are and the commands that use them (`model`:
+    the model folder the run recorded, "" if none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+    if not rows:
+        return f"run in {workdir}: nothing logged"
+    lines = [f"run finished at step {rows[-1]['step']} ({workdir})"]
+
+    def track(key: str, best=min) -> None:
+        scored = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float)]
+        if scored:
+            top = best(scored, key=lambda s: s[1])
+            lines.append(
+                f"  {key}: final {scored[-1][1]:.4g} (step {scored[-1][0]}), "
+                f"best {top[1]:.4g} (step {top[0]})"
+            )
+
+    track("eval_loss")
+    track("prompt_adherence", best=max)
+    speeds = [r["tokens_per_sec"] for r in rows if isinstance(r.get("tokens_per_sec"), float)]
+    if speeds:
+        lines.append(f"  throughput: {np.median(speeds):,.0f} tokens/s (median of the logs)")
+    lines.append(f"  checkpoints: {os.path.join(workdir, 'checkpoints')} (steps {checkpoints})")
+    samples = os.path.join(workdir, "samples")
+    if os.path.isdir(samples):
+        lines.append(
+            f"  samples: {samples} (step_N_i.mp4; captions and scores in step_N.json; "
+            "a contact sheet per eval, step_N.png)"
+        )
+    lines.append(f"  metrics: {path}")
+    lines.append(f"  TensorBoard: pip install tensorboard; tensorboard --logdir {workdir}/tb")
+    if not demo:
+        base = "" if model else " --base MODEL"
+        lines.append(
+            f'  sample from it: python -m tools.sample --model {workdir}{base} --prompt "..." '
+            "--out video.mp4"
+        )
+        lines.append(
+            f"  export it: python -m tools.convert run-to-diffusers {workdir} OUT [--ema] "
+            "[--base MODEL]"
+        )
+    return "\n".join(lines)

@@ -120,16 +120,21 @@ class Program:
             base = jax.device_put(rest, self.base_sh)
         return steps.Frozen(vae=vae, base=base)
 
-    def checkpoint_meta(self) -> dict | None:
-        """Saved with every checkpoint of a LoRA run: what `tools.convert lora-to-diffusers`
-        needs to export it on its own."""
-        if not isinstance(self.run.training, Lora):
-            return None
-        return {
-            "lora": self.run.training.cfg.to_json(),
-            "transformer": self.run.model.to_diffusers(),
-            "base": os.path.abspath(self.run.training.base),
+    def checkpoint_meta(self) -> dict:
+        """Saved with every checkpoint: what the run trained, so that a checkpoint exports and
+        samples on its own (`tools.convert run-to-diffusers`, `tools.sample --model RUN`)."""
+        run, c = self.run, self.run.config
+        meta = {
+            "transformer": run.model.to_diffusers(),
+            "training": "lora" if isinstance(run.training, Lora) else "full",
+            "init": _abspath(run.training.init),
+            "model": model_folder(c),
+            "demo": run.demo,
+            "i2v": run.i2v,
         }
+        if isinstance(run.training, Lora):
+            meta |= {"lora": run.training.cfg.to_json(), "base": _abspath(run.training.base)}
+        return meta
 
     # ---- Jitted steps ----
 
@@ -251,6 +256,21 @@ def _with(x, s):
 
 def _vae(run: Run) -> cj.AutoencoderKL:
     return cj.AutoencoderKL(vae_lib.vae_config(run.config.vae.variant), rngs=nnx.Rngs(0))
+
+
+def _abspath(path: str) -> str:
+    return os.path.abspath(path) if path else ""
+
+
+def model_folder(c) -> str:
+    """The whole model folder (model_index.json: VAE, text encoder, tokenizer, scheduler) a run
+    samples with, "" if none: input.encoder_model's, or the one init.checkpoint or vae.checkpoint
+    is (or is a component of)."""
+    for path in (c.input.encoder_model, c.init.checkpoint, c.vae.checkpoint):
+        for folder in (path, os.path.dirname(os.path.normpath(path))) if path else ():
+            if os.path.isfile(os.path.join(folder, "model_index.json")):
+                return os.path.abspath(folder)
+    return ""
 
 
 def frozen_vae(run: Run):

@@ -1,0 +1,106 @@
+"""A training run as a model: the transformer of one of its checkpoints (a full run's parameters
+or their EMA; a LoRA run's adapters merged into its base) and the whole model folder it samples
+with. What `tools.convert run-to-diffusers / run-to-orbax` and `tools.sample --model RUN` use.
+
+Every checkpoint records what its run trained (`Program.checkpoint_meta`: the transformer's
+config, full or LoRA, init.checkpoint, the model folder of its VAE and text encoder), so a
+checkpoint exports without the config it was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+import cogvideox_jax as cj
+from cogvideox_jax import components, lora
+from train import checkpoint
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training run: a workdir (checkpoints/), its checkpoints/ folder or
+    one step folder (state/)."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir() or (p / "state").is_dir():
+        return True
+    return p.is_dir() and any(d.name.isdigit() and (d / "state").is_dir() for d in p.iterdir())
+
+
+def transformer(run: str, *, step: int | None = None, ema: bool = False, dtype=None):
+    """(the run's transformer, its checkpoint's meta, the step folder it came from). `dtype`:
+    the weights' dtype (None: as trained)."""
+    folder = checkpoint.step_folder(str(run), step)
+    meta = checkpoint.read_meta(folder)
+    cfg = cj.TransformerConfig.from_diffusers(meta["transformer"])
+    tree = checkpoint.read_weights(folder, ema=ema)
+    if "lora" in meta:
+        if not meta.get("base"):
+            raise ValueError(f"{folder}: a LoRA run without a base model (init.checkpoint)")
+        model = components.load_transformer(meta["base"], dtype=dtype)
+        if model.cfg != cfg:
+            raise ValueError(f"{meta['base']}: not the transformer the run adapted ({cfg})")
+        lora.fuse(model, lora.LoraConfig.from_json(meta["lora"]), tree)
+        return model, meta, folder
+    if dtype is None:
+        dtype = next(iter(tree.values())).dtype
+    dt = np.dtype(dtype)
+    model = nnx.eval_shape(lambda: cj.Transformer(cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)))
+    return components.fill(model, tree.items(), where=folder), meta, folder
+
+
+def base_model(meta: dict, folder: str, base: str = "") -> str:
+    """The whole model folder whose VAE, text encoder, tokenizer and scheduler go with the run's
+    transformer: `base` if given, else the one the run recorded."""
+    base = base or meta.get("model", "")
+    if not base:
+        raise ValueError(
+            f"{folder}: the run records no model folder (VAE, text encoder, tokenizer, "
+            "scheduler) to go with its transformer: pass --base MODEL"
+        )
+    if not (Path(base) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{base}: not a whole model folder (no model_index.json)")
+    return base
+
+
+def write(
+    run: str,
+    dst: str,
+    fmt: str,
+    *,
+    step: int | None = None,
+    ema: bool = False,
+    base: str = "",
+    overwrite: bool = False,
+) -> list[str]:
+    """Write a run's transformer as a `fmt` component folder, or with `base` a whole model
+    folder (`components.write_model`); returns the report."""
+    model, meta, folder = transformer(run, step=step, ema=ema)
+    _refuse_demo(meta, folder, "export")
+    if base:
+        base = base_model(meta, folder, base)
+    what = "EMA weights" if ema else "weights"
+    kind = "LoRA merged into its base" if "lora" in meta else "full run"
+    report = [f"read the {what} of {folder} ({kind})"]
+    return report + components.write_model(model, dst, fmt, base=base, overwrite=overwrite)
+
+
+def pipeline(run: str, *, step=None, ema=False, base: str = "", dtype=None):
+    """(a `Pipeline` with the run's transformer and the rest of its model folder, the step
+    folder)."""
+    from cogvideox_jax.pipeline import Pipeline
+
+    model, meta, folder = transformer(run, step=step, ema=ema, dtype=dtype)
+    _refuse_demo(meta, folder, "sample")
+    parts = Pipeline.from_pretrained(base_model(meta, folder, base), dtype=dtype, transformer=model)
+    return parts, folder
+
+
+def _refuse_demo(meta: dict, folder: str, what: str) -> None:
+    if meta.get("demo"):
+        raise ValueError(
+            f"{folder}: a demo run (configs/demo.py) has no model folder to {what} with (its VAE "
+            "and text encoder are its own); its samples are in the run's samples/ folder"
+        )
