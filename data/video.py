@@ -36,6 +36,35 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, crf: int
     os.replace(tmp, path)
 
 
+def write_contact_sheet(
+    path: str | os.PathLike, videos: np.ndarray, captions: Sequence[str], *, scale: int = 4
+) -> None:
+    """Write a PNG with one row per video, (B, F, H, W, 3) uint8 or float in [0, 1]: its frames
+    side by side, enlarged `scale` times (nearest pixel), its caption under the row. The file
+    appears only once complete."""
+    from PIL import Image, ImageDraw
+
+    videos = np.asarray(videos)
+    if videos.ndim != 5 or videos.shape[-1] != 3 or len(captions) != len(videos):
+        raise ValueError(f"videos must be (B, F, H, W, 3) with B captions, got {videos.shape}")
+    if videos.dtype != np.uint8:
+        videos = (np.clip(videos, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    b, f, h, w, _ = videos.shape
+    h, w, gap, text = h * scale, w * scale, 2, 14  # pixels
+    sheet = Image.new("RGB", (f * (w + gap) + gap, b * (h + text + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (clip, caption) in enumerate(zip(videos, captions, strict=True)):
+        top = gap + i * (h + text + gap)
+        for j, frame in enumerate(clip):
+            tile = Image.fromarray(frame).resize((w, h), Image.NEAREST)
+            sheet.paste(tile, (gap + j * (w + gap), top))
+        draw.text((gap, top + h + 1), caption, fill="black")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def read_mp4(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """(F, H, W, 3) uint8 frames and the frame rate of a video file."""
     import av

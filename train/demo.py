@@ -192,11 +192,6 @@ def _encode(vae, x):
 
 
 @nnx.jit
-def _encode_posterior(vae, x):
-    return vae.encode(x)
-
-
-@nnx.jit
 def _reconstruct(vae, x):
     return vae.decode(vae.encode(x)[0])
 
@@ -276,13 +271,28 @@ class Demo:
         {latent_mean, latent_logvar (scaled: the demo's diffusion scale is 1), text}, by the
         demo's VAE and text encoder (input.data_dir with a dataset of raw clips)."""
         x = record["frames"].astype(np.float32)[None] / 127.5 - 1.0
-        mean, logvar = _encode_posterior(self.vae, jnp.asarray(x))
+        mean, logvar = self._posterior(x)
         sf = self.vae.cfg.scaling_factor
         return {
             "latent_mean": np.asarray(mean[0]) * sf,
             "latent_logvar": np.asarray(logvar[0]) + 2.0 * np.log(sf),  # of the scaled latent
-            "text": embed(self.encoder, [record["caption"]], self.c.input.text_len)[0],
+            "text": self._caption(record["caption"]),
         }
+
+    @functools.cached_property
+    def _posterior(self):
+        """jax.jit of the VAE's encode on its split state: called once per clip, where
+        nnx.jit's per-call graph traversal would double the cost."""
+        graphdef, state = nnx.split(self.vae)
+        encode = jax.jit(lambda state, x: nnx.merge(graphdef, state).encode(x))
+        return functools.partial(encode, state)
+
+    def _caption(self, caption: str) -> np.ndarray:
+        """(text_len, text_dim) embedding of a caption, computed once per distinct caption."""
+        cache = self.__dict__.setdefault("_captions", {})
+        if caption not in cache:
+            cache[caption] = embed(self.encoder, [caption], self.c.input.text_len)[0]
+        return cache[caption]
 
     def write_reconstructions(self) -> None:
         """WORKDIR/samples/vae_reconstruction.mp4: clips (top) over their reconstructions."""
@@ -319,11 +329,28 @@ class Demo:
             scheduler="ddim",
             seed=self.c.seed + step,
         )  # (B, F, H, W, 3) in [0, 1]
-        scores = []
+        scores = [
+            demo_data.prompt_adherence(f, cap, value_range=(0.0, 1.0))
+            for f, cap in zip(frames, caps, strict=True)
+        ]
+        if jax.process_index() == 0:
+            self._write_samples(step, frames, caps, scores)
+        return {"prompt_adherence": float(np.mean(scores))}
+
+    def _write_samples(self, step: int, frames, caps, scores) -> None:
+        """samples/step_N_i.mp4, their captions and scores in samples/step_N.json, and one
+        contact sheet samples/step_N.png (a row of frames per sample, its caption under it)."""
         out = os.path.join(self.workdir, "samples")
         os.makedirs(out, exist_ok=True)
-        for i, (f, cap) in enumerate(zip(frames, caps, strict=True)):
-            scores.append(demo_data.prompt_adherence(f, cap, value_range=(0.0, 1.0)))
-            if jax.process_index() == 0:
-                video.write_mp4(os.path.join(out, f"step_{step}_{i}.mp4"), f, 8)
-        return {"prompt_adherence": float(np.mean(scores))}
+        listing = []
+        for i, (f, cap, score) in enumerate(zip(frames, caps, scores, strict=True)):
+            name = f"step_{step}_{i}.mp4"
+            video.write_mp4(os.path.join(out, name), f, 8)
+            listing.append({"file": name, "caption": cap, "prompt_adherence": float(score)})
+        with open(os.path.join(out, f"step_{step}.json.tmp"), "w") as fh:
+            json.dump(listing, fh, indent=1)
+        os.replace(
+            os.path.join(out, f"step_{step}.json.tmp"), os.path.join(out, f"step_{step}.json")
+        )
+        labels = [f"{cap} ({score:.2f})" for cap, score in zip(caps, scores, strict=True)]
+        video.write_contact_sheet(os.path.join(out, f"step_{step}.png"), frames, labels)
