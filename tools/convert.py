@@ -6,6 +6,8 @@ import the original SAT checkpoints, and move LoRA adapters to and from diffuser
   python -m tools.convert sat-to-orbax SRC DST [--variant 5b | --config config.json]
   python -m tools.convert lora-to-diffusers CKPT OUT [--ema] [--merge [--base MODEL]]
   python -m tools.convert diffusers-lora-to-orbax LORA OUT --base MODEL
+  python -m tools.convert run-to-diffusers RUN OUT [--step N] [--ema] [--base MODEL]
+  python -m tools.convert run-to-orbax RUN OUT [--step N] [--ema] [--base MODEL]
 
 SRC is one component folder (config.json + *.safetensors [+ index]) or a whole diffusers model
 folder (model_index.json + component folders: supported components are converted, the rest
@@ -18,7 +20,17 @@ diffusers-to-orbax writes for the diffusers conversion of it. The diffusers conf
 the transformer's shapes match. RoPE caches, SAT's unused embedding tables, the VAE's training
 loss and the frozen T5/VAE of whole-engine checkpoints are dropped and listed.
 
+run-to-diffusers / run-to-orbax: RUN is a training run (its workdir, checkpoints/ folder or one
+step folder), full or LoRA; its latest checkpoint unless --step N. OUT becomes the trained
+transformer (the parameters, or their EMA with --ema; a LoRA run's adapters merged into its base)
+as a component folder, or with --base MODEL a whole model folder: MODEL's VAE, text encoder,
+tokenizer and scheduler (converted to OUT's format where needed) with the trained transformer.
+Diffusers' `from_pretrained` loads the run-to-diffusers result.
+
 The LoRA commands: `python -m tools.convert lora-to-diffusers --help` (tools/convert_lora.py).
+
+Errors in the input (a missing or damaged file, a mismatched checkpoint, an existing OUT) are one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -26,21 +38,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cogvideox_jax import components, convert, sat
+from cogvideox_jax import components, convert, runtime, sat
 from cogvideox_jax.transformer import VARIANTS
 from tools import convert_lora
 
-ERRORS = (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError)
+ERRORS = (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError, OSError)
+RUN_COMMANDS = {"run-to-diffusers": "diffusers", "run-to-orbax": "orbax"}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    runtime.cpu_only_without_accelerators()
     if argv and argv[0] in convert_lora.COMMANDS:
         try:
             report = convert_lora.main(argv)
         except ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            return _error(e)
         print("\n".join([*report, f"wrote {argv[2]}"]))
         return 0
     parser = argparse.ArgumentParser(
@@ -55,6 +68,7 @@ def main(argv=None) -> int:
             "orbax-to-diffusers",
             "sat-to-orbax",
             *convert_lora.COMMANDS,
+            *RUN_COMMANDS,
         ],
     )
     parser.add_argument("src")
@@ -63,11 +77,29 @@ def main(argv=None) -> int:
     sat_args = parser.add_argument_group("sat-to-orbax").add_mutually_exclusive_group()
     sat_args.add_argument("--variant", choices=list(VARIANTS), help="the released model")
     sat_args.add_argument("--config", help="the diffusers config.json of the component")
+    run_args = parser.add_argument_group("run-to-diffusers, run-to-orbax")
+    run_args.add_argument("--step", type=int, default=None, help="the checkpoint (default: latest)")
+    run_args.add_argument("--ema", action="store_true", help="the EMA of the weights")
+    run_args.add_argument("--base", default="", help="a whole model folder for the rest")
     args = parser.parse_args(argv)
     if args.direction != "sat-to-orbax" and (args.variant or args.config):
         parser.error("--variant and --config are for sat-to-orbax")
+    if args.direction not in RUN_COMMANDS and (args.step is not None or args.ema or args.base):
+        parser.error("--step, --ema and --base are for run-to-diffusers and run-to-orbax")
     try:
-        if args.direction == "sat-to-orbax":
+        if args.direction in RUN_COMMANDS:
+            from train import export
+
+            report = export.write(
+                args.src,
+                args.dst,
+                RUN_COMMANDS[args.direction],
+                step=args.step,
+                ema=args.ema,
+                base=args.base,
+                overwrite=args.overwrite,
+            )
+        elif args.direction == "sat-to-orbax":
             report = sat.sat_to_orbax(
                 args.src,
                 args.dst,
@@ -80,12 +112,17 @@ def main(argv=None) -> int:
                 args.direction, args.src, args.dst, overwrite=args.overwrite
             )
     except ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _error(e)
     for line in report:
         print(line)
     print(f"wrote {args.dst}")
     return 0
+
+
+def _error(e: Exception) -> int:
+    """A user's mistake: one line (the file and the rule) and exit code 2."""
+    print(f"error: {convert.one_line(e)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cogvideox_jax import runtime
+from cogvideox_jax.convert import one_line
 from data import prepared
 from data.sources import Entry, Skipped, list_dataset
 from data.video import BadClip, load_clip
@@ -141,10 +143,10 @@ def check_settings(out: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
-            lines = "\n".join(f"  {k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise SystemExit(
-                f"error: {out} was prepared with other settings; use a new OUT or the same "
-                f"arguments:\n{lines}"
+            lines = "; ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{out} was prepared with other settings; use a new OUT or the same "
+                f"arguments ({lines})"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +266,7 @@ def run(args) -> int:
     entries, source_skipped = list_dataset(args.src)
     model = Path(args.model) if args.model else None
     if model is not None and not model.is_dir():
-        raise SystemExit(f"error: --model {model}: not a folder")
+        raise FileNotFoundError(f"--model {model}: not a folder")
     text_len = text_length(model) if model else None
     settings = settings_of(args, listing_digest(entries, source_skipped), text_len)
     check_settings(out, settings)
@@ -310,14 +312,15 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    runtime.cpu_only_without_accelerators()
     try:
         return run(args)
     except BadEntry as e:
-        print(f"error: {e} (--on_bad error)", file=sys.stderr)
-        return 1
+        print(f"error: {one_line(e)} (--on_bad error)", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@ r"""Sample a video from a CogVideoX model folder (diffusers layout, or its Orbax
   python -m tools.sample --model DIR --prompt "a red ball rolls left" --out video.mp4
   python -m tools.sample --model DIR --prompt "..." --image first.png --out video.mp4   # I2V
   python -m tools.sample --model DIR --lora RUN_OR_LORA --lora-scale 1.0 --prompt "..." --out v.mp4
+  python -m tools.sample --model RUN [--step N] [--ema] [--base DIR] --prompt "..." --out v.mp4
+
+--model also takes a training run (its workdir, checkpoints/ folder or a step folder; full or
+LoRA): its transformer (latest checkpoint unless --step; the EMA weights with --ema) with the VAE,
+text encoder, tokenizer and scheduler of the model folder the run recorded (input.encoder_model,
+or the one init.checkpoint belongs to), or of --base DIR.
 
 --lora takes a LoRA run (workdir or step folder; its latest adapters), a LoRA folder or a
 diffusers LoRA (`pytorch_lora_weights.safetensors` or its folder); the adapters are merged into
@@ -19,6 +25,7 @@ import time
 
 import jax.numpy as jnp
 
+from cogvideox_jax import runtime
 from data.video import write_mp4
 
 
@@ -28,7 +35,12 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model folder (model_index.json)")
+    parser.add_argument("--model", required=True, help="model folder or training run")
+    parser.add_argument(
+        "--step", type=int, default=None, help="a run's checkpoint (default: latest)"
+    )
+    parser.add_argument("--ema", action="store_true", help="a run's EMA weights")
+    parser.add_argument("--base", default="", help="model folder for a run's other components")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video models")
@@ -50,22 +62,14 @@ def main(argv=None) -> int:
     parser.add_argument("--lora", default=None, help="LoRA adapters to merge (see above)")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     args = parser.parse_args(argv)
+    runtime.cpu_only_without_accelerators()
+    try:
+        pipe, image = _load(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        from cogvideox_jax.convert import one_line
 
-    from PIL import Image
-
-    from cogvideox_jax.pipeline import Pipeline
-
-    t0 = time.time()
-    pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype and jnp.dtype(args.dtype))
-    print(f"loaded {args.model} in {time.time() - t0:.1f}s")
-    if args.lora:
-        from cogvideox_jax import lora
-        from tools import convert_lora
-
-        cfg, tree = convert_lora.read_any(args.lora, pipe.transformer.cfg)
-        lora.fuse(pipe.transformer, cfg, tree, scale=args.lora_scale)
-        print(f"merged the rank-{cfg.rank} LoRA {args.lora} at scale {args.lora_scale:g}")
-    image = Image.open(args.image) if args.image else None
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     video = pipe(
         args.prompt,
         args.negative_prompt,
@@ -86,6 +90,41 @@ def main(argv=None) -> int:
         f"at {pipe.fps} fps"
     )
     return 0
+
+
+def _load(args):
+    """(the pipeline, the first-frame image or None) of the arguments; input errors raise."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from cogvideox_jax.pipeline import Pipeline
+    from train import export
+
+    dtype = args.dtype and jnp.dtype(args.dtype)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such folder")
+    run = export.is_run(args.model)
+    if not run and (args.step is not None or args.ema or args.base):
+        raise ValueError(f"--step, --ema and --base are for training runs; {args.model} is not one")
+    image = Image.open(args.image) if args.image else None
+    t0 = time.time()
+    if run:
+        pipe, folder = export.pipeline(
+            args.model, step=args.step, ema=args.ema, base=args.base, dtype=dtype
+        )
+        print(f"loaded the run's {'EMA ' if args.ema else ''}weights of {folder}")
+    else:
+        pipe = Pipeline.from_pretrained(args.model, dtype=dtype)
+    print(f"loaded {args.model} in {time.time() - t0:.1f}s")
+    if args.lora:
+        from cogvideox_jax import lora
+        from tools import convert_lora
+
+        cfg, tree = convert_lora.read_any(args.lora, pipe.transformer.cfg)
+        lora.fuse(pipe.transformer, cfg, tree, scale=args.lora_scale)
+        print(f"merged the rank-{cfg.rank} LoRA {args.lora} at scale {args.lora_scale:g}")
+    return pipe, image
 
 
 if __name__ == "__main__":

@@ -1,29 +1,126 @@
-"""python -m train --config configs/<name>.py[:args] --workdir DIR [--config.key=value ...]"""
+"""python -m train --config configs/<name>.py[:args] --workdir DIR [--config.key=value ...]
 
-import jax
+`python -m train --help` lists the configs and their arguments. A mistake in the command line or
+the config (an unknown key, a bad value, a missing file, a workdir that cannot be written, a
+setting the run cannot take) is one line on stderr and exit code 2, before any work starts.
+"""
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from train import distributed
-
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints and logs go here.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NOT_CONFIGS = {"__init__.py", "common.py", "validate.py"}
+
+
+def usage() -> str:
+    """The usage line, and each config file with the first line of its docstring."""
+    import ast
+
+    lines = [__doc__.splitlines()[0], "", "configs (arguments after the colon, comma-separated):"]
+    for path in sorted(CONFIGS.glob("*.py")):
+        if path.name in NOT_CONFIGS:
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        lines.append(f"  configs/{path.name}: {doc.splitlines()[0] if doc else ''}")
+    lines += [
+        "",
+        "model configs take a mode (pretrain, sft, lora) and runlocal (a CPU-sized run),",
+        "frames=N and res=HxW; each config file's docstring shows its commands.",
+        "--config.mode=eval evaluates the latest checkpoint; any config key can be set with",
+        "--config.KEY=VALUE (the keys: configs/common.py).",
+    ]
+    return "\n".join(lines)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse(argv: list[str]) -> list[str]:
+    """absl's flag parsing with its errors (an unknown key, a bad value, a config file that is
+    missing or fails) as one line."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        known = [name for name in flags.FLAGS if name.startswith("config.")]
+        close = difflib.get_close_matches(e.flagname, known, n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        fail(f"--{e.flagname}: no such key in the config{hint}")
+    except (AttributeError, KeyError) as e:  # ml_collections: a key the config lacks
+        text = str(e).encode().decode("unicode_escape")
+        names = re.findall(r"'(\w+)'", text)
+        wrong = names[0] if names else ""
+        where = (re.match(rf"--config\.((?:\w+\.)*?){wrong}(?=[.=]|$)", a) for a in argv)
+        prefix = next((m.group(1) for m in where if m), "")
+        flag = f"--config.{prefix}{wrong}"
+        close = re.search(r'Did you mean "(\w+)"', text)
+        hint = f" (did you mean --config.{prefix}{close.group(1)}?)" if close else ""
+        fail(f"{flag}: no such key in the config{hint}")
+    except (flags.Error, OSError) as e:
+        # The config file's own error is the last line of the message absl builds.
+        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(f"--config: {last}")
+    for name in ("config", "workdir"):
+        if flags.FLAGS[name].value is None:
+            fail(f"--{name} is required (python -m train --help)")
+    try:
+        flags.FLAGS.config.get("trainer")  # a config file that failed to load raises here
+    except OSError as e:
+        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        fail(f"--config: {last}")
+    return rest
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir is a folder, or can be made, and takes files (checked without writing)."""
+    path = Path(workdir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"--workdir {workdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--workdir {workdir}: cannot write there (no write permission on {existing})")
 
 
 def main(argv):
     del argv
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    if config.get("trainer", "dit") != "dit":
+        fail(f"config.trainer must be 'dit', got {config.trainer!r}")
+    check_workdir(workdir)
+    from cogvideox_jax import runtime
+
+    runtime.cpu_only_without_accelerators()  # no libtpu probe on a machine without TPUs
+    from train import distributed
+
     setup = distributed.initialize()  # before anything touches a device
+    import jax
+
+    from train import dit as loop
+    from train.run import resolve
+
+    try:
+        resolve(config)  # every config rule, before anything is built
+    except (ValueError, FileNotFoundError) as e:
+        fail(" ".join(str(e).split()))
     if jax.process_index() == 0:
         print(f"{setup}: {jax.device_count()} devices", flush=True)
-    if config.trainer == "dit":
-        from train import dit as loop
-    else:
-        raise ValueError(f"config.trainer must be 'dit', got {config.trainer!r}")
     loop.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    if any(a in ("-h", "--help", "--helpfull", "--list") for a in sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
+    sys.path.insert(0, str(CONFIGS.parent))  # `configs` importable from any directory
+    app.run(main, flags_parser=parse)
