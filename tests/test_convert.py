@@ -178,7 +178,7 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert _tensors(tmp_path / "back") == _tensors(tmp_path / "src")
     r = run("diffusers-to-orbax", tmp_path / "nowhere", tmp_path / "x")
-    assert r.returncode == 1 and "nowhere" in r.stderr
+    assert r.returncode == 2 and "nowhere" in r.stderr
 
 
 def test_streaming_reads_one_leaf_group_at_a_time(tmp_path, monkeypatch):

@@ -290,17 +290,17 @@ def test_raw_source_feeds_grain(raw):
 
 def test_on_bad_error_names_the_first_bad_entry(dataset, tmp_path):
     proc = _cli(dataset, tmp_path / "out", *RAW, "--on_bad", "error", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "nocap.mp4: missing caption (--on_bad error)" in proc.stderr
     # Clips too: the first bad one in listing order.
     proc = _cli(dataset / "bad.csv", tmp_path / "out2", "--on_bad", "error", check=False)
-    assert proc.returncode == 1 and "bad.csv: no such" in proc.stderr
+    assert proc.returncode == 2 and "bad.csv: no such" in proc.stderr
     (dataset / "bad.csv").write_text("path,caption\nclips/a.mp4,x\nshort.mp4,y\ncorrupt.mp4,z\n")
     try:
         proc = _cli(dataset / "bad.csv", tmp_path / "out3", *RAW, "--on_bad", "error", check=False)
     finally:
         (dataset / "bad.csv").unlink()
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "short.mp4: too short: 3 frames at 8.0 fps, need 5 (--on_bad error)" in proc.stderr
 
 
@@ -331,7 +331,7 @@ def test_resume_gives_the_same_dataset(raw, dataset, tmp_path):
     splits = tfds.builder_from_directory(out).info.splits
     assert {k: v.shard_lengths for k, v in splits.items()} == {"train": [1, 1], "eval": [1]}
     proc = _cli(dataset, out, *RAW[:-2], "--eval_examples", 0, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "prepared with other settings" in proc.stderr and "eval_examples: was 1" in proc.stderr
 
 

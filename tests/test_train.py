@@ -429,6 +429,28 @@ def test_demo_run_resolves_and_its_text_encoder_tells_captions_apart():
             assert np.abs(table[i] - table[j]).max() > 1e-3, (captions[i], captions[j])
 
 
+def test_end_of_run_summary(tmp_path):
+    from train import metrics
+
+    rows = [
+        {"step": 1, "loss": 1.0, "tokens_per_sec": 100.0},
+        {"step": 2, "loss": 0.9, "tokens_per_sec": 300.0, "eval_loss": 0.5},
+        {"step": 3, "loss": 0.8, "tokens_per_sec": 200.0},
+        {"step": 4, "loss": 0.7, "tokens_per_sec": 200.0, "eval_loss": 0.6},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = metrics.summary(str(tmp_path), checkpoints=[2, 4], demo=False, model="")
+    lines = text.splitlines()
+    assert lines[0] == f"run finished at step 4 ({tmp_path})"
+    assert "  eval_loss: final 0.6 (step 4), best 0.5 (step 2)" in lines
+    assert "  throughput: 200 tokens/s (median of the logs)" in lines
+    assert f"  checkpoints: {tmp_path / 'checkpoints'} (steps [2, 4])" in lines
+    assert f"python -m tools.sample --model {tmp_path} --base MODEL" in text
+    assert f"python -m tools.convert run-to-diffusers {tmp_path} OUT" in text
+    demo = metrics.summary(str(tmp_path), checkpoints=[4], demo=True, model="")
+    assert "tools.sample" not in demo and "prompt_adherence" not in demo
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, demo_vae):
     """One runlocal demo run, from the session's trained demo VAE (conftest.demo_vae)."""
@@ -450,9 +472,20 @@ def test_demo_runlocal_end_to_end(demo_run):
     assert [r["step"] for r in scored] == [3, 6]
     assert all(0.0 <= r["prompt_adherence"] <= 1.0 for r in scored)
     samples = demo_run / "samples"
-    for step in (3, 6):
+    from PIL import Image
+
+    for step, row in zip((3, 6), scored, strict=True):
         for i in range(2):
             assert (samples / f"step_{step}_{i}.mp4").stat().st_size > 0
+        # Each sample's caption and score beside it, and one contact sheet per eval: a row of
+        # the 9 frames (32x32, drawn 4x) per sample, 14 pixels of caption under each, 2 apart.
+        listing = json.loads((samples / f"step_{step}.json").read_text())
+        assert [e["file"] for e in listing] == [f"step_{step}_{i}.mp4" for i in range(2)]
+        assert all(e["caption"].startswith("a ") for e in listing)
+        mean = np.mean([e["prompt_adherence"] for e in listing])
+        assert mean == pytest.approx(row["prompt_adherence"])
+        sheet = Image.open(samples / f"step_{step}.png")
+        assert sheet.size == (9 * (128 + 2) + 2, 2 * (128 + 14 + 2) + 2)
     assert (samples / "vae_reconstruction.mp4").is_file()
     assert (demo_run / "demo_vae" / "meta.json").is_file()
 
