@@ -21,7 +21,6 @@ from train.run import resolve
 LAYOUTS = {
     "fsdp8": (1, 8, 1, 1),
     "data2_fsdp4": (2, 4, 1, 1),
-    "tensor2_fsdp4": (1, 4, 1, 2),
     "context8": (1, 1, 8, 1),
     "fsdp2_context2_tensor2": (1, 2, 2, 2),
 }
@@ -91,7 +90,8 @@ def _one_device(variant):
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
-# Every layout and mode for the 5B variant (RoPE). The 1.5 variant (two frames a token, its patch
+# Every layout and mode for the 5B variant (RoPE); tensor splits run beside fsdp and context in
+# fsdp2_context2_tensor2. The 1.5 variant (two frames a token, its patch
 # embedding a Linear) runs under full remat (the shard_map inside nnx.remat inside nnx.scan):
 # all its weights split (fsdp8), and both modes with tokens alone over context (context8) and
 # beside fsdp and tensor splits; its other layouts run 5B's code.

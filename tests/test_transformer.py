@@ -117,7 +117,7 @@ def test_bf16_close_to_fp32_reference(pair):
     assert 1e-4 < err <= 3e-2, err  # really bf16 (not fp32), and within bf16 rounding
 
 
-@_pairs("2b")
+@pytest.mark.parametrize("pair", ["2b"], indirect=True)  # conversions: test_convert.py
 def test_orbax_and_diffusers_folders_give_identical_outputs(pair, tmp_path):
     variant, _, folder, ours = pair
     components.convert("diffusers-to-orbax", folder, tmp_path / "orbax")

@@ -102,7 +102,7 @@ def test_matches_diffusers(name):
     # 1 frame: one chunk, no scan; 33: a first chunk of 9 frames, then a scan over 3 chunks
     # carrying the causal caches (4 x 8 frames; 9 latents: 3, then 3 x 2). 9 and 17 frames run
     # no other path (9: the first chunk alone; 17: a one-chunk scan).
-    for num_frames in (1, 33):
+    for num_frames in (1, 33) if name == "tiny" else (33,):  # 1 frame: the same code at any width
         video = _video(num_frames)
         with torch.no_grad():
             posterior = model.encode(_to_torch(video)).latent_dist
