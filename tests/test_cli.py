@@ -28,6 +28,12 @@ def test_help_lists_the_configs_quickly():
         assert f"configs/{name}.py: " in proc.stdout, proc.stdout
     assert "pretrain, sft, lora" in proc.stdout and "runlocal" in proc.stdout
     assert took < 3, took  # no jax, no model code
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "tools.aot", "--help"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0 and "--topology NAME" in proc.stdout, proc.stderr
+    assert took < 3, took  # before jax and libtpu load
 
 
 def test_mistakes_are_one_line_and_exit_2(tmp_path):

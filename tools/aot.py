@@ -17,6 +17,15 @@ line is one JSON object.
 from __future__ import annotations
 
 import os
+import sys
+
+if __name__ == "__main__" and any(a in ("-h", "--help", "--helpfull") for a in sys.argv[1:]):
+    # Answered before jax and libtpu load (seconds): the usage, the topologies, the flags.
+    print(__doc__)
+    print("--config FILE[:ARGS]  the experiment config (python -m train --help lists them)")
+    print("--topology NAME       v5p-N (TensorCores), v5e-N or v6e-N (chips); e.g. v5p-64")
+    print("--config.KEY=VALUE    any config key, as for python -m train")
+    sys.exit(0)
 
 # Compile for TPU from a CPU process: the CPU backend stays the default (jax must not try to run
 # on a TPU here) and several processes may load libtpu at once (otherwise libtpu takes
