@@ -166,6 +166,7 @@ def test_existing_destination_is_kept(tmp_path):
     assert (tmp_path / "dst/keep").read_text() == "x"
 
 
+@pytest.mark.slow  # a subprocess; the fast subset runs tools.convert in test_export.py
 def test_cli(tmp_path):
     ref.diffusers_transformer("1.5-5b").save_pretrained(tmp_path / "src")
     run = lambda *a: subprocess.run(

@@ -282,6 +282,7 @@ def test_prompt_to_video_matches_diffusers(tmp_path):
     np.testing.assert_array_equal(again(prompts, latents=noise, output_type="latent", **kw), got)
 
 
+@pytest.mark.slow  # the fast subset runs tools.sample through test_export.py
 def test_sample_cli_writes_an_mp4(tmp_path):
     from data.video import read_mp4
     from tools import sample
