@@ -36,8 +36,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cogvideox_jax import runtime
-from cogvideox_jax.convert import one_line
 from data import prepared
 from data.sources import Entry, Skipped, list_dataset
 from data.video import BadClip, load_clip
@@ -312,15 +310,22 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    runtime.cpu_only_without_accelerators()
+    if args.model:  # only the encoders use jax (raw clips load none of the model code)
+        from cogvideox_jax import runtime
+
+        runtime.cpu_only_without_accelerators()
     try:
         return run(args)
     except BadEntry as e:
-        print(f"error: {one_line(e)} (--on_bad error)", file=sys.stderr)
+        print(f"error: {_one_line(e)} (--on_bad error)", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: Exception) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 if __name__ == "__main__":
