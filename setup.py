@@ -1,9 +1,11 @@
 """Installs the `cogvideox_jax` model library.
 
 Training programs (`train/`), data pipelines (`data/`), configs and tools run from the repository
-root and are not installed. The `test` extra pulls the PyTorch numerical reference (install
-torch==2.13.0 first so pip takes the CPU build). The `aot` extra is libtpu, which `tools.aot`
-needs to compile for a TPU slice on any machine; tests run tools.aot, so `test` includes it.
+root and are not installed. The base install is all that training, sampling, conversion and data
+preparation need (the demo's README command installs only it). The `test` extra pulls the
+PyTorch numerical reference (install torch==2.13.0 first so pip takes the CPU build). The `aot`
+extra is libtpu, which `tools.aot` needs to compile for a TPU slice on any machine; tests run
+tools.aot, so `test` includes it.
 """
 
 from setuptools import find_packages, setup

@@ -82,7 +82,10 @@ def parse(argv: list[str]) -> list[str]:
 
 
 def check_workdir(workdir: str) -> None:
-    """The workdir is a folder, or can be made, and takes files (checked without writing)."""
+    """The workdir is a folder, or can be made, and takes files (checked without writing; a
+    URL such as gs://... is left to the storage library)."""
+    if "://" in workdir:
+        return
     path = Path(workdir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
