@@ -284,10 +284,6 @@ def test_diffusers_lora_imports_with_diffusers_output(with_metadata, tmp_path):
     assert convert_tool.main([*argv, "--base", str(tmp_path / "base")]) == 0
     merged = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "merged").eval()
     assert rel_l2(transformer_forward(merged, x, text, t), theirs) < 1e-5
-    # run-to-diffusers on a LoRA run: the same merged transformer.
-    assert convert_tool.main(["run-to-diffusers", str(workdir), str(tmp_path / "run")]) == 0
-    exported = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "run").eval()
-    assert rel_l2(transformer_forward(exported, x, text, t), theirs) < 1e-5
 
     # At half strength, as diffusers' adapter weight 0.5 (tools.sample --lora-scale).
     model = cj.load_transformer(tmp_path / "base")

@@ -448,7 +448,8 @@ def test_end_of_run_summary(tmp_path):
     assert f"python -m tools.sample --model {tmp_path} --base MODEL" in text
     assert f"python -m tools.convert run-to-diffusers {tmp_path} OUT" in text
     demo = metrics.summary(str(tmp_path), checkpoints=[4], demo=True, model="")
-    assert "tools.sample" not in demo and "prompt_adherence" not in demo
+    assert f'tools.sample --model {tmp_path} --prompt "a red circle moving left"' in demo
+    assert "run-to-diffusers" not in demo and "prompt_adherence" not in demo
 
 
 @pytest.fixture(scope="module")
@@ -488,6 +489,27 @@ def test_demo_runlocal_end_to_end(demo_run):
         assert sheet.size == (9 * (128 + 2) + 2, 2 * (128 + 14 + 2) + 2)
     assert (samples / "vae_reconstruction.mp4").is_file()
     assert (demo_run / "demo_vae" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_run_samples_from_the_command_line(demo_run, tmp_path, capsys):
+    from data.video import read_mp4
+    from tools import convert as convert_tool
+    from tools import sample
+
+    out = tmp_path / "v.mp4"
+    argv = ["--model", str(demo_run), "--steps", "3", "--guidance-scale", "4", "--out", str(out)]
+    assert sample.main([*argv, "--prompt", "a red circle moving left"]) == 0
+    assert "demo VAE: restored from" in capsys.readouterr().out
+    frames, fps = read_mp4(out)
+    assert frames.shape == (9, 32, 32, 3) and fps == 8  # the run's clip size by default
+    # Words outside the demo's captions, and exporting the demo: one line each, exit 2.
+    assert sample.main([*argv, "--prompt", "a purple circle moving left"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "knows only its captions' words, not ['purple']" in err[0], err
+    assert convert_tool.main(["run-to-diffusers", str(demo_run), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a demo run (configs/demo.py) has no model folder" in err[0], err
 
 
 @pytest.mark.slow

@@ -70,7 +70,23 @@ def main(argv=None) -> int:
 
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    video = pipe(
+    try:
+        video = _sample(pipe, image, args)
+    except ValueError as e:  # the pipeline checks its arguments before compiling anything
+        from cogvideox_jax.convert import one_line
+
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    write_mp4(args.out, video[0], pipe.fps)
+    print(
+        f"wrote {args.out}: {video.shape[1]} frames {video.shape[2]}x{video.shape[3]} "
+        f"at {pipe.fps} fps"
+    )
+    return 0
+
+
+def _sample(pipe, image, args):
+    return pipe(
         args.prompt,
         args.negative_prompt,
         image,
@@ -84,12 +100,6 @@ def main(argv=None) -> int:
         seed=args.seed,
         progress=True,
     )
-    write_mp4(args.out, video[0], pipe.fps)
-    print(
-        f"wrote {args.out}: {video.shape[1]} frames {video.shape[2]}x{video.shape[3]} "
-        f"at {pipe.fps} fps"
-    )
-    return 0
 
 
 def _load(args):

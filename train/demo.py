@@ -93,10 +93,11 @@ def _load_tree(path: str, like):
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def train_vae(c, workdir: str) -> tuple[cj.AutoencoderKL, bool]:
+def train_vae(c, workdir: str, *, restore_only: bool = False) -> tuple[cj.AutoencoderKL, bool]:
     """(the demo VAE, whether it was trained now): trained on the demo clips, or restored from
-    WORKDIR/demo_vae when that holds one trained with the same settings; its
-    cfg.scaling_factor is 1 / std of the training latents."""
+    WORKDIR/demo_vae when that holds one trained with the same settings (`restore_only`: never
+    trained; an error if there is none); its cfg.scaling_factor is 1 / std of the training
+    latents."""
     d = c.demo
     cfg = _vae_config(d)
     vae = cj.AutoencoderKL(cfg, rngs=nnx.Rngs(c.seed + 3))
@@ -119,6 +120,8 @@ def train_vae(c, workdir: str) -> tuple[cj.AutoencoderKL, bool]:
     if meta is not None:
         params = _load_tree(os.path.join(folder, "params"), params)
         _note(f"demo VAE: restored from {folder}")
+    elif restore_only:
+        raise FileNotFoundError(f"{folder}: no demo VAE trained with this run's settings")
     else:
         params, meta = _fit_vae(c, graphdef, params)
         fresh = True
@@ -354,3 +357,45 @@ class Demo:
         )
         labels = [f"{cap} ({score:.2f})" for cap, score in zip(caps, scores, strict=True)]
         video.write_contact_sheet(os.path.join(out, f"step_{step}.png"), frames, labels)
+
+
+# ---- Sampling a finished demo run (tools.sample --model RUN) ----
+
+
+class DemoPipeline(cj.Pipeline):
+    """A demo run as a pipeline: its transformer with its own VAE (WORKDIR/demo_vae) and frozen
+    word-level text encoder. Prompts use the demo captions' words; an empty prompt is the
+    dropped-text (zero) embedding the run trained with; sizes default to the run's clips."""
+
+    def __init__(self, transformer, c, workdir: str):
+        vae, _ = train_vae(c, workdir, restore_only=True)
+        schedule = diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
+        super().__init__(transformer, vae, schedule)
+        self.c, self.encoder = c, text_encoder(c.demo, c.seed + 5)
+
+    def encode_prompt(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        known = set(demo_data.VOCAB[2:])  # ids 0 and 1 pad and stand for unknown words
+        for p in prompts:
+            unknown = [w for w in p.lower().split() if w not in known]
+            if unknown:
+                raise ValueError(
+                    f"prompt {p!r}: the demo's text encoder knows only its captions' words, not "
+                    f"{unknown} (it knows: {' '.join(sorted(known))})"
+                )
+        length, dim = self.c.input.text_len, self.c.input.text_dim
+        rows = [
+            embed(self.encoder, [p], length)[0] if p.strip() else np.zeros((length, dim))
+            for p in prompts
+        ]
+        return jnp.asarray(np.stack(rows), self.transformer.dtype)
+
+    def __call__(self, *args, height=None, width=None, num_frames=None, **kwargs):
+        inp = self.c.input
+        return super().__call__(
+            *args,
+            height=height or inp.height,
+            width=width or inp.width,
+            num_frames=num_frames or inp.num_frames,
+            **kwargs,
+        )

@@ -1,6 +1,7 @@
 """A training run as a model: the transformer of one of its checkpoints (a full run's parameters
 or their EMA; a LoRA run's adapters merged into its base) and the whole model folder it samples
-with. What `tools.convert run-to-diffusers / run-to-orbax` and `tools.sample --model RUN` use.
+with (the demo: its own VAE and text encoder, `train.demo.DemoPipeline`). What `tools.convert
+run-to-diffusers / run-to-orbax` and `tools.sample --model RUN` use.
 
 Every checkpoint records what its run trained (`Program.checkpoint_meta`: the transformer's
 config, full or LoRA, init.checkpoint, the model folder of its VAE and text encoder), so a
@@ -93,7 +94,18 @@ def pipeline(run: str, *, step=None, ema=False, base: str = "", dtype=None):
     from cogvideox_jax.pipeline import Pipeline
 
     model, meta, folder = transformer(run, step=step, ema=ema, dtype=dtype)
-    _refuse_demo(meta, folder, "sample")
+    if meta.get("demo"):
+        import json
+
+        import ml_collections
+
+        from train import demo
+
+        if base:
+            raise ValueError(f"{folder}: a demo run samples with its own VAE and text encoder")
+        config = ml_collections.ConfigDict(json.loads(meta["config"]))
+        workdir = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
+        return demo.DemoPipeline(model, config, workdir), folder
     parts = Pipeline.from_pretrained(base_model(meta, folder, base), dtype=dtype, transformer=model)
     return parts, folder
 
@@ -102,5 +114,6 @@ def _refuse_demo(meta: dict, folder: str, what: str) -> None:
     if meta.get("demo"):
         raise ValueError(
             f"{folder}: a demo run (configs/demo.py) has no model folder to {what} with (its VAE "
-            "and text encoder are its own); its samples are in the run's samples/ folder"
+            "and word-level text encoder are its own); sample it with python -m tools.sample "
+            "--model RUN"
         )

@@ -132,12 +132,13 @@ def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> 
         )
     lines.append(f"  metrics: {path}")
     lines.append(f"  TensorBoard: pip install tensorboard; tensorboard --logdir {workdir}/tb")
+    base = "" if model or demo else " --base MODEL"
+    prompt = "a red circle moving left" if demo else "..."
+    lines.append(
+        f'  sample from it: python -m tools.sample --model {workdir}{base} --prompt "{prompt}" '
+        "--out video.mp4"
+    )
     if not demo:
-        base = "" if model else " --base MODEL"
-        lines.append(
-            f'  sample from it: python -m tools.sample --model {workdir}{base} --prompt "..." '
-            "--out video.mp4"
-        )
         lines.append(
             f"  export it: python -m tools.convert run-to-diffusers {workdir} OUT [--ema] "
             "[--base MODEL]"

@@ -131,6 +131,7 @@ class Program:
             "model": model_folder(c),
             "demo": run.demo,
             "i2v": run.i2v,
+            "config": c.to_json_best_effort(),  # the demo samples with its own settings
         }
         if isinstance(run.training, Lora):
             meta |= {"lora": run.training.cfg.to_json(), "base": _abspath(run.training.base)}
