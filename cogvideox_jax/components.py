@@ -261,7 +261,7 @@ def fill(model, leaves: Iterable[tuple[str, Any]], *, where: str = "weights"):
     device arrays (host memory never holds a second copy of the model). A missing, unexpected
     or misshapen leaf is an error naming it and `where`."""
     state = nnx.state(model, (nnx.Param, Buffer))
-    want = {k: v for k, v in weights.flatten(nnx.to_pure_dict(state)).items()}
+    want = weights.flatten(nnx.to_pure_dict(state))
     params = {}
     for k, v in leaves:
         if k not in want:

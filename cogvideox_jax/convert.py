@@ -56,12 +56,6 @@ class ConversionError(ValueError):
     """A checkpoint does not match the model: lists every offending tensor name."""
 
 
-def one_line(e: BaseException) -> str:
-    """An error's message on one line (a multi-line message's lines joined by "; ")."""
-    lines = [line.strip() for line in (str(e) or type(e).__name__).splitlines() if line.strip()]
-    return "; ".join(lines)
-
-
 def _linear(theirs: str, ours: str) -> list[Rule]:
     """torch Linear (out, in) weight and bias <-> our (in, out) kernel and bias."""
     return [

@@ -38,11 +38,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cogvideox_jax import components, convert, runtime, sat
+import tools
+from cogvideox_jax import components, runtime, sat
 from cogvideox_jax.transformer import VARIANTS
 from tools import convert_lora
 
-ERRORS = (convert.ConversionError, FileNotFoundError, FileExistsError, ValueError, OSError)
+# A mismatched checkpoint (convert.ConversionError) is a ValueError; missing, damaged or existing
+# files are OSErrors (or ValueErrors naming the file).
+ERRORS = (ValueError, OSError)
 RUN_COMMANDS = {"run-to-diffusers": "diffusers", "run-to-orbax": "orbax"}
 
 
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         try:
             report = convert_lora.main(argv)
         except ERRORS as e:
-            return _error(e)
+            return tools.error(e)
         print("\n".join([*report, f"wrote {argv[2]}"]))
         return 0
     parser = argparse.ArgumentParser(
@@ -112,17 +115,11 @@ def main(argv=None) -> int:
                 args.direction, args.src, args.dst, overwrite=args.overwrite
             )
     except ERRORS as e:
-        return _error(e)
+        return tools.error(e)
     for line in report:
         print(line)
     print(f"wrote {args.dst}")
     return 0
-
-
-def _error(e: Exception) -> int:
-    """A user's mistake: one line (the file and the rule) and exit code 2."""
-    print(f"error: {convert.one_line(e)}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

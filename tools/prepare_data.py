@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+import tools
 from data import prepared
 from data.sources import Entry, Skipped, list_dataset
 from data.video import BadClip, load_clip
@@ -317,15 +318,9 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except BadEntry as e:
-        print(f"error: {_one_line(e)} (--on_bad error)", file=sys.stderr)
-        return 2
+        return tools.error(e, " (--on_bad error)")
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-
-
-def _one_line(e: Exception) -> str:
-    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        return tools.error(e)
 
 
 if __name__ == "__main__":

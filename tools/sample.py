@@ -25,6 +25,7 @@ import time
 
 import jax.numpy as jnp
 
+import tools
 from cogvideox_jax import runtime
 from data.video import write_mp4
 
@@ -65,18 +66,9 @@ def main(argv=None) -> int:
     runtime.cpu_only_without_accelerators()
     try:
         pipe, image = _load(args)
+        video = _sample(pipe, image, args)  # the pipeline checks its arguments before compiling
     except (FileNotFoundError, ValueError, OSError) as e:
-        from cogvideox_jax.convert import one_line
-
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    try:
-        video = _sample(pipe, image, args)
-    except ValueError as e:  # the pipeline checks its arguments before compiling anything
-        from cogvideox_jax.convert import one_line
-
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return tools.error(e)
     write_mp4(args.out, video[0], pipe.fps)
     print(
         f"wrote {args.out}: {video.shape[1]} frames {video.shape[2]}x{video.shape[3]} "

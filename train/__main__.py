@@ -51,11 +51,10 @@ def parse(argv: list[str]) -> list[str]:
     missing or fails) as one line."""
     try:
         rest = flags.FLAGS(argv)
-    except flags.UnrecognizedFlagError as e:
-        known = [name for name in flags.FLAGS if name.startswith("config.")]
-        close = difflib.get_close_matches(e.flagname, known, n=1)
+    except flags.UnrecognizedFlagError as e:  # a flag that is not --config.*
+        close = difflib.get_close_matches(e.flagname, list(flags.FLAGS), n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
-        fail(f"--{e.flagname}: no such key in the config{hint}")
+        fail(f"--{e.flagname}: no such flag{hint}")
     except (AttributeError, KeyError) as e:  # ml_collections: a key the config lacks
         text = str(e).encode().decode("unicode_escape")
         names = re.findall(r"'(\w+)'", text)
@@ -67,18 +66,20 @@ def parse(argv: list[str]) -> list[str]:
         hint = f" (did you mean --config.{prefix}{close.group(1)}?)" if close else ""
         fail(f"{flag}: no such key in the config{hint}")
     except (flags.Error, OSError) as e:
-        # The config file's own error is the last line of the message absl builds.
-        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        fail(f"--config: {last}")
+        fail(f"--config: {_last_line(e)}")
     for name in ("config", "workdir"):
         if flags.FLAGS[name].value is None:
             fail(f"--{name} is required (python -m train --help)")
     try:
         flags.FLAGS.config.get("trainer")  # a config file that failed to load raises here
     except OSError as e:
-        last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        fail(f"--config: {last}")
+        fail(f"--config: {_last_line(e)}")
     return rest
+
+
+def _last_line(e: BaseException) -> str:
+    """The config file's own error: the last line of the message absl builds around it."""
+    return [line.strip() for line in str(e).splitlines() if line.strip()][-1]
 
 
 def check_workdir(workdir: str) -> None:

@@ -11,9 +11,15 @@ target's shardings from the abstract state, so a checkpoint can be restored onto
 
 from __future__ import annotations
 
+import json
+import os
+
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from cogvideox_jax import weights
 
 
 def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -89,8 +95,6 @@ def abstract(tree, shardings):
 def step_folder(path: str, step: int | None = None) -> str:
     """A step folder of a run: `path` itself (holding `state/`), or step `step` (default: the
     latest) of a checkpoints folder or of a workdir (holding `checkpoints/`)."""
-    import os
-
     if os.path.isdir(os.path.join(path, "state")):
         if step is not None and os.path.basename(os.path.normpath(path)) != str(step):
             raise ValueError(f"{path} is the step folder {os.path.basename(path)}, not step {step}")
@@ -112,14 +116,11 @@ def step_folder(path: str, step: int | None = None) -> str:
 
 def read_meta(step: str) -> dict:
     """The `meta` JSON of a step folder: what the run was (`Program.checkpoint_meta`)."""
-    import json
-    import os
-
     meta_file = os.path.join(step, "meta", "metadata")
     if not os.path.isfile(meta_file):
         raise ValueError(
             f"{step}: the checkpoint does not record its model (no meta/): it was written before "
-            "runs recorded it; resume the run for one step to write a checkpoint that does"
+            "checkpoints recorded it; a resumed run's next checkpoint will"
         )
     with open(meta_file) as f:
         return json.load(f)
@@ -129,12 +130,6 @@ def read_weights(step: str, *, ema: bool = False) -> dict:
     """{'/'-path: host array} of a step folder's trained weights: the parameters (or their EMA
     with `ema`) and, in a full run, the buffers; read to host memory without the mesh they were
     trained on, and without the optimiser state."""
-    import os
-
-    import numpy as np
-
-    from cogvideox_jax import weights
-
     ckptr = ocp.PyTreeCheckpointer()
     path = os.path.join(step, "state")
     tree = ckptr.metadata(path).item_metadata.tree
@@ -151,10 +146,10 @@ def read_weights(step: str, *, ema: bool = False) -> dict:
     return {k: v for part in keys for k, v in weights.flatten(state[part]).items()}
 
 
-def read_lora(path: str, *, ema: bool = False, step: int | None = None):
+def read_lora(path: str, *, ema: bool = False):
     """(meta, {'/'-path: host array}) of a LoRA run's checkpoint: the adapters (or their EMA),
     read to host memory without the mesh they were trained on."""
-    folder = step_folder(path, step)
+    folder = step_folder(path)
     meta = read_meta(folder)
     if "lora" not in meta:
         raise ValueError(f"{folder}: not a LoRA run's checkpoint (its meta names no adapters)")

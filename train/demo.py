@@ -234,6 +234,7 @@ class Demo:
         self.table = embed(self.encoder, sorted(set(captions)), inp.text_len)
         self.caption_row = {cap: i for i, cap in enumerate(sorted(set(captions)))}
         self.captions = captions
+        self._captions: dict[str, np.ndarray] = {}  # raw-clip captions' embeddings (encode)
         self.neg = np.zeros((1, inp.text_len, inp.text_dim), np.float32)  # dropped-text embedding
         if trained or not os.path.isfile(self._reconstruction_path):  # else it shows this VAE
             self.write_reconstructions()
@@ -292,10 +293,9 @@ class Demo:
 
     def _caption(self, caption: str) -> np.ndarray:
         """(text_len, text_dim) embedding of a caption, computed once per distinct caption."""
-        cache = self.__dict__.setdefault("_captions", {})
-        if caption not in cache:
-            cache[caption] = embed(self.encoder, [caption], self.c.input.text_len)[0]
-        return cache[caption]
+        if caption not in self._captions:
+            self._captions[caption] = embed(self.encoder, [caption], self.c.input.text_len)[0]
+        return self._captions[caption]
 
     def write_reconstructions(self) -> None:
         """WORKDIR/samples/vae_reconstruction.mp4: clips (top) over their reconstructions."""
