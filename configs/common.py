@@ -147,6 +147,9 @@ def dit_config(
         init="",  # adapters to continue from: a LoRA folder or a diffusers LoRA file
     )
     c.on_nonfinite = "stop"  # or "skip": drop the update of a step with a NaN/Inf loss
+    # A step whose planned memory (XLA's, all of a process's devices together on CPU; per
+    # device elsewhere) is over this is refused before it first runs (0: what is free).
+    c.memory_limit_gb = 0.0
 
     if arg.mode == "lora":
         # diffusers' CogVideoX LoRA recipe (finetune/: rank 128, alpha 64 on the attention

@@ -72,6 +72,8 @@ def _check_choices(c) -> None:
         raise ValueError(f"config.mode must be 'train' or 'eval', got {c.mode!r}")
     if c.on_nonfinite not in ON_NONFINITE:
         raise ValueError(f"config.on_nonfinite must be 'stop' or 'skip', got {c.on_nonfinite!r}")
+    if c.get("memory_limit_gb", 0.0) < 0:
+        raise ValueError(f"memory_limit_gb must be >= 0 (0: what is free), got {c.memory_limit_gb}")
     if c.grad_accum_steps < 0:
         raise ValueError(f"grad_accum_steps must be >= 0 (0: auto), got {c.grad_accum_steps}")
     if c.input.source not in SOURCES:

@@ -206,7 +206,8 @@ def _simulate(sizes: np.ndarray, video_budget: int, max_clips: int, text_len: in
             "grid": np.zeros(3, np.int32),
         }
 
-    ds = grain.MapDataset.source(sizes).map(lambda n: clip(int(n))).to_iter_dataset()
+    no_prefetch = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # a quick loop
+    ds = grain.MapDataset.source(sizes).map(lambda n: clip(int(n))).to_iter_dataset(no_prefetch)
     real = total = 0
     for row in pack(
         ds, video_budget=video_budget, max_clips=max_clips, text_len=text_len, num_bins=bins

@@ -139,13 +139,15 @@ def load_clip(
     fps: float,
     max_frames: int | None = None,
     frame_multiple: int = 4,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | str | None = None,
     buckets: Sequence[tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """(F, H, W, 3) uint8 frames of a video file, sampled at `fps` from its start.
 
     F is the largest k * frame_multiple + 1 (k >= 1) the clip can supply, at most `max_frames`,
-    and (H, W) = `size`; or, with `buckets` ((F, H, W) triples), the clip goes to the bucket
+    and (H, W) = `size`, or with size="native" the clip's own height and width, each cropped
+    down to a multiple of NATIVE_MULTIPLE (`native_size`); or, with `buckets` ((F, H, W)
+    triples), the clip goes to the bucket
     chosen by `choose_bucket` and takes its F, H and W. Frames are resized and centre-cropped
     by `resize_crop`. Raises BadClip for a file PyAV cannot decode, one that decodes to fewer
     frames than its container declares (truncated) or to none, and one too short for the
@@ -177,8 +179,22 @@ def load_clip(
             raise BadClip(
                 path, f"too short: {len(frames)} frames at {fps} fps, need {1 + frame_multiple}"
             )
-        height, width = size
+        height, width = native_size(*frames.shape[1:3]) if size == NATIVE else size
+        if min(height, width) < NATIVE_MULTIPLE:
+            raise BadClip(path, f"too small: {frames.shape[1]}x{frames.shape[2]} pixels")
     return resize_crop(frames[:count], height, width)
+
+
+NATIVE = "native"
+# Native sizes are cropped to multiples of 16: the VAEs' 8x spatial compression times the
+# transformer's 2x2 patches, so that every clip is a whole number of patch tokens.
+NATIVE_MULTIPLE = 16
+
+
+def native_size(height: int, width: int) -> tuple[int, int]:
+    """A clip's own (height, width), each rounded down to a multiple of NATIVE_MULTIPLE."""
+    m = NATIVE_MULTIPLE
+    return height // m * m, width // m * m
 
 
 def _decode_frames(path, fps: float, count: int) -> tuple[np.ndarray, float]:

@@ -1,12 +1,15 @@
 """`python -m train` as a user meets it: --help, and one line with exit code 2 for each mistake in
 the command line or config, before any work starts."""
 
+import importlib
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import compile_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +90,26 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path):
         else:
             assert lines[0] == want, (args, lines[0])
         assert not (tmp_path / "a").exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_a_step_over_the_memory_limit_is_refused_before_it_runs(tmp_path):
+    # XLA's plan of the step against memory_limit_gb (else the machine's free memory), checked
+    # once the first batch is there and before the step runs: one line naming both, exit 2.
+    c = importlib.import_module("configs.cogvideox_5b").get_config("sft,runlocal")
+    proc = _train(MODEL, "--workdir", tmp_path, "--config.memory_limit_gb=0.0001")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    remat = (
+        "" if c.model.remat == "full" else f", or set model\\.remat=full \\(now {c.model.remat}\\)"
+    )
+    want = (
+        rf"error: the training step needs [\d.]+ GB "
+        rf"\(batch latents \({c.batch_size}, [\d, ]+\)\) but memory_limit_gb is 0\.0001; "
+        rf"lower batch_size \({c.batch_size}\){remat} "
+        rf"\(traceback: {re.escape(str(tmp_path / 'error.txt'))}\)"
+    )
+    assert re.fullmatch(want, line), line
+    assert "Traceback" not in proc.stderr and "ValueError" in (tmp_path / "error.txt").read_text()
+    log = tmp_path / "metrics.jsonl"
+    assert not log.exists() or not log.read_text().strip()  # no step ran

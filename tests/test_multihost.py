@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compile_env
+from test_train import MACHINE_KEYS
 
 from train import distributed
 
@@ -79,7 +80,7 @@ def _run(*launches, timeout=300) -> list[str]:
 
 def _rows(workdir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_per_sec")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in MACHINE_KEYS} for r in rows]
 
 
 @pytest.mark.slow

@@ -50,6 +50,10 @@ def _config(name, arg="sft,runlocal", **overrides):
     return cfg
 
 
+# Logged figures of the machine rather than of the run: timings and memory.
+MACHINE_KEYS = ("steps_per_sec", "tokens_per_sec", "peak_host_gb")
+
+
 def _rows(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -58,7 +62,7 @@ def _check_run(workdir, steps: int) -> None:
     """A finished run's log, last checkpoint and TensorBoard files."""
     rows = _rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
-    for key in ("loss", "lr", "grad_norm", "steps_per_sec", "tokens_per_sec"):
+    for key in ("loss", "lr", "grad_norm", *MACHINE_KEYS):
         assert np.isfinite(rows[-1][key]), key
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(steps)]
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
@@ -261,7 +265,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
             straight.wait()
     _run(tmp_path / "killed", *args)
 
-    keys = lambda r: {k: v for k, v in r.items() if not k.endswith("_per_sec")}  # noqa: E731
+    keys = lambda r: {k: v for k, v in r.items() if k not in MACHINE_KEYS}  # noqa: E731
     straight = [keys(r) for r in _rows(tmp_path / "straight")]
     resumed = [keys(r) for r in _rows(tmp_path / "killed")]
     assert [r["step"] for r in resumed] == list(range(1, 151))

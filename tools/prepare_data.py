@@ -1,6 +1,6 @@
 r"""Prepare a video dataset for training: decoded clips, or VAE latents and T5 text states.
 
-  python -m tools.prepare_data SRC OUT [--fps 8] [--frames 49] [--size 480x720]
+  python -m tools.prepare_data SRC OUT [--fps 8] [--frames 49] [--size native|480x720]
   python -m tools.prepare_data SRC OUT --buckets 49x480x720,25x480x720,49x768x432
   python -m tools.prepare_data SRC OUT --model MODEL_DIR    # latents + text embeddings
 
@@ -10,7 +10,9 @@ tensorflow-datasets, no TensorFlow), plus our meta.json, shapes and skipped list
 `data.prepared.open_prepared(OUT)` or `tfds.builder_from_directory(OUT)` (format in
 data/prepared.py).
 
-Without --model, records hold the clips as uint8 frames. With --model (a diffusers-layout folder
+Without --model, records hold the clips as uint8 frames, by default at their own size (--size
+native: height and width cropped down to multiples of 16), so that the run's encoder (the demo's
+or input.encoder_model's) sees what was filmed. With --model (a diffusers-layout folder
 with vae/, text_encoder/, tokenizer/), our VAE computes each clip's posterior (mean, logvar) and
 our T5 its caption's states (the transformer's max_text_seq_length tokens, 226 if it has no
 transformer/), in batches sharded over all local devices.
@@ -39,7 +41,7 @@ import numpy as np
 import tools
 from data import prepared
 from data.sources import Entry, Skipped, list_dataset
-from data.video import BadClip, load_clip
+from data.video import NATIVE, BadClip, load_clip
 
 if TYPE_CHECKING:
     from cogvideox_jax.encoders import Encoder
@@ -49,12 +51,14 @@ class BadEntry(Exception):
     """Raised with --on_bad error: the first entry that cannot be used."""
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int] | str:
+    if text.lower() == NATIVE:
+        return NATIVE
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--size must be HxW, e.g. 480x720, got {text!r}"
+            f"--size must be HxW, e.g. 480x720, or native, got {text!r}"
         ) from None
     return h, w
 
@@ -81,7 +85,12 @@ def parse_args(argv):
     p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are sampled at")
     p.add_argument("--frames", type=int, default=49, help="most frames a clip (--size mode)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--size", type=parse_size, default=None, help="HxW (default 480x720)")
+    group.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="HxW or native (default: 480x720 with --model, else native)",
+    )
     group.add_argument("--buckets", type=parse_buckets, default=None, help="FxHxW,...")
     p.add_argument("--frame_multiple", type=int, default=4, help="4: 4k+1 frames; 8 for 1.5")
     p.add_argument("--eval_examples", type=int, default=0, help="first N entries -> 'eval'")
@@ -93,7 +102,8 @@ def parse_args(argv):
     p.add_argument("--max_shards", type=int, default=None, help="debug: stop after k shards")
     args = p.parse_args(argv)
     if args.size is None and args.buckets is None:
-        args.size = (480, 720)
+        # Latents for a CogVideoX model are made at its resolution; raw clips keep theirs.
+        args.size = (480, 720) if args.model else NATIVE
     if not 0 <= args.shard_index < args.num_shards:
         p.error(f"--shard_index ({args.shard_index}) must be in [0, {args.num_shards})")
     if args.shard_size < 1 or args.batch < 1:
@@ -125,7 +135,7 @@ def settings_of(args, digest: str, text_len: int | None) -> dict:
         "text_len": text_len,
         "fps": args.fps,
         "frames": None if args.buckets else args.frames,
-        "size": list(args.size) if args.size else None,
+        "size": list(args.size) if isinstance(args.size, tuple) else args.size,
         "buckets": [list(b) for b in args.buckets] if args.buckets else None,
         "frame_multiple": args.frame_multiple,
         "eval_examples": args.eval_examples,

@@ -9,6 +9,7 @@ import difflib
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -119,7 +120,14 @@ def main(argv):
         fail(" ".join(str(e).split()))
     if jax.process_index() == 0:
         print(f"{setup}: {jax.device_count()} devices", flush=True)
-    loop.train_and_evaluate(config, workdir)
+    try:
+        loop.train_and_evaluate(config, workdir)
+    except ValueError as e:  # the run's data or a step refused, e.g. one that cannot fit
+        name = "error.txt" if jax.process_count() == 1 else f"error_{jax.process_index()}.txt"
+        path = os.path.join(workdir, name)  # the whole story, for a bug report
+        with open(path, "w") as f:
+            traceback.print_exc(file=f)
+        fail(f"{' '.join(str(e).split())} (traceback: {path})")
 
 
 if __name__ == "__main__":

@@ -211,6 +211,10 @@ def _encode_means(vae, c, indices, batch: int = 16) -> np.ndarray:
 # ---- The stage object the trainer uses ----
 
 
+# Raw clips' posteriors kept by Demo.encode (the demo VAE's latents are 1/48 of the pixels').
+ENCODE_CACHE_BYTES = 2**30
+
+
 class Demo:
     """Frozen text encoder, trained VAE, precomputed records and the eval-time sampler."""
 
@@ -229,15 +233,27 @@ class Demo:
                 f"VAE's ({factor}: {len(d.vae_widths)} levels of demo.vae_widths)"
             )
         self.encoder = text_encoder(d, c.seed + 5)
-        self.vae, trained = train_vae(c, workdir)
         captions = [demo_data.caption(i) for i in range(inp.num_examples + inp.eval_examples)]
         self.table = embed(self.encoder, sorted(set(captions)), inp.text_len)
         self.caption_row = {cap: i for i, cap in enumerate(sorted(set(captions)))}
         self.captions = captions
         self._captions: dict[str, np.ndarray] = {}  # raw-clip captions' embeddings (encode)
+        self._posteriors: dict[tuple, tuple] = {}  # raw clips' scaled (mean, logvar) (encode)
+        self._cached_bytes = 0
         self.neg = np.zeros((1, inp.text_len, inp.text_dim), np.float32)  # dropped-text embedding
+
+    def prepare(self) -> None:
+        """Train or restore the demo VAE now (else on first use)."""
+        self.vae  # noqa: B018
+
+    @functools.cached_property
+    def vae(self):
+        """The demo VAE, trained (or restored from WORKDIR/demo_vae) on first use, so that the
+        run's other checks come before its minutes of training."""
+        vae, trained = train_vae(self.c, self.workdir)
         if trained or not os.path.isfile(self._reconstruction_path):  # else it shows this VAE
-            self.write_reconstructions()
+            self.write_reconstructions(vae)
+        return vae
 
     @functools.cached_property
     def latents(self) -> np.ndarray:
@@ -273,15 +289,25 @@ class Demo:
     def encode(self, record: dict) -> dict[str, np.ndarray]:
         """A raw clip record {frames (F, H, W, 3) uint8, caption} of a prepared dataset ->
         {latent_mean, latent_logvar (scaled: the demo's diffusion scale is 1), text}, by the
-        demo's VAE and text encoder (input.data_dir with a dataset of raw clips)."""
-        x = record["frames"].astype(np.float32)[None] / 127.5 - 1.0
-        mean, logvar = self._posterior(x)
-        sf = self.vae.cfg.scaling_factor
-        return {
-            "latent_mean": np.asarray(mean[0]) * sf,
-            "latent_logvar": np.asarray(logvar[0]) + 2.0 * np.log(sf),  # of the scaled latent
-            "text": self._caption(record["caption"]),
-        }
+        demo's VAE and text encoder (input.data_dir with a dataset of raw clips). A clip's
+        posterior is computed once (a small dataset comes round every few steps) and kept while
+        the cache holds under ENCODE_CACHE_BYTES."""
+        key = (record.get("path"), record["frames"].shape)
+        if key not in self._posteriors:
+            x = record["frames"].astype(np.float32)[None] / 127.5 - 1.0
+            mean, logvar = self._posterior(x)
+            sf = self.vae.cfg.scaling_factor
+            post = (np.asarray(mean[0]) * sf, np.asarray(logvar[0]) + 2.0 * np.log(sf))
+            size = post[0].nbytes + post[1].nbytes
+            if key[0] is None or self._cached_bytes + size > ENCODE_CACHE_BYTES:
+                return self._encoded(post, record["caption"])
+            self._posteriors[key] = post
+            self._cached_bytes += size
+        return self._encoded(self._posteriors[key], record["caption"])
+
+    def _encoded(self, posterior, caption: str) -> dict[str, np.ndarray]:
+        mean, logvar = posterior  # logvar of the scaled latent
+        return {"latent_mean": mean, "latent_logvar": logvar, "text": self._caption(caption)}
 
     @functools.cached_property
     def _posterior(self):
@@ -297,13 +323,13 @@ class Demo:
             self._captions[caption] = embed(self.encoder, [caption], self.c.input.text_len)[0]
         return self._captions[caption]
 
-    def write_reconstructions(self) -> None:
+    def write_reconstructions(self, vae) -> None:
         """WORKDIR/samples/vae_reconstruction.mp4: clips (top) over their reconstructions."""
         if jax.process_index() != 0:
             return
         inp = self.c.input
         x, _ = _clips(range(4), self.c.seed, inp.num_frames, inp.height)
-        rec = np.asarray(_reconstruct(self.vae, jnp.asarray(x)))
+        rec = np.asarray(_reconstruct(vae, jnp.asarray(x)))
         top, bottom = np.concatenate(list(x), axis=2), np.concatenate(list(rec), axis=2)
         grid = np.concatenate([top, bottom], axis=1) / 2 + 0.5
         os.makedirs(os.path.dirname(self._reconstruction_path), exist_ok=True)

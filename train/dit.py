@@ -22,7 +22,7 @@ import time
 import jax
 
 from data import pipeline
-from train import checkpoint, evaluate, inputs, metrics
+from train import checkpoint, evaluate, inputs, memory, metrics
 from train.objective import Packed
 from train.program import Program, make_program, model_folder
 from train.run import Lora, Run, resolve
@@ -53,6 +53,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         demo = demo_lib.Demo(config, workdir)
     train_ds, eval_ds = inputs.datasets(run, rows, eval_rows, demo)
+    if demo is not None:
+        demo.prepare()  # the VAE trains (or is restored) once the data have passed their checks
     mngr = checkpoint.manager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         keep=config.ckpt.keep,
@@ -91,6 +93,7 @@ def _loop(prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir
     step = int(state["step"])
     log = metrics.Logger(workdir, c.total_steps, step, progress=c.log.progress)
     meter = Meter(run)
+    guard = step_guard(run)
     last_saved = step if mngr.latest_step() is not None else None
     row = {}
     try:
@@ -98,6 +101,7 @@ def _loop(prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir
             local = next(data_iter)  # outside the mesh: raw clips may be encoded here
             with run.on_mesh():
                 batch = pipeline.global_batch(local, run.batch_sharding, c.batch_size)
+                guard.check(p_train, state, batch, frozen, shape_of=batch)  # each new shape
                 state, out = p_train(state, batch, frozen)
             step += 1
             loss = meter.add(out)
@@ -124,6 +128,21 @@ def _loop(prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir
     finally:
         log.close()
     return {"step": step, **row}
+
+
+def step_guard(run: Run) -> memory.StepGuard:
+    """The check of each new batch shape's planned memory, naming the settings that shrink it."""
+    c = run.config
+    shrink = f"lower batch_size ({c.batch_size})"
+    if isinstance(run.objective, Packed):
+        shrink += " or input.video_budget / input.max_clips (the packed rows)"
+    elif run.data == "prepared":
+        shrink += " or the clips' size (tools.prepare_data --size / --buckets)"
+    if c.model.remat != "full":
+        shrink += f", or set model.remat=full (now {c.model.remat})"
+    local = sum(d.process_index == jax.process_index() for d in run.mesh.devices.flat)
+    limit = int(c.get("memory_limit_gb", 0.0) * memory.GB)
+    return memory.StepGuard("the training step", shrink, devices=local, limit_bytes=limit)
 
 
 def _evaluate(prog: Program, state, frozen, held_out, demo, step: int) -> dict:
@@ -177,6 +196,7 @@ class Meter:
         peak = metrics.peak_flops(self.run.mesh.devices.flat[0]) * self.run.mesh.devices.size
         if peak:  # model FLOPs utilisation against the devices' bf16 peak (0: unknown, CPU)
             row["mfu"] = self.flops / dt / peak
+        row["peak_host_gb"] = memory.peak_host_bytes() / memory.GB  # this process, so far
         if self.skipped:  # steps skipped since the last logged row
             row["skipped_nonfinite"] = self.skipped
         return row

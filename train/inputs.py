@@ -96,10 +96,14 @@ def _prepared(run, rows, eval_rows, demo):
             repeat=False,
             **kw,
         )
-    except ValueError as e:
+    except ValueError:
+        shapes = np.asarray(ds.shapes("eval")).reshape(-1, 3)
+        most = int(np.unique(shapes, axis=0, return_counts=True)[1].max())
         raise ValueError(
             f"input.data_dir {c.input.data_dir}: the 'eval' split has no evals.batch_size="
-            f"{c.evals.batch_size} clips of one shape ({e})"
+            f"{c.evals.batch_size} clips of one shape (held-out batches are of one shape; at "
+            f"most {most} of its clips share one): set evals.batch_size to at most {most}, "
+            "or prepare more held-out clips of one size (--eval_examples, --buckets)"
         ) from None
     return train, held_out
 

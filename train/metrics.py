@@ -123,6 +123,9 @@ def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> 
     speeds = [r["tokens_per_sec"] for r in rows if isinstance(r.get("tokens_per_sec"), float)]
     if speeds:
         lines.append(f"  throughput: {np.median(speeds):,.0f} tokens/s (median of the logs)")
+    peaks = [r["peak_host_gb"] for r in rows if isinstance(r.get("peak_host_gb"), float)]
+    if peaks:
+        lines.append(f"  peak host memory: {max(peaks):.2f} GB (resident, this process)")
     lines.append(f"  checkpoints: {os.path.join(workdir, 'checkpoints')} (steps {checkpoints})")
     samples = os.path.join(workdir, "samples")
     if os.path.isdir(samples):
