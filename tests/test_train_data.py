@@ -111,8 +111,8 @@ def _demo(workdir, demo_vae, data, *overrides):
     if not (workdir / "demo_vae").exists():
         shutil.copytree(demo_vae, workdir / "demo_vae")
     cmd = [sys.executable, "-m", "train", "--config", "configs/demo.py:runlocal"]
-    cmd += ["--workdir", str(workdir), f"--config.input.data_dir={data}", "--config.total_steps=3"]
-    cmd += ["--config.evals.every_steps=3", "--config.ckpt.every_steps=2", *overrides]
+    cmd += ["--workdir", str(workdir), f"--config.input.data_dir={data}", "--config.total_steps=2"]
+    cmd += ["--config.evals.every_steps=2", *overrides]
     env = compile_env(devices=1)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc.returncode, proc.stdout, proc.stderr
@@ -130,7 +130,7 @@ PACKED = ("--config.input.packing=True", "--config.batch_size=2", "--config.eval
 
 
 @pytest.mark.slow
-def test_demo_packs_its_own_sized_clips_and_resumes(own_native, demo_vae, tmp_path):
+def test_demo_packs_its_own_sized_clips(own_native, demo_vae, tmp_path):
     ds = prepared.open_prepared(own_native)
     assert {tuple(s) for s in ds.shapes("train")} == set(OWN_SIZES)  # each clip its own size
     code, out, err = _demo(tmp_path, demo_vae, own_native, *PACKED)
@@ -139,7 +139,7 @@ def test_demo_packs_its_own_sized_clips_and_resumes(own_native, demo_vae, tmp_pa
     # tokens, rounded up to 1536): 2 x 1536, not a CogVideoX-sized row.
     assert "packing: rows of 3072 video tokens and up to 10 clips" in out
     rows = _rows(tmp_path)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert all(r["packing_efficiency"] >= 0.85 for r in rows), [
         r["packing_efficiency"] for r in rows
@@ -147,13 +147,7 @@ def test_demo_packs_its_own_sized_clips_and_resumes(own_native, demo_vae, tmp_pa
     assert all(r["peak_host_gb"] < 4.0 for r in rows), [r["peak_host_gb"] for r in rows]
     assert np.isfinite(rows[-1]["eval_loss"]) and "prompt_adherence" in rows[-1]
     assert "peak host memory:" in out  # the end-of-run summary
-    # Resume from step 2: the data position comes back with the checkpoint.
-    shutil.rmtree(tmp_path / "checkpoints" / "3")
-    code, out, err = _demo(tmp_path, demo_vae, own_native, *PACKED)
-    assert code == 0, err[-3000:]
-    again = _rows(tmp_path)
-    for key in ("loss", "grad_norm", "packing_efficiency", "eval_loss"):
-        assert [r.get(key) for r in again] == [r.get(key) for r in rows], key
+    # (A packed run's data position is restored bit for bit: test_data_pipeline's resume tests.)
 
 
 @pytest.mark.slow
@@ -164,7 +158,7 @@ def test_demo_buckets_its_own_clips(own_clips, demo_vae, tmp_path):
     code, stdout, err = _demo(tmp_path / "run", demo_vae, out, "--config.evals.batch_size=2")
     assert code == 0, err[-3000:]
     rows = _rows(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows) and np.isfinite(rows[-1]["eval_loss"])
     assert all(r["peak_host_gb"] < 4.0 for r in rows)
 

@@ -6,11 +6,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
+
+
+def _tensorboardx():
+    """tensorboardX, imported without torch: its writer imports torch whenever it is installed
+    (only to accept torch tensors, which the trainer never logs), about 1.5 s of every start.
+    torch stays importable afterwards."""
+    if "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
 
 # Peak dense bf16 FLOP/s per device, by jax's device_kind (the CUDA device name on GPUs).
 # Sources: cloud.google.com/tpu/docs/v5p (459 TFLOPs), /v5e (197), /v6e (918); NVIDIA's H100
@@ -46,7 +62,7 @@ class Logger:
         # A resumed run purges TensorBoard events logged after its checkpoint (TensorBoard hides
         # events at steps >= purge_step from the earlier files), as metrics.jsonl is truncated.
         purge = start_step + 1 if start_step > 0 else None
-        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+        self._tb = _tensorboardx().SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
         self._bar = tqdm.tqdm(
             total=total_steps, initial=start_step, disable=not progress, dynamic_ncols=True
         )
