@@ -176,14 +176,22 @@ def save_transformer(model, folder: str | os.PathLike, *, overwrite: bool = Fals
 
 
 def _write_orbax_transformer(model, folder: Path) -> None:
+    write_orbax_module(model, folder, "transformer", model.cfg.to_diffusers())
+
+
+def write_orbax_module(model, folder: str | os.PathLike, component: str, config: dict) -> None:
+    """Write a module's parameters and buffers as an Orbax component folder of `component`
+    ("transformer", "vae", "text_encoder") into the existing `folder`, with `config` as its
+    config.json (diffusers' or transformers', which names the component)."""
+    folder = Path(folder)
     state = weights.flatten(nnx.to_pure_dict(nnx.state(model, (nnx.Param, Buffer))))
     weights.save_params(
         folder / PARAMS_DIR,
         ((k, np.asarray(v)) for k, v in state.items()),
         group_bytes=STREAM_GROUP_BYTES,
     )
-    (folder / "config.json").write_text(json.dumps(model.cfg.to_diffusers(), indent=2) + "\n")
-    (folder / MARKER).write_text(json.dumps({"format": 1, "component": "transformer"}) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / MARKER).write_text(json.dumps({"format": 1, "component": component}) + "\n")
 
 
 FORMATS = ("diffusers", "orbax")

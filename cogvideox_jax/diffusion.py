@@ -53,6 +53,21 @@ class ScheduleConfig:
             beta_end=float(config.get("beta_end", 0.012)),
         )
 
+    def to_diffusers(self) -> dict:
+        """A CogVideoXDDIMScheduler scheduler_config.json of this schedule (the keys
+        `from_diffusers` fixes at the only values it supports)."""
+        return {
+            "_class_name": "CogVideoXDDIMScheduler",
+            "beta_schedule": "scaled_linear",
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "set_alpha_to_one": True,
+            "timestep_spacing": "trailing",
+            "steps_offset": 0,
+            "clip_sample": False,
+            **dataclasses.asdict(self),
+        }
+
 
 def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
     """alpha_bar[t], t = 0..T-1, float64."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -421,12 +422,16 @@ class T5Encoder(nnx.Module):
 
 
 def load_tokenizer(folder):
-    """transformers' T5 tokenizer from a folder (`spiece.model` or `tokenizer.json` inside).
+    """The tokenizer of a model folder's tokenizer/ (`spiece.model` or `tokenizer.json`), of the
+    class its tokenizer_config.json names: T5Tokenizer for CogVideoX's, PreTrainedTokenizerFast
+    for an exported demo run's word-level one; T5Tokenizer where no tokenizer_config.json says.
 
     transformers is imported here so that the model code above needs only jax.
     """
-    from transformers import T5Tokenizer
+    from transformers import AutoTokenizer, T5Tokenizer
 
+    if (Path(folder) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
     return T5Tokenizer.from_pretrained(str(folder))
 
 

@@ -89,6 +89,22 @@ def tokenize(captions, length: int = TEXT_LEN) -> np.ndarray:
     return ids
 
 
+def transformers_tokenizer():
+    """`tokenize` as a transformers tokenizer (a `PreTrainedTokenizerFast` over a word-level
+    vocabulary: lower-cased words split at whitespace, unknown words <unk>, no end token,
+    right-padded with <pad> and cut at the call's max_length), for a demo run exported as a
+    diffusers model folder."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    words.normalizer = normalizers.Lowercase()
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", unk_token="<unk>", model_max_length=TEXT_LEN
+    )
+
+
 def read_clip(frames: np.ndarray, *, value_range=(-1.0, 1.0)) -> tuple[str | None, str | None]:
     """(dominant colour, motion direction) read from frames (F, H, W, 3); None where unclear.
 

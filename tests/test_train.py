@@ -453,7 +453,8 @@ def test_end_of_run_summary(tmp_path):
     assert f"python -m tools.convert run-to-diffusers {tmp_path} OUT" in text
     demo = metrics.summary(str(tmp_path), checkpoints=[4], demo=True, model="")
     assert f'tools.sample --model {tmp_path} --prompt "a red circle moving left"' in demo
-    assert "run-to-diffusers" not in demo and "prompt_adherence" not in demo
+    assert f"run-to-diffusers {tmp_path} OUT [--ema]" in demo  # its own VAE and text encoder
+    assert "--base" not in demo and "prompt_adherence" not in demo
 
 
 @pytest.fixture(scope="module")
@@ -498,7 +499,6 @@ def test_demo_runlocal_end_to_end(demo_run):
 @pytest.mark.slow
 def test_demo_run_samples_from_the_command_line(demo_run, tmp_path, capsys):
     from data.video import read_mp4
-    from tools import convert as convert_tool
     from tools import sample
 
     out = tmp_path / "v.mp4"
@@ -507,13 +507,52 @@ def test_demo_run_samples_from_the_command_line(demo_run, tmp_path, capsys):
     assert "demo VAE: restored from" in capsys.readouterr().out
     frames, fps = read_mp4(out)
     assert frames.shape == (9, 32, 32, 3) and fps == 8  # the run's clip size by default
-    # Words outside the demo's captions, and exporting the demo: one line each, exit 2.
+    # Words outside the demo's captions: one line, exit 2.
     assert sample.main([*argv, "--prompt", "a purple circle moving left"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "knows only its captions' words, not ['purple']" in err[0], err
-    assert convert_tool.main(["run-to-diffusers", str(demo_run), str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a demo run (configs/demo.py) has no model folder" in err[0], err
+
+
+@pytest.mark.slow
+def test_demo_run_exports_as_a_diffusers_model(demo_run, tmp_path):
+    from diffusers import CogVideoXPipeline
+
+    from cogvideox_jax.pipeline import Pipeline
+    from tools import convert as convert_tool
+    from train import export
+
+    out = tmp_path / "model"
+    assert convert_tool.main(["run-to-diffusers", str(demo_run), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "transformer",
+        "vae",
+    ]
+    prompt = "A red circle moving left"  # the tokenizer lower-cases, as the demo's does
+    noise = np.random.default_rng(5).standard_normal((1, 3, 4, 4, 16)).astype(np.float32)
+    kw = dict(height=32, width=32, num_frames=9, num_inference_steps=3, guidance_scale=4.0)
+    demo, _ = export.pipeline(str(demo_run))  # the run itself: DemoPipeline
+    got = demo(prompt, latents=noise, output_type="latent", **kw)
+    # The demo trained its dropped captions as zero embeddings: the negative prompt of its CFG.
+    neg = np.zeros((1, 8, 32), np.float32)
+    ours = Pipeline.from_pretrained(out)(
+        prompt, latents=noise, negative_prompt_embeds=neg, output_type="latent", **kw
+    )
+    assert ref.rel_l2(ours, got) <= 1e-5, ref.rel_l2(ours, got)
+    pipe = CogVideoXPipeline.from_pretrained(out)
+    embeds, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=8)
+    want = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=torch.from_numpy(neg),
+        latents=torch.from_numpy(noise).permute(0, 1, 4, 2, 3),
+        output_type="latent",
+        **kw,
+    ).frames
+    want = want.permute(0, 1, 3, 4, 2).numpy()
+    assert ref.rel_l2(got, want) <= 1e-4, ref.rel_l2(got, want)
 
 
 @pytest.mark.slow

@@ -388,6 +388,39 @@ class Demo:
 # ---- Sampling a finished demo run (tools.sample --model RUN) ----
 
 
+def write_base(c, workdir: str, folder) -> None:
+    """A demo run's model folder without its transformer, in Orbax components: the run's VAE
+    (WORKDIR/demo_vae), its frozen text encoder, a transformers tokenizer of the captions' words
+    (`data.demo.transformers_tokenizer`), the schedule and model_index.json; the `base` that
+    `components.write_model` adds the run's transformer to."""
+    from cogvideox_jax import components
+
+    vae, _ = train_vae(c, workdir, restore_only=True)
+    encoder = text_encoder(c.demo, c.seed + 5)
+    parts = [
+        ("vae", vae, {"_class_name": "AutoencoderKLCogVideoX", **vae.cfg.to_diffusers()}),
+        ("text_encoder", encoder, encoder.cfg.to_transformers()),
+    ]
+    for name, module, config in parts:
+        os.makedirs(os.path.join(folder, name))
+        components.write_orbax_module(module, os.path.join(folder, name), name, config)
+    demo_data.transformers_tokenizer().save_pretrained(os.path.join(folder, "tokenizer"))
+    schedule = diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
+    os.makedirs(os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(schedule.to_diffusers(), f, indent=2)
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
 class DemoPipeline(cj.Pipeline):
     """A demo run as a pipeline: its transformer with its own VAE (WORKDIR/demo_vae) and frozen
     word-level text encoder. Prompts use the demo captions' words; an empty prompt is the

@@ -10,9 +10,12 @@ checkpoint exports without the config it was trained with.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -79,13 +82,31 @@ def write(
     """Write a run's transformer as a `fmt` component folder, or with `base` a whole model
     folder (`components.write_model`); returns the report."""
     model, meta, folder = transformer(run, step=step, ema=ema)
-    _refuse_demo(meta, folder, "export")
-    if base:
-        base = base_model(meta, folder, base)
     what = "EMA weights" if ema else "weights"
     kind = "LoRA merged into its base" if "lora" in meta else "full run"
     report = [f"read the {what} of {folder} ({kind})"]
+    if meta.get("demo"):  # a whole model folder: the run's own VAE and text encoder
+        if base:
+            raise ValueError(f"{folder}: a demo run exports with its own VAE and text encoder")
+        return report + _write_demo(model, meta, folder, dst, fmt, overwrite)
+    if base:
+        base = base_model(meta, folder, base)
     return report + components.write_model(model, dst, fmt, base=base, overwrite=overwrite)
+
+
+def _write_demo(model, meta, folder, dst, fmt, overwrite) -> list[str]:
+    from train import demo
+
+    config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dst))) as tmp:
+        base = os.path.join(tmp, "base")
+        demo.write_base(config, _workdir(folder), base)
+        report = components.write_model(model, dst, fmt, base=base, overwrite=overwrite)
+    return [line.replace(f" from {base}", " (the demo run's own)") for line in report]
+
+
+def _workdir(step_folder: str) -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(step_folder)))
 
 
 def pipeline(run: str, *, step=None, ema=False, base: str = "", dtype=None):
@@ -95,25 +116,11 @@ def pipeline(run: str, *, step=None, ema=False, base: str = "", dtype=None):
 
     model, meta, folder = transformer(run, step=step, ema=ema, dtype=dtype)
     if meta.get("demo"):
-        import json
-
-        import ml_collections
-
         from train import demo
 
         if base:
             raise ValueError(f"{folder}: a demo run samples with its own VAE and text encoder")
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
-        workdir = os.path.dirname(os.path.dirname(os.path.abspath(folder)))
-        return demo.DemoPipeline(model, config, workdir), folder
+        return demo.DemoPipeline(model, config, _workdir(folder)), folder
     parts = Pipeline.from_pretrained(base_model(meta, folder, base), dtype=dtype, transformer=model)
     return parts, folder
-
-
-def _refuse_demo(meta: dict, folder: str, what: str) -> None:
-    if meta.get("demo"):
-        raise ValueError(
-            f"{folder}: a demo run (configs/demo.py) has no model folder to {what} with (its VAE "
-            "and word-level text encoder are its own); sample it with python -m tools.sample "
-            "--model RUN"
-        )

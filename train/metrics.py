@@ -28,6 +28,7 @@ def _tensorboardx():
         del sys.modules["torch"]
     return tensorboardX
 
+
 # Peak dense bf16 FLOP/s per device, by jax's device_kind (the CUDA device name on GPUs).
 # Sources: cloud.google.com/tpu/docs/v5p (459 TFLOPs), /v5e (197), /v6e (918); NVIDIA's H100
 # and H200 datasheets (SXM 989 dense, i.e. half the 1979 "with sparsity"; H100 PCIe 756, H100
@@ -157,9 +158,7 @@ def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> 
         f'  sample from it: python -m tools.sample --model {workdir}{base} --prompt "{prompt}" '
         "--out video.mp4"
     )
-    if not demo:
-        lines.append(
-            f"  export it: python -m tools.convert run-to-diffusers {workdir} OUT [--ema] "
-            "[--base MODEL]"
-        )
+    lines.append(
+        f"  export it: python -m tools.convert run-to-diffusers {workdir} OUT [--ema]{base}"
+    )
     return "\n".join(lines)
