@@ -20,6 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# scheduler_config.json keys CogVideoX's schedulers set, at the only values supported here.
+FIXED_SCHEDULER_KEYS = {
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+    "timestep_spacing": "trailing",
+    "steps_offset": 0,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
@@ -33,15 +43,7 @@ class ScheduleConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping) -> ScheduleConfig:
         """From a CogVideoX scheduler_config.json (DDIM or DPM: they share the keys)."""
-        fixed = {
-            "beta_schedule": "scaled_linear",
-            "prediction_type": "v_prediction",
-            "rescale_betas_zero_snr": True,
-            "set_alpha_to_one": True,
-            "timestep_spacing": "trailing",
-            "steps_offset": 0,
-        }
-        for key, want in fixed.items():
+        for key, want in FIXED_SCHEDULER_KEYS.items():
             if key in config and config[key] != want:
                 raise ValueError(
                     f"scheduler_config.json: {key}={config[key]!r} is not supported (only {want!r})"
@@ -58,12 +60,7 @@ class ScheduleConfig:
         `from_diffusers` fixes at the only values it supports)."""
         return {
             "_class_name": "CogVideoXDDIMScheduler",
-            "beta_schedule": "scaled_linear",
-            "prediction_type": "v_prediction",
-            "rescale_betas_zero_snr": True,
-            "set_alpha_to_one": True,
-            "timestep_spacing": "trailing",
-            "steps_offset": 0,
+            **FIXED_SCHEDULER_KEYS,
             "clip_sample": False,
             **dataclasses.asdict(self),
         }
