@@ -1,7 +1,6 @@
 """Dataset listings, clip decoding and `python -m tools.prepare_data`, on real mp4 files."""
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from conftest import compile_env
 
 from data import prepared, sources, video
 
@@ -64,8 +64,7 @@ def dataset(tmp_path_factory):
 
 
 def _cli(*args, check=True, devices=8):
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    env = compile_env(devices)
     cmd = [sys.executable, "-m", "tools.prepare_data", *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
