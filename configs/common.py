@@ -133,7 +133,10 @@ def dit_config(
     # (logical name, mesh axes) pairs replacing those names' DEFAULT_RULES entries, e.g.
     # (("embed", "fsdp"),) to keep weights whole across context shards.
     c.sharding_rules = ()
-    c.ckpt = dict(every_steps=500, keep=3, async_save=True)
+    # step: the checkpoint to resume from (or, in eval mode, to evaluate); 0: the newest intact
+    # one. A pinned step that is damaged or absent, or has newer checkpoints beside it in a
+    # training run, stops the run with the reason. keep: how many intact steps Orbax keeps.
+    c.ckpt = dict(every_steps=500, keep=3, async_save=True, step=0)
     c.log = dict(every_steps=10, progress=True)
     c.evals = dict(every_steps=1000, timesteps=(100, 300, 500, 700, 900), batch_size=8)
     c.init = dict(checkpoint="")  # a diffusers/Orbax transformer folder to start from

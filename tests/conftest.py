@@ -59,6 +59,7 @@ if not jax.config.jax_compilation_cache_dir:
 FILE_SECONDS = {
     "test_train_data.py": 170,
     "test_train.py": 150,
+    "test_checkpoint_faults.py": 90,
     "test_transformer.py": 90,
     "test_vae.py": 80,
     "test_pipeline.py": 65,

@@ -112,6 +112,7 @@ def main(argv):
     import jax
 
     from train import dit as loop
+    from train import workdir_lock
     from train.run import resolve
 
     try:
@@ -122,6 +123,8 @@ def main(argv):
         print(f"{setup}: {jax.device_count()} devices", flush=True)
     try:
         loop.train_and_evaluate(config, workdir)
+    except workdir_lock.Busy as e:  # another run's workdir: no error.txt written into it
+        fail(str(e))
     except ValueError as e:  # the run's data or a step refused, e.g. one that cannot fit
         name = "error.txt" if jax.process_count() == 1 else f"error_{jax.process_index()}.txt"
         path = os.path.join(workdir, name)  # the whole story, for a bug report

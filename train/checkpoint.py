@@ -7,12 +7,28 @@ Saves are asynchronous and atomic (Orbax writes to a temporary folder and rename
 so a process killed at any moment, even mid-save, leaves the previous checkpoints intact; the
 temporary folder of the interrupted save is removed on the next start. Restoring takes the
 target's shardings from the abstract state, so a checkpoint can be restored onto another mesh.
+
+A checkpoint damaged after its commit (a truncated or lost file, a disk or copy fault) is found
+in two ways. Before the manager opens, every step folder gets a cheap structural check (`damage`:
+Orbax's and Grain's metadata files present and parseable, every item folder there); one that
+fails is moved to `checkpoints/damaged/STEP` (a name Orbax does not take for a step) with a line
+saying why, so that Orbax only sees, keeps and counts (`ckpt.keep`) intact steps and its retention
+never deletes the last intact one in favour of damaged newer ones. Then the restore itself
+(`restore_newest`) goes from the newest step down: a step whose restore fails (a truncated tensor
+file passes the structural check) is moved aside the same way once an older step has restored.
+If no step restores, nothing is moved and the run stops with every step's error: a fault common
+to all of them (storage, memory, a config that does not fit the checkpoints) is likelier than
+every step being damaged. `ckpt.step=N` (0: the newest intact step) pins the step: N itself is
+never moved, and a damaged or absent N stops the run with what is wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+import sys
 
 import grain
 import jax
@@ -21,8 +37,16 @@ import orbax.checkpoint as ocp
 
 from cogvideox_jax import weights
 
+DAMAGED = "damaged"  # checkpoints/damaged/STEP: steps that cannot be resumed from, moved aside
+DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")  # Grain's iterator position, per process
 
-def manager(directory: str, *, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+
+def manager(
+    directory: str, *, keep: int, async_save: bool = True, step: int = 0
+) -> ocp.CheckpointManager:
+    """The Orbax manager of the checkpoints in `directory`, opened once its damaged steps are
+    moved aside (`set_aside_damaged`; `step`: the pinned ckpt.step, 0: none)."""
+    set_aside_damaged(directory, pinned=step)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         enable_async_checkpointing=async_save,
@@ -50,31 +74,52 @@ def restore_or_init(
     init_checkpoint: str,
     load_pretrained,
     random_init,
+    step: int = 0,
 ):
     """The train state to start from, and where it came from. First match wins:
 
-    1. The latest checkpoint in the workdir: everything (parameters, optimiser state, EMA, step,
-       RNG and the data iterator, which is restored in place). Resuming always wins, so a
-       restarted job continues instead of starting over.
+    1. The newest intact checkpoint in the workdir (`restore_newest`), or step `step` (ckpt.step)
+       when it is pinned: everything (parameters, optimiser state, EMA, step, RNG and the data
+       iterator, which is restored in place). Resuming always wins, so a restarted job continues
+       instead of starting over.
     2. `init.checkpoint` (a diffusers or Orbax transformer folder): its weights, a fresh
        optimiser, step 0.
     3. A random initialisation from `seed`.
 
-    `abstract_state` carries the target shardings (the restore may be onto another mesh).
+    `abstract_state` carries the target shardings (the restore may be onto another mesh). A
+    pinned step must be the newest: the run's next saves would collide with newer steps (Orbax
+    skips saves at or below its latest step).
     """
-    step = mngr.latest_step()
-    if step is not None:
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
+    newer = [s for s in mngr.all_steps() if step and s > step]
+    if newer:
+        raise ValueError(
+            f"ckpt.step={step}: {mngr.directory} holds newer checkpoints (steps {sorted(newer)}), "
+            f"which a run resumed from step {step} could not save over: move them out of that "
+            f"folder, or set ckpt.step=0 to resume from step {max(newer)}"
         )
-        return restored["state"], f"resumed from step {step} of {mngr.directory}"
+    if mngr.latest_step() is not None:
+        restore = functools.partial(_restore_train, mngr, abstract_state, data_iter)
+        step, state = restore_newest(mngr, restore, pinned=step)
+        return state, f"resumed from step {step} of {mngr.directory}"
     if init_checkpoint:
         return load_pretrained(init_checkpoint), f"initialised from {init_checkpoint}"
     return random_init(), "random initialisation"
+
+
+def _restore_train(mngr: ocp.CheckpointManager, abstract_state, data_iter, step: int):
+    """Step `step`'s train state, and its iterator position into `data_iter`. The state comes
+    first and alone: a failed restore then leaves `data_iter` as it was (Grain's handler reads and
+    parses the position before it sets it)."""
+    folder = os.path.join(str(mngr.directory), str(step), "data")
+    saved = {int(m.group(2)) for m in map(DATA_FILE.fullmatch, os.listdir(folder)) if m}
+    if jax.process_count() not in saved:
+        raise ValueError(
+            f"its data position was saved by {sorted(saved)} process(es), this run has "
+            f"{jax.process_count()}: resume with the same number of processes"
+        )
+    state = restore_state(mngr, step, abstract_state)
+    mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return state
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -83,6 +128,207 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
     return restored["state"]
+
+
+def restore_newest(mngr: ocp.CheckpointManager, restore, *, pinned: int = 0):
+    """(step, restore(step)) of the newest step that restores, or of step `pinned` (ckpt.step)
+    alone. Steps newer than the one that restored, whose restore failed, are moved to damaged/
+    (a line each, with the error); if none restores, or the pinned one does not, a ValueError
+    says why and nothing is moved."""
+    directory = str(mngr.directory)
+    if pinned:
+        try:
+            return pinned, restore(pinned)
+        except Exception as e:
+            _quiet_aborted_reads()
+            folder = os.path.join(directory, str(pinned))
+            raise ValueError(f"ckpt.step={pinned}: {folder} cannot be restored: {_why(e)}") from e
+    failed = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = restore(step)
+        except Exception as e:  # a damaged step, or a fault of them all: decided below
+            _quiet_aborted_reads()
+            failed.append((step, _why(e)))
+            continue
+        if failed:
+            if jax.process_index() == 0:
+                for bad, why in failed:
+                    _move_aside(directory, bad, f"its restore failed: {why}")
+            _sync("checkpoint.restore_newest")
+            mngr.reload()
+        return step, restored
+    errors = "; ".join(f"step {s}: {why}" for s, why in failed)
+    raise ValueError(
+        f"no checkpoint in {directory} could be restored ({errors}); if they are damaged, move "
+        "them out of that folder to start over"
+    )
+
+
+# ---- Damaged steps ----
+
+
+def set_aside_damaged(directory: str, *, pinned: int = 0) -> None:
+    """Move every step folder of `directory` that fails the structural check (`damage`) to
+    `directory/damaged/`, a line each (process 0 moves, the other processes wait for it). The
+    pinned step (ckpt.step; 0: none) is never moved: absent or damaged, it is a ValueError."""
+    steps = _steps(directory)
+    if pinned:
+        folder = os.path.join(directory, str(pinned))
+        if pinned not in steps:
+            aside = os.path.join(directory, DAMAGED, str(pinned))
+            moved = f"; it was found damaged and moved to {aside}" if os.path.isdir(aside) else ""
+            raise ValueError(
+                f"ckpt.step={pinned}: there is no {folder} (the checkpoints there: steps "
+                f"{sorted(steps)}{moved})"
+            )
+        why = damage(folder)
+        if why:
+            raise ValueError(f"ckpt.step={pinned}: {folder} is damaged: {why}")
+    if jax.process_index() == 0:
+        for step in steps:
+            why = damage(os.path.join(directory, str(step)))
+            if why:
+                _move_aside(directory, step, why)
+    _sync("checkpoint.set_aside_damaged")
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with the step folder `folder` (None: it looks intact), read from its small
+    files only: Orbax's step metadata names the items and each item's folder is there; the state's
+    tree metadata parses and its OCDBT manifests are there; Grain's iterator positions parse, one
+    per process of the run that saved them; the `meta` JSON parses. Tensor data is not read (the
+    restore finds a truncated tensor file)."""
+    try:
+        items = _json(folder, "_CHECKPOINT_METADATA").get("item_handlers") or {}
+        for item in ("state", "data"):
+            if item not in items:
+                return f"_CHECKPOINT_METADATA names no {item!r} item"
+        for item in items:
+            if not os.path.isdir(os.path.join(folder, item)):
+                return f"its {item}/ folder is missing"
+        if not isinstance(_json(folder, "state/_METADATA").get("tree_metadata"), dict):
+            return "state/_METADATA holds no tree_metadata"
+        state = os.path.join(folder, "state")
+        shards = sorted(d for d in os.listdir(state) if d.startswith("ocdbt.process_"))
+        if shards or os.path.exists(os.path.join(state, "manifest.ocdbt")):  # OCDBT's index
+            for manifest in ["manifest.ocdbt", *(f"{d}/manifest.ocdbt" for d in shards)]:
+                path = os.path.join(state, manifest)
+                if not os.path.isfile(path) or not os.path.getsize(path):
+                    return f"state/{manifest} is missing or empty"
+        why = _data_damage(folder)
+        if why is None and "meta" in items:
+            _json(folder, "meta/metadata")
+        return why
+    except _Unreadable as e:
+        return str(e)
+
+
+def _data_damage(folder: str) -> str | None:
+    """What is wrong with the Grain iterator positions of a step folder (None: nothing)."""
+    names = os.listdir(os.path.join(folder, "data"))
+    found = {n: (int(m.group(1)), int(m.group(2))) for n in names if (m := DATA_FILE.fullmatch(n))}
+    counts = {count for _, count in found.values()}
+    if len(counts) != 1:
+        return (
+            f"data/ holds the iterator positions of runs of {sorted(counts)} processes"
+            if counts
+            else "data/ holds no iterator position (process_I-of-N.json)"
+        )
+    (count,) = counts
+    missing = sorted(set(range(count)) - {index for index, _ in found.values()})
+    if missing:
+        return f"data/ lacks the iterator position of process(es) {missing} of {count}"
+    for name in found:
+        _json(folder, f"data/{name}")
+    return None
+
+
+class _Unreadable(Exception):
+    """A small file of a step folder that is missing or does not parse (its message says which)."""
+
+
+def _json(folder: str, name: str) -> dict:
+    """The JSON object in `folder/name`, or _Unreadable saying what is wrong with it."""
+    path = os.path.join(folder, name)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise _Unreadable(f"{name} is missing") from None
+    except OSError as e:
+        raise _Unreadable(f"{name} cannot be read ({e.strerror})") from None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        size = "empty" if not text.strip() else f"{len(text)} bytes, not valid JSON"
+        raise _Unreadable(f"{name} does not parse ({size})") from None
+    if not isinstance(value, dict):
+        raise _Unreadable(f"{name} holds no JSON object")
+    return value
+
+
+def _steps(directory: str) -> list[int]:
+    """The step folders of `directory` (digits only: no temporary folder of a save)."""
+    if not os.path.isdir(directory):
+        return []
+    names = os.listdir(directory)
+    return [int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+
+
+def _move_aside(directory: str, step: int, why: str) -> None:
+    """Move step folder `step` to directory/damaged/STEP (STEP-2, ... if taken), with a line on
+    the console and the reason in its DAMAGED.txt; process 0 only."""
+    root = os.path.join(directory, DAMAGED)
+    os.makedirs(root, exist_ok=True)
+    dest, n = os.path.join(root, str(step)), 1
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(root, f"{step}-{n}")
+    os.rename(os.path.join(directory, str(step)), dest)
+    with open(os.path.join(dest, "DAMAGED.txt"), "w") as f:
+        f.write(why + "\n")
+    print(f"checkpoint step {step} is damaged ({why}): moved it to {dest}", flush=True)
+
+
+def _why(e: BaseException) -> str:
+    """One line on why a restore failed: its innermost cause (TensorStore's error, not Orbax's
+    wrapper around it that spells out the whole TensorStore spec)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _quiet_aborted_reads() -> None:
+    """After a failed restore, the TensorStore reads still in flight finish on Orbax's closed
+    event loop, and Orbax turns the closing of its abandoned readers into exceptions; Python would
+    print each as an unraisable exception, a screenful of tracebacks at any moment up to the
+    process's exit. From the first failed restore on, those two kinds (only) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_aborted_reads", False):
+        return
+
+    def hook(unraisable):
+        text = str(unraisable.exc_value)
+        if text == "Event loop is closed" or text.startswith(_ORBAX_READ_ERROR):
+            return
+        previous(unraisable)
+
+    hook.quiet_aborted_reads = True
+    sys.unraisablehook = hook
+
+
+_ORBAX_READ_ERROR = "Encountered error while reading array index"
+
+
+def _sync(name: str) -> None:
+    """Wait for every process of a multi-process run (after process 0 moved folders)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def abstract(tree, shardings):

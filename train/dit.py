@@ -22,7 +22,7 @@ import time
 import jax
 
 from data import pipeline
-from train import checkpoint, evaluate, inputs, memory, metrics
+from train import checkpoint, evaluate, inputs, memory, metrics, workdir_lock
 from train.objective import Packed
 from train.program import Program, make_program, model_folder
 from train.run import Lora, Run, resolve
@@ -39,6 +39,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             "so its adapters would get no gradient)"
         )
     os.makedirs(workdir, exist_ok=True)
+    workdir_lock.take(workdir)  # one run per workdir (held until this process ends)
     prog = make_program(run)
     rows = pipeline.process_rows(run.batch_sharding, config.batch_size)
     eval_rows = pipeline.process_rows(run.batch_sharding, config.evals.batch_size)
@@ -59,11 +60,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         keep=config.ckpt.keep,
         async_save=config.ckpt.async_save,
+        step=config.ckpt.step,
     )
     frozen = prog.frozen()
     held_out = evaluate.HeldOut(prog, eval_ds, frozen)
     if config.mode == "eval":
-        return evaluate.evaluate_checkpoint(mngr, prog.abstract_state(), held_out, workdir)
+        return evaluate.evaluate_checkpoint(
+            mngr, prog.abstract_state(), held_out, workdir, step=config.ckpt.step
+        )
     data_iter = iter(train_ds)
     state, origin = checkpoint.restore_or_init(
         mngr,
@@ -72,6 +76,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         init_checkpoint=run.training.init,
         load_pretrained=prog.load_init,
         random_init=prog.random_state,
+        step=config.ckpt.step,
     )
     _note(f"train state: {origin}")
     try:

@@ -51,13 +51,16 @@ class HeldOut:
         return out
 
 
-def evaluate_checkpoint(mngr, abstract_state, held_out: HeldOut, workdir: str) -> dict:
-    """On-demand evaluation of the latest checkpoint in the workdir (config.mode='eval');
-    appends the result to DIR/eval.jsonl and returns it."""
-    step = mngr.latest_step()
-    if step is None:
+def evaluate_checkpoint(
+    mngr, abstract_state, held_out: HeldOut, workdir: str, *, step: int = 0
+) -> dict:
+    """On-demand evaluation (config.mode='eval') of the newest intact checkpoint in the workdir,
+    or of step `step` (ckpt.step) when it is pinned, chosen as a training run chooses where to
+    resume (checkpoint.restore_newest); appends the result to DIR/eval.jsonl and returns it."""
+    if mngr.latest_step() is None:
         raise FileNotFoundError(f"config.mode='eval': no checkpoint in {mngr.directory}")
-    state = checkpoint.restore_state(mngr, step, abstract_state)
+    restore = lambda s: checkpoint.restore_state(mngr, s, abstract_state)  # noqa: E731
+    step, state = checkpoint.restore_newest(mngr, restore, pinned=step)
     row = {"step": step, **held_out(state)}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
