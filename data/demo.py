@@ -1,6 +1,6 @@
 """The built-in demo's data: procedurally drawn, captioned clips of a coloured shape moving over a
 dark background ("a red circle moving left"), a word-level tokenizer for those captions and a
-prompt-adherence scorer that reads the colour and the motion back from frames.
+prompt-adherence scorer that reads the colour, the shape and the motion back from frames.
 
 Clip i is drawn from (seed, i) alone, so the stream is reproducible. Frames are channels-last
 (F, H, W, 3) float32 in [-1, 1].
@@ -19,6 +19,8 @@ COLOURS = {
 SHAPES = ("square", "circle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy)
 BACKGROUND = (0.05, 0.05, 0.08)  # in [0, 1]
+RADIUS = 0.16  # a shape's radius (a square's half side is 0.9 of it), as a fraction of the frame
+TRAVEL = 0.5  # how far a shape moves over a clip, as a fraction of the frame
 
 VOCAB = ("<pad>", "<unk>", "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
 TEXT_LEN = 8  # tokens per caption, padded
@@ -50,8 +52,8 @@ def render(
 ) -> np.ndarray:
     """(F, size, size, 3) in [-1, 1]: the shape travels about half the frame along `direction`."""
     rng = rng or np.random.default_rng(0)
-    radius = size * 0.16 + rng.uniform(-0.5, 0.5)
-    travel = size * 0.5
+    radius = size * RADIUS + rng.uniform(-0.5, 0.5)
+    travel = size * TRAVEL
     dx, dy = DIRECTIONS[direction]
     centre = size / 2 + rng.uniform(-size * 0.08, size * 0.08, 2)  # (x, y) at mid-clip
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
@@ -105,23 +107,49 @@ def transformers_tokenizer():
     )
 
 
-def read_clip(frames: np.ndarray, *, value_range=(-1.0, 1.0)) -> tuple[str | None, str | None]:
-    """(dominant colour, motion direction) read from frames (F, H, W, 3); None where unclear.
+def read_clip(
+    frames: np.ndarray, *, value_range=(-1.0, 1.0)
+) -> tuple[str | None, str | None, str | None]:
+    """(dominant colour, shape, motion direction) read from frames (F, H, W, 3); None where
+    unclear.
 
-    The colour is the palette entry nearest the mean of the bright, saturated pixels over all
-    frames; the direction is the larger axis of the foreground centroid's displacement from the
-    first frame to the last (at least 2 pixels)."""
+    The foreground is the bright, saturated pixels. The colour is the palette entry nearest
+    their mean over all frames. The shape is read from how much of its bounding box the
+    foreground fills, in the frames where it is whole (not touching the border): a disc fills
+    pi/4 of its box, a square all of it; the median over those frames is taken against
+    SQUARE_FILL. The direction is the larger axis of the foreground centroid's displacement from
+    the first frame to the last (at least 2 pixels)."""
     lo, hi = value_range
     x = (np.asarray(frames, np.float32) - lo) / (hi - lo)  # [0, 1]
     strength = x.max(-1) - x.min(-1) * 0.5  # bright and saturated pixels stand out
     mask = strength > 0.45  # (F, H, W)
     if mask.sum() < 4:
-        return None, None
+        return None, None, None
     mean = x[mask].mean(0)
     names = list(COLOURS)
     palette = np.asarray([COLOURS[n] for n in names], np.float32)
     colour = names[int(np.argmin(((palette - mean) ** 2).sum(-1)))]
+    return colour, _shape(mask), _direction(mask)
 
+
+# A disc fills pi/4 (0.785) of its bounding box, a square 1.0: the shape is a square above this.
+SQUARE_FILL = 0.89
+
+
+def _shape(mask: np.ndarray) -> str | None:
+    fills = []
+    for m in mask:
+        if m.sum() < 9 or m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
+            continue  # too small to tell, or cut by the frame's border
+        yy, xx = np.nonzero(m)
+        box = (yy.max() - yy.min() + 1) * (xx.max() - xx.min() + 1)
+        fills.append(m.sum() / box)
+    if not fills:
+        return None
+    return "square" if np.median(fills) > SQUARE_FILL else "circle"
+
+
+def _direction(mask: np.ndarray) -> str | None:
     def centroid(m):
         if m.sum() < 2:
             return None
@@ -130,19 +158,17 @@ def read_clip(frames: np.ndarray, *, value_range=(-1.0, 1.0)) -> tuple[str | Non
 
     first, last = centroid(mask[0]), centroid(mask[-1])
     if first is None or last is None:
-        return colour, None
+        return None
     dx, dy = last - first
     if max(abs(dx), abs(dy)) < 2.0:
-        return colour, None
+        return None
     if abs(dx) >= abs(dy):
-        direction = "right" if dx > 0 else "left"
-    else:
-        direction = "down" if dy > 0 else "up"
-    return colour, direction
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
 
 
 def prompt_adherence(frames: np.ndarray, caption: str, *, value_range=(-1.0, 1.0)) -> float:
-    """1.0 when the colour and the direction read from `frames` both match `caption`, else 0."""
-    colour, direction = read_clip(frames, value_range=value_range)
+    """1.0 when the colour, the shape and the direction read from `frames` all match `caption`,
+    else 0."""
     words = caption.lower().split()
-    return float(colour in words and direction in words)
+    return float(all(part in words for part in read_clip(frames, value_range=value_range)))

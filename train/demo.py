@@ -7,7 +7,8 @@
 3. Latents (posterior means times a measured scaling factor) and text embeddings of every clip,
    computed once and served as a Grain MapDataset with data/synthetic.py's record structure.
 4. Samples at eval steps through cogvideox_jax.pipeline.Pipeline, written as mp4s and scored
-   with data.demo.prompt_adherence.
+   with data.demo.prompt_adherence (colour, shape and direction read back from the frames; each
+   part's accuracy is logged too).
 """
 
 from __future__ import annotations
@@ -358,13 +359,17 @@ class Demo:
             scheduler="ddim",
             seed=self.c.seed + step,
         )  # (B, F, H, W, 3) in [0, 1]
-        scores = [
-            demo_data.prompt_adherence(f, cap, value_range=(0.0, 1.0))
-            for f, cap in zip(frames, caps, strict=True)
-        ]
+        read = [demo_data.read_clip(f, value_range=(0.0, 1.0)) for f in frames]
+        hits = np.array(  # (samples, 3): colour, shape, direction as the caption says
+            [[part in cap.split() for part in parts] for parts, cap in zip(read, caps, strict=True)]
+        )
+        scores = hits.all(axis=1).astype(float)  # = data.demo.prompt_adherence
         if jax.process_index() == 0:
             self._write_samples(step, frames, caps, scores)
-        return {"prompt_adherence": float(np.mean(scores))}
+        out = {"prompt_adherence": float(scores.mean())}
+        for i, part in enumerate(("colour", "shape", "direction")):
+            out[f"adherence_{part}"] = float(hits[:, i].mean())
+        return out
 
     def _write_samples(self, step: int, frames, caps, scores) -> None:
         """samples/step_N_i.mp4, their captions and scores in samples/step_N.json, and one
