@@ -153,6 +153,9 @@ def dit_config(
     # A step whose planned memory (XLA's, all of a process's devices together on CPU; per
     # device elsewhere) is over this is refused before it first runs (0: what is free).
     c.memory_limit_gb = 0.0
+    # A step (batch fetch and train step) taking over this many times the median of the recent
+    # steps has every thread's Python stack written to stderr (train/watchdog.py); 0: off.
+    c.watchdog_factor = 10.0
 
     if arg.mode == "lora":
         # diffusers' CogVideoX LoRA recipe (finetune/: rank 128, alpha 64 on the attention

@@ -74,6 +74,8 @@ def _check_choices(c) -> None:
         raise ValueError(f"config.on_nonfinite must be 'stop' or 'skip', got {c.on_nonfinite!r}")
     if c.get("memory_limit_gb", 0.0) < 0:
         raise ValueError(f"memory_limit_gb must be >= 0 (0: what is free), got {c.memory_limit_gb}")
+    if c.get("watchdog_factor", 0.0) < 0:
+        raise ValueError(f"watchdog_factor must be >= 0 (0: off), got {c.watchdog_factor}")
     if c.ckpt.get("step", 0) < 0:
         raise ValueError(
             f"ckpt.step must be >= 0 (0: the newest intact checkpoint), got {c.ckpt.step}"

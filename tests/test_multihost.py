@@ -1,28 +1,29 @@
 """Multi-process training (train/distributed.py, data/pipeline.py): two real `python -m train`
 processes on this machine, joined through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID with Gloo CPU collectives, train, checkpoint, resume and log what one process
-with the same devices logs; and the start-up rules for the environment variables."""
+JAX_PROCESS_ID with Gloo CPU collectives, train, stop together on a SIGTERM that one of them
+gets (JAX's preemption service), resume and log what one process with the same devices logs;
+and the start-up rules for the environment variables."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import compile_env
-from test_train import MACHINE_KEYS
+from test_train import MACHINE_KEYS, STOPPED, _wait_for_rows
 
 from train import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
-    "--config=configs/cogvideox_2b.py:sft,runlocal",  # global batch 2, evals at steps 3 and 6
-    "--config.ckpt.every_steps=2",
-    # Warm-up then constant: a run extended from 4 to 6 steps has the schedule of a 6-step run.
-    "--config.optim.schedule=constant",
+    "--config=configs/cogvideox_2b.py:sft,runlocal",  # global batch 2, a row every step
+    "--config.ckpt.every_steps=1000",  # the only checkpoint: the one of the stop
+    "--config.evals.every_steps=10",
     "--config.log.progress=False",
 ]
 
@@ -53,64 +54,70 @@ def _launch(workdir: Path, *, processes: int, devices: int, steps: int):
     ]
 
 
-def _run(*launches, timeout=300) -> list[str]:
-    """Start every process of `launches` at once and wait for all; a failure or the timeout
-    kills every one of them. Returns their output, in order."""
-    todo = [x for launch in launches for x in launch]
-    procs = []
-    try:
-        for cmd, env, log in todo:
-            with open(log, "w") as out:
-                procs.append(
-                    subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-                )
-        deadline = time.time() + timeout
-        while any(p.poll() is None for p in procs) or any(p.returncode for p in procs):
-            bad = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-            assert bad is None, f"{todo[bad][2]} failed:\n{todo[bad][2].read_text()[-3000:]}"
-            assert time.time() < deadline, f"timed out:\n{todo[0][2].read_text()[-3000:]}"
-            time.sleep(0.2)
-    finally:
-        for p in procs:  # no orphans: a lone survivor would wait on its peer for minutes
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [log.read_text() for _, _, log in todo]
-
-
 def _rows(workdir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in MACHINE_KEYS} for r in rows]
 
 
 @pytest.mark.slow
-def test_two_processes_train_resume_and_equal_one_process(tmp_path):
-    # One process with 2 devices, and two processes with 1 device each (started together).
-    one, two_0, _ = _run(
-        _launch(tmp_path / "one", processes=1, devices=2, steps=6),
-        _launch(tmp_path / "two", processes=2, devices=1, steps=4),
-    )
-    assert "single process: 2 devices" in one
-    assert "process 0 of 2" in two_0 and "per-process batch 1 of 2" in two_0
-    data = tmp_path / "two" / "checkpoints" / "4" / "data"
+def test_two_processes_stop_on_sigterm_at_one_step_resume_and_equal_one_process(tmp_path):
+    """One process with 2 devices, and two processes with 1 device each (started together).
+    SIGTERM reaches process 1 only: JAX's preemption service makes both stop after the same
+    step, with one checkpoint of it (each process's data position in it); the two processes
+    resumed log what the one process logs uninterrupted."""
+    one = _launch(tmp_path / "one", processes=1, devices=2, steps=30)
+    two = _launch(tmp_path / "two", processes=2, devices=1, steps=30)
+    procs = [_start(*x) for x in one + two]
+    try:
+        _wait_for_rows(procs[1], tmp_path / "two" / "metrics.jsonl", 4)
+        assert procs[2].poll() is None, "the run finished before the signal"
+        procs[2].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [log.read_text() for _, _, log in one + two]
+    assert "single process: 2 devices" in logs[0]
+    assert "process 0 of 2" in logs[1] and "per-process batch 1 of 2" in logs[1]
+    assert codes == [0, 128 + signal.SIGTERM, 128 + signal.SIGTERM], logs[1][-3000:]
+    m = STOPPED.search(logs[1])  # process 0 says where it saved, for both
+    assert m, logs[1][-3000:]
+    step = int(m.group(2))
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == [str(step)]
+    data = tmp_path / "two" / "checkpoints" / str(step) / "data"
     assert sorted(p.name for p in data.glob("process_*")) == [
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
-    two_0, _ = _run(_launch(tmp_path / "two", processes=2, devices=1, steps=6))
-    assert "resumed from step 4" in two_0
-
+    procs = [_start(*x) for x in two]
+    try:
+        assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert f"resumed from step {step}" in (tmp_path / "two" / "process_0.log").read_text()
     want, got = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [r["step"] for r in got] == list(range(1, 31))
     assert [sorted(r) for r in got] == [sorted(r) for r in want]
-    assert "eval_loss" in got[2] and "eval_loss" in got[5]
+    assert all("eval_loss" in got[s - 1] for s in (10, 20, 30))
     # The same global batches, noise and timesteps on the same 2-device mesh; only the
     # all-reduces differ (Gloo between processes, in-process otherwise). Summing two addends
     # is exact in either order, so the runs agree bit for bit; the tolerance leaves room for a
     # different reduction order with more processes.
     for w, g in zip(want, got, strict=True):
-        for key in w:
+        for key in (k for k in w if k not in MACHINE_KEYS):
             np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=0, err_msg=key)
+
+
+def _start(cmd, env, log):
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    p.log = log
+    return p
 
 
 # ---- Start-up rules (no processes started) ----

@@ -5,6 +5,7 @@ restoring onto another mesh, config errors and non-finite losses."""
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from ml_collections import config_flags
 import cogvideox_jax as cj
 from cogvideox_jax import diffusion
 from configs import validate
-from train import dit, objective
+from train import dit, metrics, objective
 from train.run import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,9 @@ def _config(name, arg="sft,runlocal", **overrides):
     return cfg
 
 
-# Logged figures of the machine rather than of the run: timings and memory.
-MACHINE_KEYS = ("steps_per_sec", "tokens_per_sec", "peak_host_gb")
+# Logged figures of the machine rather than of the run: rates, memory, where the time went.
+TIME_KEYS = tuple(f"time_{part}_s" for part in metrics.PARTS) + ("time_interval_s", "goodput")
+MACHINE_KEYS = ("steps_per_sec", "tokens_per_sec", "peak_host_gb", *TIME_KEYS)
 
 
 def _rows(workdir):
@@ -225,8 +227,8 @@ def _run(workdir, *overrides, wait=True):
     cmd += ["--workdir", str(workdir), *overrides]
     env = compile_env() | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     log = Path(f"{workdir}.log")
-    with open(log, "ab") as err:  # a file: nobody has to drain a pipe while the run goes on
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    with open(log, "ab") as err:  # a file (both streams): nobody drains a pipe while it runs
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err, stderr=err)
     proc.log = log
     return _wait(proc) if wait else proc
 
@@ -237,39 +239,64 @@ def _wait(proc):
     return proc
 
 
+# What a run stopped by SIGTERM or SIGINT prints on stderr (train/preemption.py).
+STOPPED = re.compile(r"stopped by (SIGTERM|SIGINT) at step (\d+): checkpoint of step \2 saved in ")
+
+
 @pytest.mark.slow
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
+def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
     args = [
         "--config.total_steps=150",
         "--config.ckpt.every_steps=10",
         "--config.evals.every_steps=50",
         "--config.log.progress=False",
     ]
-    # The uninterrupted run goes on beside the one that is killed (another workdir), which
-    # starts once the first has stepped: its programs then come from the compilation cache.
+    # The uninterrupted run goes on beside the one that is killed and the one that is stopped
+    # (other workdirs), which start once the first has stepped: their programs then come from
+    # the compilation cache.
     straight = _run(tmp_path / "straight", *args, wait=False)
+    procs = [straight]
     try:
         _wait_for_rows(straight, tmp_path / "straight" / "metrics.jsonl", 1)
-        proc = _run(tmp_path / "killed", *args, wait=False)
+        killed = _run(tmp_path / "killed", *args, wait=False)
+        stopped = _run(tmp_path / "stopped", *args, wait=False)
+        procs += [killed, stopped]
+        _wait_for_rows(stopped, tmp_path / "stopped" / "metrics.jsonl", 25)
+        assert stopped.poll() is None, "the run finished before the signal"
+        stopped.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        stopped.send_signal(signal.SIGTERM)  # a second signal while it saves changes nothing
         metrics_file = tmp_path / "killed" / "metrics.jsonl"
-        _wait_for_rows(proc, metrics_file, 40)  # at least 3 checkpoints started
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        killed_at = len(metrics_file.read_text().splitlines())
-        assert killed_at < 150
+        _wait_for_rows(killed, metrics_file, 40)  # at least 3 checkpoints started
+        assert killed.poll() is None, "the run finished before it could be killed"
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert len(metrics_file.read_text().splitlines()) < 150
+        assert stopped.wait(timeout=120) == 128 + signal.SIGTERM
         _wait(straight)
     finally:
-        if straight.poll() is None:
-            straight.kill()
-            straight.wait()
-    _run(tmp_path / "killed", *args)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    # SIGTERM: a checkpoint of the step in flight, one line saying where and how to resume.
+    err = stopped.log.read_text()
+    m = STOPPED.search(err)
+    assert m and m.group(1) == "SIGTERM" and "run the same command to resume" in err, err[-3000:]
+    step = int(m.group(2))
+    assert 25 <= step < 150 and (tmp_path / "stopped" / "checkpoints" / str(step)).is_dir()
+    assert [r["step"] for r in _rows(tmp_path / "stopped")] == list(range(1, step + 1))
+    for name in ("killed", "stopped"):
+        _run(tmp_path / name, *args)  # the same command resumes
+    assert f"resumed from step {step} " in stopped.log.read_text()
+    assert "resumed from step " in killed.log.read_text()
 
     keys = lambda r: {k: v for k, v in r.items() if k not in MACHINE_KEYS}  # noqa: E731
     straight = [keys(r) for r in _rows(tmp_path / "straight")]
-    resumed = [keys(r) for r in _rows(tmp_path / "killed")]
-    assert [r["step"] for r in resumed] == list(range(1, 151))
-    assert resumed == straight
+    for name in ("killed", "stopped"):
+        resumed = [keys(r) for r in _rows(tmp_path / name)]
+        assert [r["step"] for r in resumed] == list(range(1, 151))
+        assert resumed == straight, name
     # TensorBoard, as it reads the event files (events past a restart's purge step hidden),
     # shows each step's loss once, with metrics.jsonl's values.
     tb = _tensorboard_scalars(tmp_path / "killed" / "tb", "loss")
@@ -396,8 +423,8 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
 # ---- The built-in demo (configs/demo.py) ----
 
 
-def test_demo_prompt_adherence_scorer():
-    from data import demo
+def test_demo_prompt_adherence_scorer(tmp_path):
+    from data import demo, video
 
     for i in range(demo.NUM_CAPTIONS):
         frames, caption = demo.make_clip(i, seed=0)
@@ -406,10 +433,19 @@ def test_demo_prompt_adherence_scorer():
         colour, shape, direction = demo.caption_parts(i)
         other_colour = next(c for c in demo.COLOURS if c != colour)
         other_dir = next(d for d in demo.DIRECTIONS if d != direction)
+        other_shape = next(s for s in demo.SHAPES if s != shape)
+        assert demo.read_clip(frames) == (colour, shape, direction)
         assert demo.prompt_adherence(frames, f"a {other_colour} {shape} moving {direction}") == 0
+        assert demo.prompt_adherence(frames, f"a {colour} {other_shape} moving {direction}") == 0
         assert demo.prompt_adherence(frames, f"a {colour} {shape} moving {other_dir}") == 0
         as_01 = frames / 2 + 0.5
         assert demo.prompt_adherence(as_01, caption, value_range=(0.0, 1.0)) == 1.0
+    # Read back from the mp4 files the demo writes (colour subsampled, compressed) as well.
+    for i in range(0, demo.NUM_CAPTIONS, 3):
+        frames, caption = demo.make_clip(i, seed=1)
+        video.write_mp4(tmp_path / "clip.mp4", frames / 2 + 0.5, 8)
+        decoded, _ = video.read_mp4(tmp_path / "clip.mp4")
+        assert demo.read_clip(decoded, value_range=(0, 255)) == demo.caption_parts(i), caption
     ids = demo.tokenize(["a red circle moving left", ""])
     assert ids.shape == (2, demo.TEXT_LEN) and ids[0, 4] > 1 and not ids[1].any()
 
@@ -477,6 +513,9 @@ def test_demo_runlocal_end_to_end(demo_run):
     scored = [r for r in rows if "prompt_adherence" in r]
     assert [r["step"] for r in scored] == [3, 6]
     assert all(0.0 <= r["prompt_adherence"] <= 1.0 for r in scored)
+    for r in scored:  # all three parts right is at most as often as each part is
+        parts = [r[f"adherence_{p}"] for p in ("colour", "shape", "direction")]
+        assert all(0.0 <= x <= 1.0 for x in parts) and r["prompt_adherence"] <= min(parts)
     samples = demo_run / "samples"
     from PIL import Image
 

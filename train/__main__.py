@@ -3,6 +3,8 @@
 `python -m train --help` lists the configs and their arguments. A mistake in the command line or
 the config (an unknown key, a bad value, a missing file, a workdir that cannot be written, a
 setting the run cannot take) is one line on stderr and exit code 2, before any work starts.
+SIGTERM or SIGINT stops a run after the step in flight with a checkpoint of that step, one line
+on stderr saying where, and exit code 128 + the signal (143, 130): train/preemption.py.
 """
 
 import difflib
@@ -112,7 +114,7 @@ def main(argv):
     import jax
 
     from train import dit as loop
-    from train import workdir_lock
+    from train import preemption, workdir_lock
     from train.run import resolve
 
     try:
@@ -123,6 +125,10 @@ def main(argv):
         print(f"{setup}: {jax.device_count()} devices", flush=True)
     try:
         loop.train_and_evaluate(config, workdir)
+    except preemption.Preempted as e:  # SIGTERM / SIGINT: stopped with a checkpoint
+        if jax.process_index() == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except workdir_lock.Busy as e:  # another run's workdir: no error.txt written into it
         fail(str(e))
     except ValueError as e:  # the run's data or a step refused, e.g. one that cannot fit

@@ -15,6 +15,7 @@ With config.mode == "eval" it evaluates the latest checkpoint instead of trainin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -22,7 +23,7 @@ import time
 import jax
 
 from data import pipeline
-from train import checkpoint, evaluate, inputs, memory, metrics, workdir_lock
+from train import checkpoint, evaluate, inputs, memory, metrics, preemption, watchdog, workdir_lock
 from train.objective import Packed
 from train.program import Program, make_program, model_folder
 from train.run import Lora, Run, resolve
@@ -31,6 +32,7 @@ from train.run import Lora, Run, resolve
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train (or, with config.mode == 'eval', evaluate the latest checkpoint); returns the last
     logged metrics."""
+    started = time.perf_counter()  # goodput counts from here
     run = resolve(config)
     if isinstance(run.training, Lora) and not run.training.base:  # (tools.aot needs none)
         raise ValueError(
@@ -80,7 +82,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
     _note(f"train state: {origin}")
     try:
-        last = _loop(prog, state, data_iter, frozen, mngr, held_out, demo, workdir)
+        last = _loop(prog, state, data_iter, frozen, mngr, held_out, demo, workdir, started)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -91,48 +93,77 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return last
 
 
-def _loop(prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir) -> dict:
-    """Steps from the state's step to config.total_steps; returns the last logged row."""
+def _loop(
+    prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir, started: float
+) -> dict:
+    """Steps from the state's step to config.total_steps; returns the last logged row. A SIGTERM
+    or SIGINT stops it after the step in flight, with a checkpoint of that step (Preempted)."""
     run, c = prog.run, prog.run.config
     p_train = prog.jit_train_step()
     step = int(state["step"])
     log = metrics.Logger(workdir, c.total_steps, step, progress=c.log.progress)
-    meter = Meter(run)
+    meter, clock = Meter(run), metrics.Goodput(started)
     guard = step_guard(run)
     last_saved = step if mngr.latest_step() is not None else None
     row = {}
     try:
-        while step < c.total_steps:
-            local = next(data_iter)  # outside the mesh: raw clips may be encoded here
-            with run.on_mesh():
-                batch = pipeline.global_batch(local, run.batch_sharding, c.batch_size)
-                guard.check(p_train, state, batch, frozen, shape_of=batch)  # each new shape
-                state, out = p_train(state, batch, frozen)
-            step += 1
-            loss = meter.add(out)
-            if loss is not None and c.on_nonfinite == "stop":
-                mngr.wait_until_finished()
-                raise FloatingPointError(
-                    f"non-finite loss or gradient at step {step} (loss {loss}); stopping "
-                    "(config.on_nonfinite='stop'). "
-                    f"The last good checkpoint (step {last_saved}) is kept in {mngr.directory}"
-                )
-            if loss is not None:
-                _note(f"step {step}: non-finite loss or gradient ({loss}); update skipped")
-            is_eval = step % c.evals.every_steps == 0
-            if is_eval or step % c.log.every_steps == 0 or step == c.total_steps:
-                row = meter.row(out, lr=float(prog.schedule(step - 1)))
-                meter = Meter(run)
-                if is_eval:
-                    row.update(_evaluate(prog, state, frozen, held_out, demo, step))
-                log.write(step, row)
-            if step % c.ckpt.every_steps == 0 or step == c.total_steps:
-                checkpoint.save(mngr, step, state, data_iter, prog.checkpoint_meta())
-                last_saved = step
-            log.advance(step)
+        with preemption.Watcher() as watcher, watchdog.Watchdog(c.watchdog_factor) as dog:
+            while step < c.total_steps:
+                dog.begin(step + 1)
+                with meter.timed("data"):
+                    local = next(data_iter)  # outside the mesh: raw clips may be encoded here
+                    with run.on_mesh():
+                        batch = pipeline.global_batch(local, run.batch_sharding, c.batch_size)
+                dog.pause()
+                with meter.timed("compile"), run.on_mesh():
+                    guard.check(p_train, state, batch, frozen, shape_of=batch)  # new shapes
+                dog.resume()
+                with meter.timed("step"):
+                    with run.on_mesh():
+                        state, out = p_train(state, batch, frozen)
+                    loss = meter.add(out)  # waits for the step
+                dog.end()
+                step += 1
+                _nonfinite(c, loss, step, mngr, last_saved)
+                is_eval = step % c.evals.every_steps == 0
+                if is_eval or step % c.log.every_steps == 0 or step == c.total_steps:
+                    with meter.timed("log"):
+                        row = meter.row(out, lr=float(prog.schedule(step - 1)))
+                    if is_eval:
+                        with meter.timed("eval"):
+                            row.update(_evaluate(prog, state, frozen, held_out, demo, step))
+                    row.update(clock.row(meter))
+                    meter = Meter(run)
+                    with meter.timed("log"):
+                        log.write(step, row)
+                stop = watcher.reached(step)
+                if step % c.ckpt.every_steps == 0 or step == c.total_steps or stop:
+                    with meter.timed("checkpoint"):
+                        checkpoint.save(mngr, step, state, data_iter, prog.checkpoint_meta())
+                    last_saved = step
+                if stop:
+                    mngr.wait_until_finished()
+                    raise preemption.Preempted(step, watcher.signum, str(mngr.directory))
+                with meter.timed("log"):
+                    log.advance(step)
     finally:
         log.close()
     return {"step": step, **row}
+
+
+def _nonfinite(c, loss, step: int, mngr, last_saved) -> None:
+    """A non-finite loss or gradient (None: none): stop (on_nonfinite='stop') or say it was
+    skipped."""
+    if loss is None:
+        return
+    if c.on_nonfinite == "stop":
+        mngr.wait_until_finished()
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (loss {loss}); stopping "
+            "(config.on_nonfinite='stop'). "
+            f"The last good checkpoint (step {last_saved}) is kept in {mngr.directory}"
+        )
+    _note(f"step {step}: non-finite loss or gradient ({loss}); update skipped")
 
 
 def step_guard(run: Run) -> memory.StepGuard:
@@ -173,6 +204,16 @@ class Meter:
     flops: float = 0.0
     efficiency: float = 0.0
     skipped: int = 0
+    seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(metrics.PARTS, 0.0))
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Adds the block's wall time to `part` (one of metrics.PARTS)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
 
     def add(self, out) -> float | None:
         """Count one step's outputs; returns its loss if it was not finite, else None."""
@@ -187,7 +228,8 @@ class Meter:
         return float(out["loss"])
 
     def row(self, out, *, lr: float) -> dict:
-        """The logged row: the last step's outputs and the rates since the meter started."""
+        """The logged row: the last step's outputs and the rates since the meter started (the
+        time of a held-out eval that follows is left out of the rates)."""
         dt = time.perf_counter() - self.start
         row = dict(
             loss=float(out["loss"]),

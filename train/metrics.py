@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -50,6 +51,32 @@ def peak_flops(device) -> float:
     return PEAK_FLOPS.get(device.device_kind, 0.0)
 
 
+# Where a logging interval's wall time goes (the loop times each): the train step (dispatch and
+# the wait for its result), waiting for the next batch (and sending it to the devices), compiling
+# a new batch shape's step (with its memory check), the blocking part of starting a checkpoint
+# (the copy to host; the write goes on in the background), the held-out eval and samples, and
+# writing the logs.
+PARTS = ("step", "data", "compile", "checkpoint", "eval", "log")
+
+
+class Goodput:
+    """The run's goodput: seconds in the train step over wall seconds since the trainer was
+    constructed (from its start-up: restore, compile, the demo's VAE stage included)."""
+
+    def __init__(self, started: float | None = None):
+        self.started = time.perf_counter() if started is None else started
+        self.step_seconds = 0.0
+
+    def row(self, meter) -> dict:
+        """The interval's `time_{part}_s` and `time_interval_s`, and the run's `goodput`."""
+        now = time.perf_counter()
+        self.step_seconds += meter.seconds["step"]
+        out = {f"time_{part}_s": meter.seconds[part] for part in PARTS}
+        out["time_interval_s"] = now - meter.start
+        out["goodput"] = self.step_seconds / max(now - self.started, 1e-9)
+        return out
+
+
 class Logger:
     """Writes on process 0 only; other processes get no-ops."""
 
@@ -79,7 +106,10 @@ class Logger:
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
         if "loss" in row:
-            self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            shown = {"loss": f"{row['loss']:.4f}"}
+            if "goodput" in row:
+                shown["goodput"] = f"{row['goodput']:.0%}"
+            self._bar.set_postfix(shown, refresh=False)
 
     def advance(self, step: int) -> None:
         if self.active:
