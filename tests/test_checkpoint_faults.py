@@ -2,8 +2,8 @@
 checkpoint (a truncated tensor file, a lost or broken metadata file) is reported, moved aside and
 the run resumes from the newest intact step as an uninterrupted run would; a pinned ckpt.step
 that is damaged or absent is refused with the reason; retention keeps intact steps; SIGKILL when
-a save starts always resumes; a second run on a live run's workdir is refused, and a killed
-run's lock is taken over."""
+a save starts always resumes; the workdir lock refuses a holder's workdir and takes over a dead
+run's record (with real processes: test_train's SIGKILL/SIGTERM test)."""
 
 import fcntl
 import json
@@ -181,7 +181,7 @@ def test_pinned_step_resumes_exactly_there_or_refuses_with_the_reason(pristine, 
     cmd += ["--workdir", str(workdir), "--config.ckpt.step=4", "--config.total_steps=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=compile_env(), capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[:3000]
     assert re.fullmatch(
         rf"error: ckpt.step=4: {re.escape(str(folder / '4'))} cannot be restored: OUT_OF_RANGE: .* "
         rf"\(traceback: {re.escape(str(workdir / 'error.txt'))}\)",
@@ -304,38 +304,3 @@ def test_lock_refuses_a_holder_and_takes_over_a_dead_runs_record(tmp_path, capsy
         workdir_lock.release(str(busy))  # let go before the process ends: the record emptied
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert (busy / workdir_lock.LOCK).read_text() == ""
-
-
-@pytest.mark.slow
-def test_second_run_on_a_live_workdir_is_refused_and_a_killed_runs_lock_taken_over(tmp_path):
-    workdir = tmp_path / "run"
-    args = ["--config.total_steps=1000", "--config.evals.every_steps=1000"]
-    first = _start(workdir, *args)
-    try:
-        _until(first, lambda: checkpoint._steps(str(workdir / "checkpoints")))
-        second = _start(workdir, *args)
-        second.wait(timeout=120)
-        lines = [line for line in second.log.read_text().splitlines() if line.startswith("error")]
-        assert second.returncode == 2 and len(lines) == 1, second.log.read_text()[-3000:]
-        want = (
-            rf"error: {re.escape(str(workdir))} is in use by another run \(host "
-            rf"{re.escape(socket.gethostname())}, PID {first.pid}, since [^;]+; lock file "
-            rf"{re.escape(str(workdir / '.lock'))}\): one run per workdir, so stop that run or "
-            "use another --workdir"
-        )
-        assert re.fullmatch(want, lines[0]), lines[0]
-        refused = second.log.read_text()
-        assert "Traceback" not in refused and not (workdir / "error.txt").exists()
-        assert "per-process batch" not in refused  # stopped before the program was built
-        assert first.poll() is None  # the live run goes on
-    finally:
-        _kill(first)
-    resumed = max(checkpoint._steps(str(workdir / "checkpoints")))
-    third = _start(workdir, f"--config.total_steps={resumed + 1}")
-    third.wait(timeout=300)
-    log = third.log.read_text()
-    assert third.returncode == 0, log[-3000:]
-    took_over = f"ended without releasing it (host {socket.gethostname()}, PID {first.pid}, "
-    assert took_over in log
-    assert f"train state: resumed from step {resumed} of " in log
-    assert (workdir / ".lock").read_text() == ""  # a normal exit empties the record

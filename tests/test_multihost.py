@@ -6,6 +6,7 @@ and the start-up rules for the environment variables."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,8 +64,8 @@ def _rows(workdir: Path) -> list[dict]:
 def test_two_processes_stop_on_sigterm_at_one_step_resume_and_equal_one_process(tmp_path):
     """One process with 2 devices, and two processes with 1 device each (started together).
     SIGTERM reaches process 1 only: JAX's preemption service makes both stop after the same
-    step, with one checkpoint of it (each process's data position in it); the two processes
-    resumed log what the one process logs uninterrupted."""
+    step, with one checkpoint of it (each process's data position in it). Resumed by two
+    processes, or by one, they log what the one process logs uninterrupted."""
     one = _launch(tmp_path / "one", processes=1, devices=2, steps=30)
     two = _launch(tmp_path / "two", processes=2, devices=1, steps=30)
     procs = [_start(*x) for x in one + two]
@@ -91,26 +92,36 @@ def test_two_processes_stop_on_sigterm_at_one_step_resume_and_equal_one_process(
         "process_0-of-2.json",
         "process_1-of-2.json",
     ]
-    procs = [_start(*x) for x in two]
+    # Resumed by the same two processes, and (a copy) by one process with both devices: the
+    # bucketed data position is the same on every process, so it moves to another count.
+    shutil.copytree(tmp_path / "two", tmp_path / "moved")
+    procs = [
+        _start(*x) for x in two + _launch(tmp_path / "moved", processes=1, devices=2, steps=30)
+    ]
     try:
-        assert [p.wait(timeout=180) for p in procs] == [0, 0]
+        assert [p.wait(timeout=180) for p in procs] == [0, 0, 0]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     assert f"resumed from step {step}" in (tmp_path / "two" / "process_0.log").read_text()
-    want, got = _rows(tmp_path / "one"), _rows(tmp_path / "two")
-    assert [r["step"] for r in got] == list(range(1, 31))
-    assert [sorted(r) for r in got] == [sorted(r) for r in want]
-    assert all("eval_loss" in got[s - 1] for s in (10, 20, 30))
-    # The same global batches, noise and timesteps on the same 2-device mesh; only the
-    # all-reduces differ (Gloo between processes, in-process otherwise). Summing two addends
-    # is exact in either order, so the runs agree bit for bit; the tolerance leaves room for a
-    # different reduction order with more processes.
-    for w, g in zip(want, got, strict=True):
-        for key in (k for k in w if k not in MACHINE_KEYS):
-            np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=0, err_msg=key)
+    log = (tmp_path / "moved" / "process_0.log").read_text()
+    assert f"resumed from step {step}" in log
+    assert f"data position of step {step}: saved by 2 process(es)" in log
+    want = _rows(tmp_path / "one")
+    for name in ("two", "moved"):
+        got = _rows(tmp_path / name)
+        assert [r["step"] for r in got] == list(range(1, 31))
+        assert [sorted(r) for r in got] == [sorted(r) for r in want]
+        assert all("eval_loss" in got[s - 1] for s in (10, 20, 30))
+        # The same global batches, noise and timesteps on the same 2-device mesh; only the
+        # all-reduces differ (Gloo between processes, in-process otherwise). Summing two
+        # addends is exact in either order, so the runs agree bit for bit; the tolerance leaves
+        # room for a different reduction order with more processes.
+        for w, g in zip(want, got, strict=True):
+            for key in (k for k in w if k not in MACHINE_KEYS):
+                np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=0, err_msg=(name, key))
 
 
 def _start(cmd, env, log):

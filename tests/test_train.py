@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -86,7 +87,7 @@ def test_every_config_runs_two_steps(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_init_checkpoint_then_restore_onto_another_mesh_and_eval_mode(tmp_path, capsys):
+def test_init_checkpoint_then_restore_onto_other_meshes_and_eval_mode(tmp_path, capsys):
     cfg = _config("cogvideox_5b")
     model = cj.Transformer(
         cj.transformer_config(cfg.model.variant, **cfg.model.overrides), rngs=nnx.Rngs(7)
@@ -103,11 +104,18 @@ def test_init_checkpoint_then_restore_onto_another_mesh_and_eval_mode(tmp_path, 
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and np.isfinite(rows[-1]["loss"])
     assert "eval_loss" in rows[-1] and "eval_loss" not in rows[1]
-    # Evaluating the final checkpoint on demand gives the eval of the run's last step.
-    cfg = _config("cogvideox_5b", total_steps=3, mode="eval", **every)
+    # Evaluating the final checkpoint on demand gives the eval of the run's last step, also on
+    # another slice: 4 devices as (fsdp 2, context 2).
+    other = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.context": 2, "mesh.tensor": 1}
+    other["mesh.num_devices"] = 4
+    cfg = _config("cogvideox_5b", total_steps=3, mode="eval", **other, **every)
     got = dit.train_and_evaluate(cfg, str(tmp_path))
     assert got["step"] == 3
     np.testing.assert_allclose(got["eval_loss"], rows[-1]["eval_loss"], rtol=1e-5)
+    # And training goes on there.
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=4, **other, **every), str(tmp_path))
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
 
 
 # ---- The objective against diffusers' training scripts ----
@@ -222,11 +230,11 @@ def test_latent_padding_for_temporal_patches():
 # ---- Resume ----
 
 
-def _run(workdir, *overrides, wait=True):
+def _run(workdir, *overrides, wait=True, log=None):
     cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_2b.py:sft,runlocal"]
     cmd += ["--workdir", str(workdir), *overrides]
     env = compile_env() | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    log = Path(f"{workdir}.log")
+    log = Path(log or f"{workdir}.log")
     with open(log, "ab") as err:  # a file (both streams): nobody drains a pipe while it runs
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err, stderr=err)
     proc.log = log
@@ -245,10 +253,11 @@ STOPPED = re.compile(r"stopped by (SIGTERM|SIGINT) at step (\d+): checkpoint of 
 
 @pytest.mark.slow
 def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
+    steps = 90
     args = [
-        "--config.total_steps=150",
+        f"--config.total_steps={steps}",
         "--config.ckpt.every_steps=10",
-        "--config.evals.every_steps=50",
+        "--config.evals.every_steps=30",
         "--config.log.progress=False",
     ]
     # The uninterrupted run goes on beside the one that is killed and the one that is stopped
@@ -261,6 +270,14 @@ def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
         killed = _run(tmp_path / "killed", *args, wait=False)
         stopped = _run(tmp_path / "stopped", *args, wait=False)
         procs += [killed, stopped]
+        # A second run on a live run's workdir (the live one paused meanwhile, so that it
+        # cannot finish first; it holds its lock all the same) is refused at once.
+        straight.send_signal(signal.SIGSTOP)
+        second = _run(tmp_path / "straight", *args, wait=False, log=tmp_path / "second.log")
+        procs.append(second)
+        assert second.wait(timeout=120) == 2
+        straight.send_signal(signal.SIGCONT)
+        _refused(second, tmp_path / "straight", holder=straight)
         _wait_for_rows(stopped, tmp_path / "stopped" / "metrics.jsonl", 25)
         assert stopped.poll() is None, "the run finished before the signal"
         stopped.send_signal(signal.SIGTERM)
@@ -271,12 +288,13 @@ def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
         assert killed.poll() is None, "the run finished before it could be killed"
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-        assert len(metrics_file.read_text().splitlines()) < 150
+        assert len(metrics_file.read_text().splitlines()) < steps
         assert stopped.wait(timeout=120) == 128 + signal.SIGTERM
         _wait(straight)
     finally:
         for p in procs:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
                 p.kill()
                 p.wait()
     # SIGTERM: a checkpoint of the step in flight, one line saying where and how to resume.
@@ -284,23 +302,45 @@ def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
     m = STOPPED.search(err)
     assert m and m.group(1) == "SIGTERM" and "run the same command to resume" in err, err[-3000:]
     step = int(m.group(2))
-    assert 25 <= step < 150 and (tmp_path / "stopped" / "checkpoints" / str(step)).is_dir()
+    assert 25 <= step < steps and (tmp_path / "stopped" / "checkpoints" / str(step)).is_dir()
     assert [r["step"] for r in _rows(tmp_path / "stopped")] == list(range(1, step + 1))
     for name in ("killed", "stopped"):
         _run(tmp_path / name, *args)  # the same command resumes
     assert f"resumed from step {step} " in stopped.log.read_text()
-    assert "resumed from step " in killed.log.read_text()
+    log = killed.log.read_text()
+    assert "resumed from step " in log
+    # The killed run's lock died with it (the kernel's); its record is taken over, said once.
+    took_over = f"ended without releasing it (host {socket.gethostname()}, PID {killed.pid}, "
+    assert log.count(took_over) == 1, log[-3000:]
+    for name in ("straight", "killed", "stopped"):  # a normal exit empties the record
+        assert (tmp_path / name / ".lock").read_text() == ""
 
     keys = lambda r: {k: v for k, v in r.items() if k not in MACHINE_KEYS}  # noqa: E731
     straight = [keys(r) for r in _rows(tmp_path / "straight")]
     for name in ("killed", "stopped"):
         resumed = [keys(r) for r in _rows(tmp_path / name)]
-        assert [r["step"] for r in resumed] == list(range(1, 151))
+        assert [r["step"] for r in resumed] == list(range(1, steps + 1))
         assert resumed == straight, name
     # TensorBoard, as it reads the event files (events past a restart's purge step hidden),
     # shows each step's loss once, with metrics.jsonl's values.
     tb = _tensorboard_scalars(tmp_path / "killed" / "tb", "loss")
-    assert tb == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in resumed}
+    assert tb == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in straight}
+
+
+def _refused(proc, workdir: Path, *, holder) -> None:
+    """`proc` was refused a workdir that `holder` runs in: one line, no traceback, no work."""
+    text = proc.log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, text[-3000:]
+    want = (
+        rf"error: {re.escape(str(workdir))} is in use by another run \(host "
+        rf"{re.escape(socket.gethostname())}, PID {holder.pid}, since [^;]+; lock file "
+        rf"{re.escape(str(workdir / '.lock'))}\): one run per workdir, so stop that run or "
+        "use another --workdir"
+    )
+    assert re.fullmatch(want, lines[0]), lines[0]
+    assert "Traceback" not in text and not (workdir / "error.txt").exists()
+    assert "per-process batch" not in text  # stopped before the program was built
 
 
 def _wait_for_rows(proc, metrics_file, n, timeout=240):

@@ -112,14 +112,43 @@ def _restore_train(mngr: ocp.CheckpointManager, abstract_state, data_iter, step:
     parses the position before it sets it)."""
     folder = os.path.join(str(mngr.directory), str(step), "data")
     saved = {int(m.group(2)) for m in map(DATA_FILE.fullmatch, os.listdir(folder)) if m}
-    if jax.process_count() not in saved:
-        raise ValueError(
-            f"its data position was saved by {sorted(saved)} process(es), this run has "
-            f"{jax.process_count()}: resume with the same number of processes"
-        )
+    if jax.process_count() in saved:
+        state = restore_state(mngr, step, abstract_state)
+        data = grain.checkpoint.CheckpointRestore(data_iter)
+        mngr.restore(step, args=ocp.args.Composite(data=data))
+        return state
+    position = _shared_position(folder, saved)
     state = restore_state(mngr, step, abstract_state)
-    mngr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    data_iter.set_state(position)
+    if hasattr(data_iter, "start_prefetch"):  # as Grain's own restore does
+        data_iter.start_prefetch()
+    if jax.process_index() == 0:
+        print(
+            f"data position of step {step}: saved by {max(saved)} process(es), one position "
+            f"for all; restored on {jax.process_count()}",
+            flush=True,
+        )
     return state
+
+
+def _shared_position(folder: str, saved: set[int]) -> dict:
+    """The iterator position that every process of the run that saved `folder` held, for a run
+    with another process count. Bucketed batches give every process the same position (each
+    walks the same stream of global batches and loads its rows of each); packed rows are built
+    per process, and their positions differ: those need the same process count."""
+    count = max(saved)
+    states = []
+    for i in range(count):
+        path = os.path.join(folder, f"process_{i}-of-{count}.json")
+        with open(path) as f:
+            states.append(json.load(f))
+    if any(s != states[0] for s in states[1:]):
+        raise ValueError(
+            f"its data position was saved by {count} process(es) at different positions (packed "
+            f"rows are built per process), this run has {jax.process_count()}: resume a packed "
+            f"run with {count} processes"
+        )
+    return states[0]
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -305,19 +334,30 @@ def _quiet_aborted_reads() -> None:
     """After a failed restore, the TensorStore reads still in flight finish on Orbax's closed
     event loop, and Orbax turns the closing of its abandoned readers into exceptions; Python would
     print each as an unraisable exception, a screenful of tracebacks at any moment up to the
-    process's exit. From the first failed restore on, those two kinds (only) are dropped."""
+    process's exit (as unraisable exceptions, or printed by TensorStore's threads through
+    sys.excepthook). From the first failed restore on, those two kinds (only) are dropped."""
     previous = sys.unraisablehook
     if getattr(previous, "quiet_aborted_reads", False):
         return
 
+    def aborted(e) -> bool:
+        text = str(e)
+        return text == "Event loop is closed" or text.startswith(_ORBAX_READ_ERROR)
+
     def hook(unraisable):
-        text = str(unraisable.exc_value)
-        if text == "Event loop is closed" or text.startswith(_ORBAX_READ_ERROR):
-            return
-        previous(unraisable)
+        if not aborted(unraisable.exc_value):
+            previous(unraisable)
 
     hook.quiet_aborted_reads = True
     sys.unraisablehook = hook
+    # TensorStore's callback threads print theirs through sys.excepthook (PyErr_Print).
+    printed = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not aborted(value):
+            printed(kind, value, tb)
+
+    sys.excepthook = excepthook
 
 
 _ORBAX_READ_ERROR = "Encountered error while reading array index"
