@@ -267,9 +267,6 @@ def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
     procs = [straight]
     try:
         _wait_for_rows(straight, tmp_path / "straight" / "metrics.jsonl", 1)
-        killed = _run(tmp_path / "killed", *args, wait=False)
-        stopped = _run(tmp_path / "stopped", *args, wait=False)
-        procs += [killed, stopped]
         # A second run on a live run's workdir (the live one paused meanwhile, so that it
         # cannot finish first; it holds its lock all the same) is refused at once.
         straight.send_signal(signal.SIGSTOP)
@@ -278,6 +275,9 @@ def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
         assert second.wait(timeout=120) == 2
         straight.send_signal(signal.SIGCONT)
         _refused(second, tmp_path / "straight", holder=straight)
+        killed = _run(tmp_path / "killed", *args, wait=False)
+        stopped = _run(tmp_path / "stopped", *args, wait=False)
+        procs += [killed, stopped]
         _wait_for_rows(stopped, tmp_path / "stopped" / "metrics.jsonl", 25)
         assert stopped.poll() is None, "the run finished before the signal"
         stopped.send_signal(signal.SIGTERM)
