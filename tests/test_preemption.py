@@ -7,14 +7,11 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from test_train import STOPPED, TIME_KEYS, _config, _rows
 
 from train import dit, metrics, preemption, watchdog
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sigint_in_process_stops_after_the_step_and_goodput_adds_up(tmp_path):

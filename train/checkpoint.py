@@ -112,13 +112,13 @@ def _restore_train(mngr: ocp.CheckpointManager, abstract_state, data_iter, step:
     parses the position before it sets it)."""
     folder = os.path.join(str(mngr.directory), str(step), "data")
     saved = {int(m.group(2)) for m in map(DATA_FILE.fullmatch, os.listdir(folder)) if m}
-    if jax.process_count() in saved:
-        state = restore_state(mngr, step, abstract_state)
+    moved = jax.process_count() not in saved  # resumed with another process count
+    position = _shared_position(folder, saved) if moved else None
+    state = restore_state(mngr, step, abstract_state)
+    if not moved:
         data = grain.checkpoint.CheckpointRestore(data_iter)
         mngr.restore(step, args=ocp.args.Composite(data=data))
         return state
-    position = _shared_position(folder, saved)
-    state = restore_state(mngr, step, abstract_state)
     data_iter.set_state(position)
     if hasattr(data_iter, "start_prefetch"):  # as Grain's own restore does
         data_iter.start_prefetch()
@@ -390,7 +390,7 @@ def step_folder(path: str, step: int | None = None) -> str:
         if os.path.isdir(os.path.join(path, "checkpoints"))
         else path
     )
-    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    steps = _steps(folder)
     if not steps:
         raise FileNotFoundError(
             f"{path}: no training checkpoint (a workdir, its checkpoints/ or a step folder)"

@@ -63,8 +63,8 @@ class Goodput:
     """The run's goodput: seconds in the train step over wall seconds since the trainer was
     constructed (from its start-up: restore, compile, the demo's VAE stage included)."""
 
-    def __init__(self, started: float | None = None):
-        self.started = time.perf_counter() if started is None else started
+    def __init__(self, started: float):
+        self.started = started  # time.perf_counter() when the trainer started
         self.step_seconds = 0.0
 
     def row(self, meter) -> dict:
