@@ -25,19 +25,24 @@ each process loads its `rows` of each batch (as data/pipeline.py does); incomple
 remainders are dropped each epoch (`dropped_per_epoch`). A batch is {"latents" (b, T, h, w, C)
 unscaled, "text" (b, S, Dt)[, "image" (b, H, W, 3) float32 in [-1, 1]]}.
 
-Packing (packing=True): the global stream of clips (shuffled per epoch) is dealt round-robin to
-the groups of processes that hold the same rows (`rows` must be a contiguous block of the global
-batch: block k of batch_size / len(rows) gets positions k, k + n, ...); each packs its clips into
-len(rows) rows per batch (data/packing.py). A batch is the packed-batch contract with len(rows)
-rows. For one pass (repeat=False) the last batch is completed with all-padding rows.
+Packing (packing=True): every process plans the same global packed batches from the clips'
+token counts alone (`pack_plan`: Grain's best-fit packer over the global stream of clips,
+shuffled per epoch, with stand-ins of each clip's size), and loads its own rows of each (`rows`
+must be a contiguous block of the global batch). As with bucketing, the plan, and so the
+iterator position, is the same on every process: a run resumed with another number of processes
+continues the same stream of global batches, and one process sees the batches that two would.
+A batch is the packed-batch contract with len(rows) rows. For one pass (repeat=False) the last
+global batch is completed with all-padding rows.
 
-workers > 0 reads records (and samples / patchifies, unless `encode` is given) in that many
-Grain worker processes (mp_prefetch); `encode`, the packer and the batching stay in the main
-process.
+workers > 0: bucketing reads records (and samples, unless `encode` is given) in that many Grain
+worker processes (mp_prefetch); packing reads the clips of a batch in that many threads and
+prepares the next batches in a background thread (the plan runs in the main process). `encode`
+and the batching stay in the main process.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable
 
@@ -135,14 +140,108 @@ def train_dataset(
         text_len=text_len,
     )
     load, main = _stages(source, _then(finish, tokens), encode)
-    ds = _clip_stream(len(source), batch_size, rows, **order)
-    ds = _prefetch(ds.map(load).to_iter_dataset(), workers)
-    ds = ds if main is None else ds.map(main)
-    ds = packing_lib.pack(
-        ds, video_budget=video_budget, max_clips=max_clips, text_len=text_len, num_bins=num_bins
+    sizes = packing_lib.video_tokens(lat, patch_size, patch_size_t)
+    budget = dict(video_budget=video_budget, max_clips=max_clips, text_len=text_len)
+    plan = pack_plan(sizes, batch_size, rows, **budget, num_bins=num_bins, **order)
+    ds = plan.map(_PackedRows(load if main is None else _then(load, main), budget, workers))
+    if workers:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+    return ds
+
+
+def pack_plan(
+    sizes: np.ndarray,
+    batch_size: int,
+    rows: np.ndarray,
+    *,
+    video_budget: int,
+    max_clips: int,
+    text_len: int,
+    num_bins: int,
+    seed: int,
+    shuffle: bool,
+    repeat: bool,
+) -> grain.IterDataset:
+    """This process's rows of each global packed batch, as lists of (position, record index):
+    Grain's best-fit packer over the global clip stream, fed stand-ins of each clip's size
+    (`sizes`: video tokens per record), so the plan is the same on every process and needs no
+    record read."""
+    k, _ = _row_block(rows, batch_size)
+
+    def stand_in(item):
+        return packing_lib.stand_in(int(sizes[item[1]]), text_len, clip=item)
+
+    ds = _clip_stream(len(sizes), seed=seed, shuffle=shuffle, repeat=repeat)
+    packed = packing_lib.best_fit(
+        ds.map(stand_in).to_iter_dataset(),
+        video_budget=video_budget,
+        max_clips=max_clips,
+        text_len=text_len,
+        num_bins=num_bins,
     )
     b = len(rows)
-    return ds.batch(b, drop_remainder=repeat, batch_fn=lambda r: packing_lib.stack_rows(r, b))
+
+    def block(global_rows):
+        global_rows = list(global_rows) + [[]] * (batch_size - len(global_rows))
+        return global_rows[k * b : (k + 1) * b]
+
+    plan = packed.map(lambda row: [(int(p), int(i)) for p, i in row["clip"]])
+    return plan.batch(batch_size, drop_remainder=repeat, batch_fn=block)
+
+
+class _PackedRows:
+    """Planned rows [[(position, index), ...], ...] -> a packed batch (the contract's keys):
+    each clip loaded (`load`, in `workers` threads when > 0) and put in its row in plan order."""
+
+    def __init__(self, load, budget: dict, workers: int):
+        self.load, self.budget, self.workers = load, budget, workers
+        self.like = None  # a loaded clip: the feature shapes of all-padding rows
+
+    def __call__(self, planned: list[list[tuple[int, int]]]) -> dict[str, np.ndarray]:
+        items = [item for row in planned for item in row]
+        if self.workers and len(items) > 1:
+            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+                clips = list(pool.map(self.load, items))
+        else:
+            clips = [self.load(item) for item in items]
+        if self.like is None:
+            self.like = clips[0] if clips else self.load((0, 0))
+        out, at = [], 0
+        for row in planned:
+            out.append(_packed_row(clips[at : at + len(row)], self.like, **self.budget))
+            at += len(row)
+        return {key: np.stack([r[key] for r in out]) for key in out[0]}
+
+
+def _packed_row(clips, like, *, video_budget: int, max_clips: int, text_len: int) -> dict:
+    """One row of the contract from its clips (`clip_tokens` dicts), segment s + 1 = clips[s]:
+    video tokens and texts one after another, zeros on padding (what Grain's packer writes)."""
+    video = np.zeros((video_budget, *like["video"].shape[1:]), like["video"].dtype)
+    positions = np.zeros((video_budget, 3), np.int32)
+    video_ids = np.zeros(video_budget, np.int32)
+    text = np.zeros((max_clips * text_len, *like["text"].shape[1:]), like["text"].dtype)
+    text_ids = np.zeros(max_clips * text_len, np.int32)
+    grids = np.zeros((max_clips, 3), np.int32)
+    at = 0
+    for s, clip in enumerate(clips):
+        n = len(clip["video"])
+        video[at : at + n], positions[at : at + n], video_ids[at : at + n] = (
+            clip["video"],
+            clip["coords"],
+            s + 1,
+        )
+        at += n
+        text[s * text_len : (s + 1) * text_len] = clip["text"]
+        text_ids[s * text_len : (s + 1) * text_len] = s + 1
+        grids[s] = clip["grid"]
+    return {
+        "video": video,
+        "video_segment_ids": video_ids,
+        "video_positions": positions,
+        "text": text,
+        "text_segment_ids": text_ids,
+        "grids": grids,
+    }
 
 
 def _stages(source, finish, encode):
@@ -220,13 +319,12 @@ def _row_block(rows: np.ndarray, batch_size: int) -> tuple[int, int]:
     return k, batch_size // b
 
 
-def _clip_stream(n, batch_size, rows, *, seed, shuffle, repeat) -> grain.MapDataset:
-    """(position, record index) of this process's share of the global clip stream."""
+def _clip_stream(n, *, seed, shuffle, repeat) -> grain.MapDataset:
+    """(position, record index) of the global clip stream."""
     ds = grain.MapDataset.range(n)
     ds = ds.shuffle(seed=seed) if shuffle else ds  # reshuffled each epoch when repeated
     ds = ds.repeat(None) if repeat else ds
-    k, shares = _row_block(rows, batch_size)
-    return ds.map_with_index(lambda pos, i: (pos, i))[k::shares]
+    return ds.map_with_index(lambda pos, i: (pos, i))
 
 
 def _bucket_stream(shapes, batch_size, rows, *, seed, shuffle, repeat) -> grain.MapDataset:

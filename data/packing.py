@@ -19,6 +19,8 @@ data/ does not import the model (tests/test_imports.py); the tests check the two
 The packer is Grain's BestFitPackIterDataset: it keeps `num_bins` rows open, puts each clip in
 the open row it fills most tightly, and emits the non-empty rows when a clip fits none of them.
 Its iterator is checkpointable (the parent's state at the last emitted group + the row index).
+data/loader.py runs it on stand-ins of the clips' sizes (the plan, the same on every process)
+and then fills the planned rows with the clips' tokens.
 """
 
 from __future__ import annotations
@@ -103,48 +105,6 @@ def clip_tokens(
     }
 
 
-def pack(
-    clips: grain.IterDataset,
-    *,
-    video_budget: int,
-    max_clips: int,
-    text_len: int,
-    num_bins: int,
-) -> grain.IterDataset:
-    """Packed rows (the contract's keys, no batch axis) from a stream of `clip_tokens` dicts."""
-    packed = grain.experimental.BestFitPackIterDataset(
-        clips,
-        length_struct={"video": video_budget, "coords": video_budget, "text": max_clips * text_len},
-        num_packing_bins=num_bins,
-        shuffle_bins=False,
-        meta_features=("grid",),
-        max_sequences_per_bin=max_clips,
-    )
-    return packed.map(lambda row: _contract_row(row, max_clips))
-
-
-def _contract_row(row: dict, max_clips: int) -> dict[str, np.ndarray]:
-    grids = np.zeros((max_clips, 3), np.int32)
-    if row["grid"]:
-        grids[: len(row["grid"])] = np.stack(row["grid"])
-    return {
-        "video": row["video"],
-        "video_segment_ids": row["video_segment_ids"].astype(np.int32),
-        "video_positions": row["coords"].astype(np.int32),
-        "text": row["text"],
-        "text_segment_ids": row["text_segment_ids"].astype(np.int32),
-        "grids": grids,
-    }
-
-
-def stack_rows(rows, batch_size: int) -> dict[str, np.ndarray]:
-    """Stack packed rows into a batch, completing a short last batch with all-padding rows."""
-    rows = list(rows)
-    empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
-    rows += [empty] * (batch_size - len(rows))
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
 def packing_efficiency(batch: dict) -> float:
     """(real text tokens + real video tokens) / (B * (Tt + V)) of a packed batch."""
     vid, txt = np.asarray(batch["video_segment_ids"]), np.asarray(batch["text_segment_ids"])
@@ -197,21 +157,42 @@ def default_budget(
 
 def _simulate(sizes: np.ndarray, video_budget: int, max_clips: int, text_len: int, bins: int):
     """Packing efficiency of the packer on a stream of clips of `sizes` video tokens."""
-
-    def clip(n):
-        return {
-            "video": np.zeros((n, 1), np.int8),
-            "coords": np.zeros((n, 1), np.int8),
-            "text": np.zeros((text_len, 1), np.int8),
-            "grid": np.zeros(3, np.int32),
-        }
-
     no_prefetch = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)  # a quick loop
-    ds = grain.MapDataset.source(sizes).map(lambda n: clip(int(n))).to_iter_dataset(no_prefetch)
+    ds = grain.MapDataset.source(sizes).map(lambda n: stand_in(int(n), text_len, clip=(0, 0)))
     real = total = 0
-    for row in pack(
-        ds, video_budget=video_budget, max_clips=max_clips, text_len=text_len, num_bins=bins
-    ):
+    rows = best_fit(
+        ds.to_iter_dataset(no_prefetch),
+        video_budget=video_budget,
+        max_clips=max_clips,
+        text_len=text_len,
+        num_bins=bins,
+    )
+    for row in rows:
         real += (row["video_segment_ids"] > 0).sum() + (row["text_segment_ids"] > 0).sum()
         total += row["video_segment_ids"].size + row["text_segment_ids"].size
     return float(real / total)
+
+
+def stand_in(video_tokens: int, text_len: int, *, clip) -> dict:
+    """What the packer needs of a clip: its sizes, and `clip` ((position, record index))."""
+    return {
+        "video": np.zeros(video_tokens, np.int8),
+        "text": np.zeros(text_len, np.int8),
+        "clip": np.asarray(clip, np.int64),
+    }
+
+
+def best_fit(
+    stand_ins: grain.IterDataset, *, video_budget: int, max_clips: int, text_len: int, num_bins: int
+) -> grain.IterDataset:
+    """Rows of at most `video_budget` video tokens and `max_clips` clips from a stream of
+    `stand_in`s (Grain's best-fit packer, `num_bins` rows open); a row's "clip" is the list of its
+    clips, in the order they came."""
+    return grain.experimental.BestFitPackIterDataset(
+        stand_ins,
+        length_struct={"video": video_budget, "text": max_clips * text_len},
+        num_packing_bins=num_bins,
+        shuffle_bins=False,
+        meta_features=("clip",),
+        max_sequences_per_bin=max_clips,
+    )

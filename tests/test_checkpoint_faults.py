@@ -141,6 +141,26 @@ def test_structural_check_names_what_is_wrong(tmp_path):
     mngr.close()
 
 
+def test_export_and_sampling_pick_the_newest_intact_step(tmp_path, capsys):
+    """checkpoint.step_folder (tools.convert run-to-*, tools.sample --model RUN) skips a damaged
+    newest step with a line, refuses a named damaged one with the reason, and moves nothing."""
+    ckpts = tmp_path / "checkpoints"
+    mngr = checkpoint.manager(str(ckpts), keep=3, async_save=False)
+    for step in (2, 4):
+        data = iter(grain.MapDataset.range(8).to_iter_dataset())
+        checkpoint.save(mngr, step, {"w": jnp.ones((4, 4)), "step": jnp.int32(step)}, data, {})
+    mngr.close()
+    assert checkpoint.step_folder(str(tmp_path)) == str(ckpts / "4")
+    (ckpts / "4" / "data" / "process_0-of-1.json").unlink()
+    assert checkpoint.step_folder(str(tmp_path)) == str(ckpts / "2")
+    why = "data/ holds no iterator position (process_I-of-N.json)"
+    assert f"checkpoint step 4 of {ckpts} is damaged ({why}): skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=re.escape(f"{ckpts / '4'} is damaged: {why}")):
+        checkpoint.step_folder(str(tmp_path), 4)
+    assert checkpoint.step_folder(str(tmp_path), 2) == str(ckpts / "2")
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
+
+
 @pytest.mark.slow
 def test_pinned_step_resumes_exactly_there_or_refuses_with_the_reason(pristine, tmp_path, capsys):
     workdir = _copy(pristine, tmp_path)

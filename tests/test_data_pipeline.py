@@ -155,6 +155,41 @@ def test_packed_rows_follow_contract_one_epoch(patch_size_t):
     assert sorted(seen[0] + seen[2]) == list(range(len(src)))  # each clip exactly once
 
 
+def test_packed_position_moves_to_another_process_count():
+    """Two processes pack a few batches; one process resumes from their (shared) position and
+    finishes the epoch: every clip exactly once, and the batches the two would have loaded."""
+    src, seed = mixed_source(per_shape=8), 4
+    order = np.asarray(list(grain.MapDataset.range(len(src)).shuffle(seed=seed)))
+    position_of = {int(i): p for p, i in enumerate(order)}.__getitem__
+    kw = dict(
+        batch_size=4, seed=seed, packing=True, video_budget=2304, max_clips=4, repeat=False
+    )  # fmt: skip
+    two = [
+        iter(loader.train_dataset(src, src.shapes, rows=np.array(r), **kw))
+        for r in ([0, 1], [2, 3])
+    ]
+    seen = []
+    for _ in range(2):
+        for it in two:
+            seen += check_packed_batch(next(it), src, seed, position_of, 1)
+    states = [json.loads(json.dumps(it.get_state())) for it in two]
+    assert states[0] == states[1]  # one position for all processes
+    rest_two = [
+        {k: np.concatenate([a[k], b[k]]) for k in a}
+        for a, b in zip(*(list(it) for it in two), strict=True)
+    ]
+    one = iter(loader.train_dataset(src, src.shapes, rows=None, **kw))
+    one.set_state(states[0])
+    rest_one = list(one)
+    assert len(rest_one) == len(rest_two) >= 2
+    for got, want in zip(rest_one, rest_two, strict=True):
+        assert got.keys() == want.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k])
+        seen += check_packed_batch(got, src, seed, position_of, 1)
+    assert sorted(seen) == list(range(len(src)))  # no clip skipped, none seen twice
+
+
 def test_bad_clips_are_errors_naming_them():
     src = MemSource([(4, 8, 8), (13, 16, 22), (4, 8, 8)])
     with pytest.raises(ValueError, match=r"clip1\.mp4.*1144 video tokens"):

@@ -237,3 +237,50 @@ def test_a_latent_dataset_from_another_vae_is_refused(latents, tmp_path):
     )  # 2B's VAE scaling factor is 1.15258426
     with pytest.raises(ValueError, match="scaling_factor"):
         dit.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packing", [False, True])
+def test_resume_on_another_layout(latents, packing, tmp_path, capsys):
+    """Saved on fsdp 8 (bucketed, synthetic clips) or fsdp 2 (packed, prepared latents), resumed
+    on fsdp 2 x context 2 (4 devices): the same data position and the losses of the run that
+    stayed, up to the reduction order of the other layout."""
+    if packing:
+        old = {"input.data_dir": str(latents), "input.packing": True, "mesh.num_devices": 2}
+        old |= {"mesh.fsdp": 2}
+    else:  # 16 synthetic clips of one shape: batches of 8 over 8 data shards
+        old = {"batch_size": 8, "evals.batch_size": 8, "input.eval_examples": 8}
+        old |= {"grad_accum_steps": 0, "mesh.num_devices": 8, "mesh.fsdp": 8}
+    new = old | {"mesh.num_devices": 4, "mesh.fsdp": 2, "mesh.context": 2}
+    every = {"evals.every_steps": 2, "ckpt.every_steps": 2}
+    stay, moved = tmp_path / "stay", tmp_path / "moved"
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=2, **old, **every), str(stay))
+    shutil.copytree(stay, moved)
+    capsys.readouterr()
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=4, **old, **every), str(stay))
+    assert "resumed on another slice" not in capsys.readouterr().out
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=4, **new, **every), str(moved))
+    out = capsys.readouterr().out
+    was = "2 device(s) (fsdp 2)" if packing else "8 device(s) (fsdp 8)"
+    accum = (
+        "1 micro-batch(es) of 2 rows"
+        if packing
+        else "4 micro-batch(es) of 2 rows (was 1 micro-batch(es) of 8 rows)"
+    )
+    want = (
+        f"resumed on another slice: 4 device(s) (fsdp 2 x context 2) in 1 process(es), saved on "
+        f"{was} in 1 process(es); gradient accumulation {accum}; the global batch stays "
+        f"{2 if packing else 8}"
+    )
+    assert want in out.splitlines(), out[-2000:]
+    a, b = _rows(stay), _rows(moved)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a[:2] == b[:2]
+    for key in ("loss", "grad_norm", "eval_loss"):
+        got = [r[key] for r in b[2:] if key in r]
+        np.testing.assert_allclose(got, [r[key] for r in a[2:] if key in r], rtol=2e-5)
+    positions = [
+        (w / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text()
+        for w in (stay, moved)
+    ]
+    assert positions[0] == positions[1]

@@ -133,9 +133,8 @@ def _restore_train(mngr: ocp.CheckpointManager, abstract_state, data_iter, step:
 
 def _shared_position(folder: str, saved: set[int]) -> dict:
     """The iterator position that every process of the run that saved `folder` held, for a run
-    with another process count. Bucketed batches give every process the same position (each
-    walks the same stream of global batches and loads its rows of each); packed rows are built
-    per process, and their positions differ: those need the same process count."""
+    with another process count. Bucketed and packed batches alike give every process the same
+    position (each walks the same plan of global batches and loads its rows of each)."""
     count = max(saved)
     states = []
     for i in range(count):
@@ -144,9 +143,8 @@ def _shared_position(folder: str, saved: set[int]) -> dict:
             states.append(json.load(f))
     if any(s != states[0] for s in states[1:]):
         raise ValueError(
-            f"its data position was saved by {count} process(es) at different positions (packed "
-            f"rows are built per process), this run has {jax.process_count()}: resume a packed "
-            f"run with {count} processes"
+            f"its data position was saved by {count} process(es) at different positions, this "
+            f"run has {jax.process_count()}: resume it with {count} processes"
         )
     return states[0]
 
@@ -380,7 +378,8 @@ def abstract(tree, shardings):
 
 def step_folder(path: str, step: int | None = None) -> str:
     """A step folder of a run: `path` itself (holding `state/`), or step `step` (default: the
-    latest) of a checkpoints folder or of a workdir (holding `checkpoints/`)."""
+    newest that passes the structural check, `damage`) of a checkpoints folder or of a workdir
+    (holding `checkpoints/`); a named step that fails it is a ValueError with the reason."""
     if os.path.isdir(os.path.join(path, "state")):
         if step is not None and os.path.basename(os.path.normpath(path)) != str(step):
             raise ValueError(f"{path} is the step folder {os.path.basename(path)}, not step {step}")
@@ -397,7 +396,17 @@ def step_folder(path: str, step: int | None = None) -> str:
         )
     if step is not None and step not in steps:
         raise FileNotFoundError(f"{path}: no checkpoint of step {step} (it has {sorted(steps)})")
-    return os.path.join(folder, str(max(steps) if step is None else step))
+    if step is not None:
+        why = damage(os.path.join(folder, str(step)))
+        if why:
+            raise ValueError(f"{os.path.join(folder, str(step))} is damaged: {why}")
+        return os.path.join(folder, str(step))
+    for newest in sorted(steps, reverse=True):  # the newest intact one; nothing is moved here
+        why = damage(os.path.join(folder, str(newest)))
+        if not why:
+            return os.path.join(folder, str(newest))
+        print(f"checkpoint step {newest} of {folder} is damaged ({why}): skipped", flush=True)
+    raise FileNotFoundError(f"{path}: every checkpoint is damaged (steps {sorted(steps)})")
 
 
 def read_meta(step: str) -> dict:

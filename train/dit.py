@@ -81,6 +81,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step=config.ckpt.step,
     )
     _note(f"train state: {origin}")
+    folder = os.path.join(str(mngr.directory), str(int(state["step"])))
+    if origin.startswith("resumed") and os.path.isdir(os.path.join(folder, "meta")):
+        change = prog.slice_change(checkpoint.read_meta(folder).get("slice"))
+        if change:
+            _note(change)
     try:
         last = _loop(prog, state, data_iter, frozen, mngr, held_out, demo, workdir, started)
     finally:

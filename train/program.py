@@ -132,10 +132,43 @@ class Program:
             "demo": run.demo,
             "i2v": run.i2v,
             "config": c.to_json_best_effort(),  # the demo samples with its own settings
+            "slice": self.slice(),
         }
         if isinstance(run.training, Lora):
             meta |= {"lora": run.training.cfg.to_json(), "base": _abspath(run.training.base)}
         return meta
+
+    def slice(self) -> dict:
+        """Where the run trains: devices, processes, mesh (axes over 1), micro-batches."""
+        run = self.run
+        return {
+            "devices": int(run.mesh.size),
+            "processes": jax.process_count(),
+            "mesh": {a: int(n) for a, n in run.mesh.shape.items() if n > 1},
+            "grad_accum_steps": run.grad_accum_steps,
+        }
+
+    def slice_change(self, saved: dict | None) -> str | None:
+        """One line for a run resumed on a slice other than the one that saved `saved` (the
+        checkpoint's `slice`; None: not recorded, or the same slice)."""
+        now = self.slice()
+        if not saved or saved == now:
+            return None
+        b = self.run.config.batch_size
+
+        def where(s):
+            mesh = " x ".join(f"{a} {n}" for a, n in s["mesh"].items()) or "no axis over 1"
+            return f"{s['devices']} device(s) ({mesh}) in {s['processes']} process(es)"
+
+        def accum(a):
+            return f"{a} micro-batch(es) of {b // a} rows"
+
+        a, was = now["grad_accum_steps"], saved["grad_accum_steps"]
+        how = accum(a) + ("" if a == was else f" (was {accum(was)})")
+        return (
+            f"resumed on another slice: {where(now)}, saved on {where(saved)}; gradient "
+            f"accumulation {how}; the global batch stays {b}"
+        )
 
     # ---- Jitted steps ----
 
