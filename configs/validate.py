@@ -151,7 +151,8 @@ def _check_batches(c, shards: int, accum: int, rules) -> None:
     if c.batch_size % (shards * accum):
         raise ValueError(
             f"batch_size ({c.batch_size}) must be divisible by the data shards ({where}) times "
-            f"grad_accum_steps ({accum})"
+            f"grad_accum_steps ({accum}); grad_accum_steps=0 chooses one example per data shard "
+            "per micro-batch, whatever the mesh"
         )
     if c.evals.batch_size % shards:
         raise ValueError(

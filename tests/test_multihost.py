@@ -124,6 +124,62 @@ def test_two_processes_stop_on_sigterm_at_one_step_resume_and_equal_one_process(
                 np.testing.assert_allclose(g[key], w[key], rtol=1e-6, atol=0, err_msg=(name, key))
 
 
+AGREE_SCRIPT = """
+import json, os, sys
+from train import distributed
+distributed.initialize()
+import jax
+from train import checkpoint
+
+class Steps:  # what restore_newest asks of Orbax's CheckpointManager: the step folders
+    directory = sys.argv[1]
+    def all_steps(self):
+        return checkpoint._steps(self.directory)
+    def reload(self):
+        pass
+
+def restore(step):  # step 4 has a file only process 1 reads, and it is cut short
+    if step == 4 and jax.process_index() == 1:
+        raise OSError("ocdbt.process_1/d/abc: unexpected end of file")
+    return {"step": step}
+
+step, state = checkpoint.restore_newest(Steps(), restore)
+print(json.dumps({"step": step, "state": state}))
+"""
+
+
+def test_processes_agree_on_the_step_that_restores(tmp_path):
+    """A step that restores on one process and not on the other is damaged for both: they
+    resume from the same older step (two real processes, Gloo's all-gather)."""
+    for step in (2, 4):
+        (tmp_path / "ckpt" / str(step)).mkdir(parents=True)
+    env = compile_env(1) | {
+        distributed.COORDINATOR: f"127.0.0.1:{_free_port()}",
+        distributed.NUM_PROCESSES: "2",
+    }
+    cmd = [sys.executable, "-c", AGREE_SCRIPT, str(tmp_path / "ckpt")]
+    procs = [
+        _start(cmd, env | {distributed.PROCESS_ID: str(i)}, tmp_path / f"p{i}.log") for i in (0, 1)
+    ]
+    try:
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [p.log.read_text() for p in procs]
+    assert codes == [0, 0], logs
+    for log in logs:
+        assert json.loads(log.strip().splitlines()[-1]) == {"step": 2, "state": {"step": 2}}
+    aside = tmp_path / "ckpt" / "damaged" / "4"
+    why = "its restore failed: its restore failed on process(es) [1]"
+    assert f"checkpoint step 4 is damaged ({why}): moved it to {aside}" in logs[0]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["2", "damaged"]
+    want = "process 1: checkpoint step 4 cannot be restored here: ocdbt.process_1/d/abc: "
+    assert want + "unexpected end of file" in logs[1]
+
+
 def _start(cmd, env, log):
     with open(log, "w") as out:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

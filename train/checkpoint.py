@@ -161,22 +161,21 @@ def restore_newest(mngr: ocp.CheckpointManager, restore, *, pinned: int = 0):
     """(step, restore(step)) of the newest step that restores, or of step `pinned` (ckpt.step)
     alone. Steps newer than the one that restored, whose restore failed, are moved to damaged/
     (a line each, with the error); if none restores, or the pinned one does not, a ValueError
-    says why and nothing is moved."""
+    says why and nothing is moved. In a multi-process run a step restores only if it restores on
+    every process (a file only one process reads may be the damaged one): all processes agree
+    on each step, so they resume from the same one."""
     directory = str(mngr.directory)
     if pinned:
-        try:
-            return pinned, restore(pinned)
-        except Exception as e:
-            _quiet_aborted_reads()
+        restored, why = _attempt(restore, pinned)
+        if why is not None:
             folder = os.path.join(directory, str(pinned))
-            raise ValueError(f"ckpt.step={pinned}: {folder} cannot be restored: {_why(e)}") from e
+            raise ValueError(f"ckpt.step={pinned}: {folder} cannot be restored: {why}")
+        return pinned, restored
     failed = []
     for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            restored = restore(step)
-        except Exception as e:  # a damaged step, or a fault of them all: decided below
-            _quiet_aborted_reads()
-            failed.append((step, _why(e)))
+        restored, why = _attempt(restore, step)
+        if why is not None:  # a damaged step, or a fault of them all: decided below
+            failed.append((step, why))
             continue
         if failed:
             if jax.process_index() == 0:
@@ -190,6 +189,36 @@ def restore_newest(mngr: ocp.CheckpointManager, restore, *, pinned: int = 0):
         f"no checkpoint in {directory} could be restored ({errors}); if they are damaged, move "
         "them out of that folder to start over"
     )
+
+
+def _attempt(restore, step: int):
+    """(restore(step), None), or (None, why it failed here or on another process)."""
+    try:
+        restored, why = restore(step), None
+    except Exception as e:
+        _quiet_aborted_reads()
+        restored, why = None, _why(e)
+        if jax.process_index() > 0:  # process 0 reports for all; this one says what it met
+            print(
+                f"process {jax.process_index()}: checkpoint step {step} cannot be restored "
+                f"here: {why}",
+                file=sys.stderr,
+                flush=True,
+            )
+    failed_on = _failed_processes(why is not None)
+    if why is None and failed_on:
+        why = f"its restore failed on process(es) {failed_on}"
+    return (None, why) if failed_on else (restored, None)
+
+
+def _failed_processes(failed: bool) -> list[int]:
+    """The processes (of all) where `failed` is true: one all-gather in a multi-process run."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(failed))
+    return [int(i) for i in np.flatnonzero(np.asarray(flags).reshape(-1))]
 
 
 # ---- Damaged steps ----
