@@ -111,7 +111,7 @@ def dit_config(
         packing=False,
         video_budget=0,
         max_clips=0,
-        workers=0,  # Grain worker processes decoding and sampling records (0: in-process)
+        workers=0,  # Grain worker processes decoding records (packing: threads; 0: in-process)
         # Datasets of raw clips are encoded on the fly by the vae/, text_encoder/ and tokenizer/
         # of this diffusers-layout model folder (as tools.prepare_data --model does; the demo
         # brings its own encoders).
