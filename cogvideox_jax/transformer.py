@@ -62,6 +62,25 @@ class TransformerConfig:
     spatial_interpolation_scale: float = 1.875
     temporal_interpolation_scale: float = 1.0
 
+    def __post_init__(self):
+        # The positional tables split features into (t, h, w) parts of 1/4, 3/8 and 3/8, each
+        # made of (sin, cos) pairs: a multiple of 16 is what diffusers can build (checked for
+        # every even size up to 128 against get_3d_rotary_pos_embed / get_3d_sincos_pos_embed).
+        if self.rope and self.head_dim % 16:
+            raise ValueError(
+                f"attention_head_dim={self.head_dim}: the 3D rotary embedding "
+                "(use_rotary_positional_embeddings) splits each head into 1/4 temporal and 3/8 "
+                "+ 3/8 spatial (sin, cos) pairs, so attention_head_dim must be a multiple of 16 "
+                "(diffusers cannot build that table either)"
+            )
+        if not self.rope and self.width % 16:
+            raise ValueError(
+                f"num_attention_heads x attention_head_dim = {self.width}: the 3D sin-cos "
+                "positional table splits the width into 1/4 temporal and 3/8 + 3/8 spatial "
+                "(sin, cos) pairs, so the width must be a multiple of 16 (diffusers cannot "
+                "build that table either)"
+            )
+
     @property
     def width(self) -> int:
         """D, the model width: num_heads * head_dim."""

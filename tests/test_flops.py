@@ -36,7 +36,7 @@ def _shape_count(model, text_len, video_tokens):
 
 @pytest.mark.parametrize("variant", ["2b", "1.5-5b-i2v"])
 def test_matches_parameter_shapes(variant):
-    over = dict(num_layers=2, num_heads=3, head_dim=8, text_embed_dim=12, time_embed_dim=10)
+    over = dict(num_layers=2, num_heads=3, head_dim=16, text_embed_dim=12, time_embed_dim=10)
     if variant.endswith("i2v"):
         over["ofs_embed_dim"] = 6
     cfg = cj.transformer_config(variant, **over)

@@ -241,6 +241,32 @@ def test_bad_inputs_fail_with_the_rule():
         cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS["5b"] | {"activation_fn": "gelu"})
 
 
+@pytest.mark.parametrize("heads", [24, 40])
+def test_rotary_tables_diffusers_cannot_build_are_refused_at_load(heads, tmp_path):
+    """A RoPE head size that is not a multiple of 16 fails in diffusers' forward (its rotary
+    table has another width), and here at load, with the reason."""
+    theirs = ref.diffusers_transformer("5b", attention_head_dim=heads)
+    cfg = cj.TransformerConfig.from_diffusers(ref.TINY_TRANSFORMERS["5b"])
+    lat, txt, t, _ = _inputs(cfg, 3, 6, 8, batch=1)
+    with pytest.raises((AssertionError, RuntimeError)):
+        ref.transformer_forward(theirs, np.asarray(lat), np.asarray(txt), np.asarray(t))
+    theirs.save_pretrained(tmp_path)
+    want = rf"attention_head_dim={heads}: the 3D rotary .* multiple of 16 \(diffusers cannot"
+    with pytest.raises(ValueError, match=want):
+        cj.load_transformer(tmp_path)
+
+
+def test_sincos_tables_diffusers_cannot_build_are_refused():
+    from diffusers import CogVideoXTransformer3DModel
+
+    config = ref.TINY_TRANSFORMERS["2b"] | {"num_attention_heads": 1, "attention_head_dim": 20}
+    with pytest.raises(ValueError):  # diffusers builds its sin-cos table in __init__
+        CogVideoXTransformer3DModel(**config)
+    want = r"num_attention_heads x attention_head_dim = 20: the 3D sin-cos .* multiple of 16"
+    with pytest.raises(ValueError, match=want):
+        cj.TransformerConfig.from_diffusers(config)
+
+
 @pytest.mark.parametrize(
     "start,end,steps",
     [(0, 12.0, 13), (2, 26.4375, 24), (3, 5 * 7 / 8, 8), (0, 0.0, 1), (1, 44.1, 45)],
