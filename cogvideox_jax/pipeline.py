@@ -118,7 +118,9 @@ class Pipeline:
         posterior (unscaled, like the VAE's output). `latents` is the initial noise
         (B, T, h, w, C); otherwise drawn from `seed`. Returns frames (B, F, H, W, 3) in [0, 1]
         (`output_type="np"`), or the final latents before the padding frames are dropped
-        (`"latent"`).
+        (`"latent"`). `num_frames` is any count >= 1, as in diffusers: (num_frames - 1) // 4 + 1
+        latent frames, decoded to 4T' - 3 frames for an odd latent count T' and 4T' for an even
+        one (8 -> 8, 48 -> 48, 10 -> 9).
         """
         cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
         height = height or cfg.sample_height * vae_cfg.spatial_compression
@@ -185,10 +187,10 @@ class Pipeline:
 
         ab = self.alphas_cumprod
         table = (diffusion.ddim_table if scheduler == "ddim" else diffusion.dpm_table)(
-            ab, num_inference_steps
+            ab, num_inference_steps, self.schedule
         )
         scales = (
-            diffusion.dynamic_cfg_scales(guidance_scale, num_inference_steps)
+            diffusion.dynamic_cfg_scales(guidance_scale, num_inference_steps, table["t"])
             if use_dynamic_cfg
             else np.full(num_inference_steps, guidance_scale)
         )
@@ -219,9 +221,8 @@ def _check_args(cfg, vae_cfg, height, width, num_frames, scheduler, output_type,
     step = vae_cfg.spatial_compression * cfg.patch_size
     if height % step or width % step:
         raise ValueError(f"height and width must be multiples of {step}, got {height}x{width}")
-    ratio = vae_cfg.temporal_compression_ratio
-    if num_frames < 1 or (num_frames - 1) % ratio:
-        raise ValueError(f"num_frames must be 1 + a multiple of {ratio}, got {num_frames}")
+    if num_frames < 1:  # any count, as diffusers: (num_frames - 1) // 4 + 1 latent frames
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     if output_type not in ("np", "latent"):

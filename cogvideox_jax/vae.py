@@ -733,7 +733,8 @@ def sample_latents(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
 
 class AutoencoderKL(nnx.Module):
     """The CogVideoX VAE. Video (B, T, H, W, 3) in [-1, 1] with T = 4k+1 <-> unscaled latents
-    (B, k+1, H/8, W/8, 16). Use under `jax.jit`: frame batching scans over chunks."""
+    (B, k+1, H/8, W/8, 16); other frame counts as diffusers takes them (`encode_moments`). Use
+    under `jax.jit`: frame batching scans over chunks."""
 
     def __init__(
         self, cfg: VaeConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
@@ -748,9 +749,13 @@ class AutoencoderKL(nnx.Module):
         self.decoder = Decoder(cfg.latent_channels, cfg.out_channels, *blocks, ratio, **kw)
 
     def encode_moments(self, video: jax.Array, *, frame_batching: bool = True) -> jax.Array:
-        """The encoder's raw output (B, T', H/8, W/8, 2 * latent), before the logvar clamp."""
+        """The encoder's raw output (B, T', H/8, W/8, 2 * latent), before the logvar clamp. Any
+        frame count T >= 1 is taken, as diffusers takes it: each 2x temporal downsampling keeps
+        an odd count's first frame alone and pairs the rest (T' = (T - 1) / 4 + 1 for T = 4k+1),
+        and pairs all frames of an even count (T = 8k gives 2k latents, in chunks of 8)."""
         _check_channels(video, self.cfg.in_channels, "video")
-        num_latent_frames(video.shape[1], self.cfg.temporal_compression_ratio)
+        if video.shape[1] < 1:
+            raise ValueError(f"video must have at least 1 frame, got {video.shape}")
         if not frame_batching:
             return self.encoder(video)[0]
         return _run_in_chunks(self.encoder, video, ENCODE_CHUNK_FRAMES)
