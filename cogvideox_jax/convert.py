@@ -167,7 +167,8 @@ def t5_rules(cfg) -> list[Rule]:
                 lambda x: x.reshape(d, n * k).T,
             )
         )
-    for w in ("wi_0", "wi_1", "wo"):
+    # T5DenseGatedActDense has wi_0 and wi_1, T5DenseActDense ("relu" and other ungated) one wi.
+    for w in ("wi_0", "wi_1", "wo") if cfg.is_gated_act else ("wi", "wo"):
         rules.append(
             Rule(
                 f"{blk}.1.DenseReluDense.{w}.weight",

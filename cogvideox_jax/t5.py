@@ -3,8 +3,9 @@
 Must match transformers 5.23 `models/t5/modeling_t5.py` (`T5EncoderModel`) for v1.1 configs:
 pre-norm blocks with RMS norm (no mean, no bias), unscaled attention logits plus a learned
 relative-position bias that only the first layer owns and every layer reuses, a gated-GELU
-feed-forward, no biases anywhere, and a final norm. Dropout is not implemented (inference and
-fine-tuning of the text encoder run without it here).
+feed-forward (original T5's "relu" and the other `feed_forward_proj` values are supported
+too), no biases anywhere, and a final norm. Dropout is not implemented (inference and fine-tuning
+of the text encoder run without it here).
 
 Parameter names follow transformers' module tree so that conversion is a renaming plus a
 transpose: `encoder.block.{i}.layer.0.SelfAttention.q.weight` becomes
@@ -34,9 +35,67 @@ from cogvideox_jax import sharding
 from cogvideox_jax.layers import REMAT_POLICIES
 
 
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# transformers' `ACT2FN` names (transformers/activations.py) that are a parameter-free function
+# we can write in jax with the same formula. "prelu" and "xielu" own learned parameters and are
+# left out. gelu_fast rounds sqrt(2/pi) to 10 digits, a difference float32 cannot hold.
+ACTIVATIONS = {
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    "gelu_10": lambda x: jnp.clip(_gelu_exact(x), -10.0, 10.0),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, negative_slope=0.01),  # torch's default slope
+    "hardswish": jax.nn.hard_swish,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "linear": lambda x: x,
+    "laplace": lambda x: 0.5 * (1.0 + jax.lax.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
+}
+
+
+def parse_feed_forward_proj(value: str) -> tuple[bool, str]:
+    """transformers' reading of `feed_forward_proj`: "ACT" or "gated-ACT" -> (is_gated_act,
+    dense_act_fn), where "gated-gelu" alone means the tanh GELU ("gelu_new") for backward
+    compatibility while "gelu" and "gated-gelu_python" are the exact erf GELU.
+
+    Raises ValueError for a value transformers refuses or whose ACT is not in ACTIVATIONS.
+    """
+    gated, act = (True, value[len("gated-") :]) if value.startswith("gated-") else (False, value)
+    if act not in ACTIVATIONS:
+        raise ValueError(
+            f"T5 config: feed_forward_proj={value!r} is not supported; supported: 'ACT' or "
+            f"'gated-ACT' with ACT one of {sorted(ACTIVATIONS)}"
+        )
+    return gated, "gelu_new" if value == "gated-gelu" else act
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
-    """A T5 v1.1 encoder's architecture, in transformers' `T5Config` field names."""
+    """A T5 encoder's architecture, in transformers' `T5Config` field names.
+
+    `feed_forward_proj` is kept as transformers spells it (so it is written back unchanged);
+    `is_gated_act` and `dense_act_fn` read it as transformers does. Its default is T5 v1.1's
+    "gated-gelu", not transformers' "relu": every VARIANT is a v1.1 encoder.
+    """
 
     vocab_size: int
     d_model: int
@@ -47,6 +106,20 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+
+    def __post_init__(self):
+        parse_feed_forward_proj(self.feed_forward_proj)  # refuses what we cannot compute
+
+    @property
+    def is_gated_act(self) -> bool:
+        """Whether the feed-forward is wo(act(wi_0 x) * wi_1 x) rather than wo(act(wi x))."""
+        return parse_feed_forward_proj(self.feed_forward_proj)[0]
+
+    @property
+    def dense_act_fn(self) -> str:
+        """The feed-forward's activation, a key of ACTIVATIONS (transformers' ACT2FN name)."""
+        return parse_feed_forward_proj(self.feed_forward_proj)[1]
 
     @classmethod
     def from_transformers(cls, config: dict[str, Any]) -> T5Config:
@@ -57,7 +130,6 @@ class T5Config:
         # (key, transformers' default, the only value this encoder implements)
         fixed = (
             ("model_type", "t5", "t5"),
-            ("feed_forward_proj", "relu", "gated-gelu"),
             ("is_decoder", False, False),
         )
         for key, default, want in fixed:
@@ -78,6 +150,7 @@ class T5Config:
             relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
             relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
             layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-6),
+            feed_forward_proj=c.get("feed_forward_proj", "relu"),
         )
 
     def to_transformers(self) -> dict[str, Any]:
@@ -89,7 +162,7 @@ class T5Config:
             "d_kv": self.d_kv,
             "d_model": self.d_model,
             "dropout_rate": 0.0,
-            "feed_forward_proj": "gated-gelu",
+            "feed_forward_proj": self.feed_forward_proj,
             "is_encoder_decoder": False,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "num_heads": self.num_heads,
@@ -234,17 +307,33 @@ class Attention(nnx.Module):
         return self.o(o)
 
 
-class GatedFeedForward(nnx.Module):
-    """transformers' T5DenseGatedActDense: wo(gelu_tanh(wi_0 x) * wi_1 x)."""
+class FeedForward(nnx.Module):
+    """transformers' T5DenseActDense: wo(act(wi x)), original T5's "relu" and other ungated ACTs."""
 
-    def __init__(self, dim, hidden, *, dtype, param_dtype, rngs):
+    def __init__(self, dim, hidden, act, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.wi = Einsum("BLD,DF->BLF", (dim, hidden), ("embed", "mlp"), stddev=dim**-0.5, **kw)
+        self.wo = Einsum("BLF,FD->BLD", (hidden, dim), ("mlp", "embed"), stddev=hidden**-0.5, **kw)
+        self.act = act  # a key of ACTIVATIONS
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        a = ACTIVATIONS[self.act](self.wi(h))
+        return self.wo(sharding.constrain(a, ("batch", "length", "act_mlp")))
+
+
+class GatedFeedForward(nnx.Module):
+    """transformers' T5DenseGatedActDense: wo(act(wi_0 x) * wi_1 x); v1.1's act is "gelu_new"
+    (tanh GELU)."""
+
+    def __init__(self, dim, hidden, act, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.wi_0 = Einsum("BLD,DF->BLF", (dim, hidden), ("embed", "mlp"), stddev=dim**-0.5, **kw)
         self.wi_1 = Einsum("BLD,DF->BLF", (dim, hidden), ("embed", "mlp"), stddev=dim**-0.5, **kw)
         self.wo = Einsum("BLF,FD->BLD", (hidden, dim), ("mlp", "embed"), stddev=hidden**-0.5, **kw)
+        self.act = act  # a key of ACTIVATIONS
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        a = jax.nn.gelu(self.wi_0(h), approximate=True) * self.wi_1(h)  # "gelu_new" is tanh GELU
+        a = ACTIVATIONS[self.act](self.wi_0(h)) * self.wi_1(h)
         return self.wo(sharding.constrain(a, ("batch", "length", "act_mlp")))
 
 
@@ -262,12 +351,13 @@ class SelfAttentionLayer(nnx.Module):
 
 
 class FeedForwardLayer(nnx.Module):
-    """transformers' T5LayerFF: h + feed_forward(norm(h))."""
+    """transformers' T5LayerFF: h + feed_forward(norm(h)), gated or not as `feed_forward_proj`
+    says (the module keeps transformers' name `DenseReluDense` whatever its activation)."""
 
-    def __init__(self, dim, hidden, eps, *, dtype, param_dtype, rngs):
-        self.DenseReluDense = GatedFeedForward(
-            dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+    def __init__(self, dim, hidden, eps, feed_forward_proj, *, dtype, param_dtype, rngs):
+        gated, act = parse_feed_forward_proj(feed_forward_proj)
+        ff = GatedFeedForward if gated else FeedForward
+        self.DenseReluDense = ff(dim, hidden, act, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm = RMSNorm(dim, eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, h):
@@ -277,12 +367,14 @@ class FeedForwardLayer(nnx.Module):
 class Block(nnx.Module):
     """transformers' T5Block (encoder): `layer` holds [self-attention, feed-forward], as there."""
 
-    def __init__(self, dim, num_heads, head_dim, hidden, eps, *, dtype, param_dtype, rngs):
+    def __init__(
+        self, dim, num_heads, head_dim, hidden, eps, feed_forward_proj, *, dtype, param_dtype, rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer = nnx.List(
             [
                 SelfAttentionLayer(dim, num_heads, head_dim, eps, **kw),
-                FeedForwardLayer(dim, hidden, eps, **kw),
+                FeedForwardLayer(dim, hidden, eps, feed_forward_proj, **kw),
             ]
         )
 
@@ -304,6 +396,7 @@ class Stack(nnx.Module):
         num_buckets,
         max_distance,
         eps,
+        feed_forward_proj,
         *,
         remat,
         dtype,
@@ -328,6 +421,7 @@ class Stack(nnx.Module):
                 head_dim,
                 hidden,
                 eps,
+                feed_forward_proj,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,
@@ -398,6 +492,7 @@ class T5Encoder(nnx.Module):
             cfg.relative_attention_num_buckets,
             cfg.relative_attention_max_distance,
             cfg.layer_norm_epsilon,
+            feed_forward_proj=cfg.feed_forward_proj,
             remat=remat,
             dtype=dtype,
             param_dtype=param_dtype,

@@ -1,5 +1,6 @@
 """The T5 v1.1 encoder against transformers' T5EncoderModel; the CogVideoX tokenizer call."""
 
+import dataclasses
 import tempfile
 
 import jax
@@ -7,15 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import cogvideox_jax as cj
-from cogvideox_jax import sharding, t5
+from cogvideox_jax import components, sharding, t5
 
 # Tiny stand-in with T5 v1.1's structure. N * K = 24 != d_model, so a swapped head axis fails.
 TINY = t5.T5Config(
@@ -218,8 +221,11 @@ def test_config_round_trips_and_rejects_other_t5_flavours():
     assert t5.T5Config.from_transformers(cfg.to_transformers()) == cfg
     saved = transformers.T5Config(**TINY.to_transformers()).to_dict()  # what config.json holds
     assert t5.T5Config.from_transformers(saved) == TINY
-    with pytest.raises(ValueError, match="feed_forward_proj='relu' .transformers' default"):
-        t5.T5Config.from_transformers({k: v for k, v in saved.items() if k != "feed_forward_proj"})
+    # An absent feed_forward_proj is transformers' default, original T5's ungated "relu".
+    no_proj = {k: v for k, v in saved.items() if k != "feed_forward_proj"}
+    assert t5.T5Config.from_transformers(no_proj) == dataclasses.replace(
+        TINY, feed_forward_proj="relu"
+    )
     with pytest.raises(ValueError, match="is_decoder"):
         t5.T5Config.from_transformers(saved | {"is_decoder": True})
     with pytest.raises(ValueError, match="model_type"):
@@ -252,3 +258,82 @@ def test_tokenize_matches_the_pipelines_call(tmp_path):
         assert got[1, n - 1] == tok.eos_token_id == 1 and (got[1, n:] == tok.pad_token_id).all()
         assert got[2, -1] == 1 and (got[2] != 0).all()  # truncated prompts keep their eos
         np.testing.assert_array_equal(t5.tokenize(tok, "short"), got[1:2])
+
+
+# transformers' default "relu", v1.1's "gated-gelu" (tanh GELU) and the spellings other T5
+# checkpoints use; every other activation is checked elementwise below.
+FEED_FORWARDS = [
+    "relu",
+    "gated-gelu",
+    "gelu",
+    "gated-relu",
+    "gated-silu",
+    "silu",
+    "gelu_pytorch_tanh",
+    "gated-gelu_python",
+]
+SMALL = dataclasses.replace(TINY, num_layers=2)
+
+
+@pytest.mark.parametrize("proj", FEED_FORWARDS)
+def test_parity_for_each_feed_forward_proj(proj):
+    cfg = dataclasses.replace(SMALL, feed_forward_proj=proj)
+    theirs = _torch_encoder(cfg)
+    their_cfg = theirs.config
+    assert (cfg.is_gated_act, cfg.dense_act_fn) == (their_cfg.is_gated_act, their_cfg.dense_act_fn)
+    ours = _ours(theirs, cfg)  # the tree must match the loader's, wi or wi_0 and wi_1
+    ids = _ids(cfg)[:, :64]
+    want = _torch_forward(theirs, ids)
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(ours, ids))
+    err, max_abs = ref.rel_l2(got, want), float(np.max(np.abs(got - want)))
+    print(f"{proj}: fp32 rel L2 {err:.2e}, max abs {max_abs:.2e} vs transformers")
+    assert err <= 1e-5, err
+
+
+def test_activations_match_transformers_act2fn():
+    # Everything in ACT2FN but the two activations with learned parameters.
+    assert set(ACT2FN) - set(t5.ACTIVATIONS) == {"prelu", "xielu"}
+    x = np.linspace(-12.0, 12.0, 4801, dtype=np.float32)
+    for name, fn in t5.ACTIVATIONS.items():
+        want = ACT2FN[name](torch.from_numpy(x)).numpy()
+        got = np.asarray(jax.jit(fn)(x))
+        # atol: where GELU's 1 + erf cancels (x < -4) the two erfs differ by float32 rounding.
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6, err_msg=name)
+        print(f"{name}: max abs {np.max(np.abs(got - want)):.1e} vs ACT2FN")
+
+
+def test_ungated_encoder_round_trips_through_orbax_and_back(tmp_path):
+    cfg = dataclasses.replace(SMALL, feed_forward_proj="relu")
+    theirs = _torch_encoder(cfg)
+    theirs.save_pretrained(tmp_path / "src")
+    ours = cj.load_text_encoder(tmp_path / "src")
+    assert ours.cfg == cfg
+    assert isinstance(ours.encoder.block.layer[1].DenseReluDense, t5.FeedForward)
+
+    (tmp_path / "orbax").mkdir()
+    components.write_orbax_module(ours, tmp_path / "orbax", "text_encoder", cfg.to_transformers())
+    components.convert("orbax-to-diffusers", tmp_path / "orbax", tmp_path / "back")
+    src = safetensors.numpy.load_file(tmp_path / "src/model.safetensors")
+    back = safetensors.numpy.load_file(tmp_path / "back/model.safetensors")
+    assert "encoder.block.1.layer.1.DenseReluDense.wi.weight" in back
+    assert sorted(back) == sorted(src)
+    for name, want in src.items():
+        np.testing.assert_array_equal(back[name], want, err_msg=name)
+
+    again = transformers.T5EncoderModel.from_pretrained(tmp_path / "back").eval()
+    assert again.config.feed_forward_proj == "relu" and not again.config.is_gated_act
+    ids = _ids(cfg)[:, :32]
+    np.testing.assert_array_equal(_torch_forward(again, ids), _torch_forward(theirs, ids))
+
+
+def test_config_round_trips_every_feed_forward_proj_and_refuses_others():
+    for proj in [*FEED_FORWARDS, *(f"gated-{a}" for a in t5.ACTIVATIONS), *t5.ACTIVATIONS]:
+        cfg = dataclasses.replace(TINY, feed_forward_proj=proj)
+        saved = transformers.T5Config(**cfg.to_transformers()).to_dict()
+        assert saved["feed_forward_proj"] == proj
+        assert t5.T5Config.from_transformers(saved) == cfg
+    for bad in ("gated-foo", "prelu", "gated-xielu", "foo-relu", "gated-gated-relu", "GELU"):
+        with pytest.raises(ValueError, match=f"feed_forward_proj='{bad}' is not supported.*relu"):
+            t5.T5Config.from_transformers(TINY.to_transformers() | {"feed_forward_proj": bad})
+        with pytest.raises(ValueError, match="feed_forward_proj"):
+            dataclasses.replace(TINY, feed_forward_proj=bad)
