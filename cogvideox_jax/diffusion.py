@@ -1,98 +1,264 @@
 """CogVideoX noise schedule, v-prediction helpers and the two samplers, shared by training and
 sampling.
 
-Must match diffusers 0.42.1 `schedulers/scheduling_ddim_cogvideox.py` (CogVideoXDDIMScheduler)
-and `scheduling_dpm_cogvideox.py` (CogVideoXDPMScheduler, SDE-DPM-Solver++(2M)).
+Must match diffusers 0.42.1 `schedulers/scheduling_ddim_cogvideox.py` (CogVideoXDDIMScheduler),
+`scheduling_dpm_cogvideox.py` (CogVideoXDPMScheduler, SDE-DPM-Solver++(2M)) and, for the DDIM
+sampler, `scheduling_ddim.py` (DDIMScheduler).
 
-Schedule: scaled-linear betas, SNR divided by `snr_shift_scale`, then rescaled to zero terminal
-SNR (so alpha_bar[999] = 0 exactly), all in float64. Sampling schedules are static, so every
+CogVideoX's schedule: scaled-linear betas, SNR divided by `snr_shift_scale`, then rescaled to
+zero terminal SNR (so alpha_bar[999] = 0 exactly), all in float64. Other scheduler configs
+(`ScheduleConfig.from_diffusers`) are computed in the dtype diffusers uses for them: float32,
+except the CogVideoX classes' scaled-linear betas. Sampling schedules are static, so every
 per-step scalar (including DPM's, which pass through +-inf at both ends) is computed on the host
-in float64 and rounded once to float32, as diffusers' float64 scalars are when they multiply
-float32 tensors. The denoising loop then only indexes these tables.
+in that dtype and rounded once to float32, as diffusers' scalars are when they multiply float32
+tensors. The denoising loop then only indexes these tables.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# scheduler_config.json keys CogVideoX's schedulers set, at the only values supported here.
-FIXED_SCHEDULER_KEYS = {
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "set_alpha_to_one": True,
-    "timestep_spacing": "trailing",
-    "steps_offset": 0,
+# The scheduler classes whose config `ScheduleConfig.from_diffusers` reads, and the defaults
+# diffusers gives the keys a config leaves out (their __init__ signatures). The two CogVideoX
+# classes share theirs and their schedule; DDIMScheduler has no snr_shift_scale (1.0 here).
+_COGVIDEOX_DEFAULTS = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=0,
+    rescale_betas_zero_snr=False,
+    set_alpha_to_one=True,
+    clip_sample=True,
+    clip_sample_range=1.0,
+    snr_shift_scale=3.0,
+)
+CLASS_DEFAULTS = {
+    "CogVideoXDDIMScheduler": _COGVIDEOX_DEFAULTS,
+    "CogVideoXDPMScheduler": _COGVIDEOX_DEFAULTS,
+    "DDIMScheduler": dict(
+        _COGVIDEOX_DEFAULTS,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        snr_shift_scale=1.0,
+    ),
 }
+_CHOICES = dict(
+    class_name=tuple(CLASS_DEFAULTS),
+    beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
+    prediction_type=("epsilon", "v_prediction", "sample"),
+    timestep_spacing=("leading", "trailing", "linspace"),
+)
+
+
+def _refuse(field: str, value, supported) -> ValueError:
+    return ValueError(
+        f"scheduler config: {field}={value!r} is not supported (supported: {supported})"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleConfig:
-    """The noise schedule's parameters, named as in diffusers' scheduler_config.json."""
+    """The noise schedule's parameters, named as in diffusers' scheduler_config.json. The
+    defaults are CogVideoX's released schedule (with snr_shift_scale 1.0, the 2B model's), not
+    diffusers' constructor defaults; `from_diffusers` applies those.
+
+    `class_name` decides the arithmetic: the CogVideoX classes compute the scaled-linear schedule
+    in float64, shift the SNR, and step DDIM as a blend of x_t and x0 with no clipping (they
+    accept `clip_sample` and ignore it, so it is kept False for them); DDIMScheduler works in
+    float32, rescales the betas, and steps through x0 (clipped if `clip_sample`) and eps.
+    """
 
     snr_shift_scale: float = 1.0
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "v_prediction"
+    timestep_spacing: str = "trailing"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = True
+    set_alpha_to_one: bool = True
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    class_name: str = "CogVideoXDDIMScheduler"
+
+    def __post_init__(self):
+        for field, supported in _CHOICES.items():
+            if getattr(self, field) not in supported:
+                raise _refuse(field, getattr(self, field), supported)
+        if self.num_train_timesteps < 1:
+            raise _refuse("num_train_timesteps", self.num_train_timesteps, "an integer >= 1")
+        if self.steps_offset < 0:
+            raise _refuse("steps_offset", self.steps_offset, "an integer >= 0")
+        if self.cogvideox and self.clip_sample:
+            raise _refuse("clip_sample", True, f"False ({self.class_name} does not clip)")
+        if not self.cogvideox and self.snr_shift_scale != 1.0:
+            raise _refuse("snr_shift_scale", self.snr_shift_scale, "1.0 for DDIMScheduler")
+
+    @property
+    def cogvideox(self) -> bool:
+        """Whether the schedule and DDIM step follow the CogVideoX classes (not DDIMScheduler)."""
+        return self.class_name != "DDIMScheduler"
 
     @classmethod
     def from_diffusers(cls, config: Mapping) -> ScheduleConfig:
-        """From a CogVideoX scheduler_config.json (DDIM or DPM: they share the keys)."""
-        for key, want in FIXED_SCHEDULER_KEYS.items():
-            if key in config and config[key] != want:
-                raise ValueError(
-                    f"scheduler_config.json: {key}={config[key]!r} is not supported (only {want!r})"
-                )
+        """From a scheduler_config.json of CogVideoXDDIMScheduler, CogVideoXDPMScheduler or
+        DDIMScheduler (`_class_name`; CogVideoXDDIMScheduler when absent). Missing keys take
+        that class's defaults; keys diffusers ignores for the class are ignored. Raises one
+        ValueError naming the field (or class) for anything else."""
+        name = config.get("_class_name", "CogVideoXDDIMScheduler")
+        if name not in CLASS_DEFAULTS:
+            raise _refuse("_class_name", name, tuple(CLASS_DEFAULTS))
+        if config.get("trained_betas") is not None:
+            raise _refuse("trained_betas", "<array>", "None")
+        if name == "DDIMScheduler" and config.get("thresholding", False):
+            raise _refuse("thresholding", config["thresholding"], "False")
+        kw = {k: config.get(k, v) for k, v in CLASS_DEFAULTS[name].items()}
+        if name == "DDIMScheduler":
+            kw["snr_shift_scale"] = 1.0  # not a DDIMScheduler argument
+        else:
+            kw["clip_sample"], kw["clip_sample_range"] = False, 1.0  # unused by its step
+        for key in ("num_train_timesteps", "steps_offset"):
+            if kw[key] != int(kw[key]):
+                raise _refuse(key, kw[key], "an integer")
         return cls(
-            snr_shift_scale=float(config.get("snr_shift_scale", 3.0)),
-            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-            beta_start=float(config.get("beta_start", 0.00085)),
-            beta_end=float(config.get("beta_end", 0.012)),
+            snr_shift_scale=float(kw["snr_shift_scale"]),
+            num_train_timesteps=int(kw["num_train_timesteps"]),
+            beta_start=float(kw["beta_start"]),
+            beta_end=float(kw["beta_end"]),
+            beta_schedule=kw["beta_schedule"],
+            prediction_type=kw["prediction_type"],
+            timestep_spacing=kw["timestep_spacing"],
+            steps_offset=int(kw["steps_offset"]),
+            rescale_betas_zero_snr=bool(kw["rescale_betas_zero_snr"]),
+            set_alpha_to_one=bool(kw["set_alpha_to_one"]),
+            clip_sample=bool(kw["clip_sample"]),
+            clip_sample_range=float(kw["clip_sample_range"]),
+            class_name=name,
         )
 
     def to_diffusers(self) -> dict:
-        """A CogVideoXDDIMScheduler scheduler_config.json of this schedule (the keys
-        `from_diffusers` fixes at the only values it supports)."""
-        return {
-            "_class_name": "CogVideoXDDIMScheduler",
-            **FIXED_SCHEDULER_KEYS,
-            "clip_sample": False,
-            **dataclasses.asdict(self),
-        }
+        """The scheduler_config.json of this schedule for its class (`from_diffusers` reads it
+        back to an equal config)."""
+        out = {"_class_name": self.class_name, "thresholding": False}
+        out |= {k: v for k, v in dataclasses.asdict(self).items() if k != "class_name"}
+        if not self.cogvideox:
+            del out["snr_shift_scale"]
+        return out
+
+
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    # torch.linspace(dtype=float32) to the bit: a float32 step, and each value one fused
+    # multiply-add from the nearer end.
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64((e - s) / np.float32(max(n - 1, 1)))
+    i = np.arange(n)
+    return np.where(
+        i < n // 2, np.float64(s) + step * i, np.float64(e) - step * (n - 1 - i)
+    ).astype(np.float32)
+
+
+def _betas(cfg: ScheduleConfig) -> np.ndarray:
+    n = cfg.num_train_timesteps
+    if cfg.beta_schedule == "linear":
+        return _linspace_f32(cfg.beta_start, cfg.beta_end, n)
+    if cfg.beta_schedule == "scaled_linear":
+        if cfg.cogvideox:  # float64 in the CogVideoX classes only
+            return np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=np.float64) ** 2
+        return _linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
+    # squaredcos_cap_v2 (Nichol & Dhariwal 2021): betas from the cosine alpha_bar, capped at
+    # 0.999, in Python floats, then float32.
+    abar = [math.cos((i / n + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(n + 1)]
+    return np.array([min(1 - abar[i + 1] / abar[i], 0.999) for i in range(n)], np.float32)
+
+
+def _cumprod(alphas: np.ndarray) -> np.ndarray:
+    # torch.cumprod accumulates float32 in float64 on the CPU, rounding each output.
+    return np.cumprod(alphas.astype(np.float64)).astype(alphas.dtype)
+
+
+def _schedule_dtype(cfg: ScheduleConfig) -> type:
+    cog64 = cfg.cogvideox and cfg.beta_schedule == "scaled_linear"
+    return np.float64 if cog64 else np.float32
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
-    """alpha_bar[t], t = 0..T-1, float64."""
-    n = cfg.num_train_timesteps
-    betas = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=np.float64) ** 2
-    ab = np.cumprod(1.0 - betas)
-    ab = ab / (cfg.snr_shift_scale + (1 - cfg.snr_shift_scale) * ab)  # SNR / snr_shift_scale
-    # Zero terminal SNR (Lin et al. 2023, Algorithm 1): shift and scale sqrt(alpha_bar).
-    a = np.sqrt(ab)
-    a0, a_last = a[0], a[-1]
-    a = (a - a_last) * a0 / (a0 - a_last)
-    return a**2
+    """alpha_bar[t], t = 0..T-1, float64 (holding float32 values where diffusers computes in
+    float32)."""
+    betas = _betas(cfg)
+    if cfg.cogvideox:
+        ab = _cumprod(1.0 - betas)
+        ab = ab / (cfg.snr_shift_scale + (1 - cfg.snr_shift_scale) * ab)  # SNR / snr_shift_scale
+        if cfg.rescale_betas_zero_snr:
+            # Zero terminal SNR (Lin et al. 2023, Algorithm 1): shift and scale sqrt(alpha_bar).
+            a = np.sqrt(ab)
+            a0, a_last = a[0], a[-1]
+            if a.dtype == np.float64:  # the order this file always used (within 1e-13 of diffusers)
+                a = (a - a_last) * a0 / (a0 - a_last)
+            else:  # float32: diffusers' order to the bit, as 1 - alpha_bar near t = 0 needs
+                a = (a - a_last) * (a0 / (a0 - a_last))
+            ab = a**2
+        return ab.astype(np.float64)
+    if cfg.rescale_betas_zero_snr:  # DDIMScheduler rescales the betas, in float32
+        a = np.sqrt(_cumprod(1.0 - betas))
+        a0, a_last = a[0], a[-1]
+        a = (a - a_last) * (a0 / (a0 - a_last))
+        ab = a**2
+        betas = 1 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return _cumprod(1.0 - betas).astype(np.float64)
 
 
-def inference_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """ "trailing" spacing: 999, 979, ..., 19 for 50 steps (int64)."""
-    if not 0 < num_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps must be in 1..{num_train_timesteps}, got {num_steps}"
-        )
-    ratio = num_train_timesteps / num_steps
-    return np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+def inference_timesteps(
+    num_steps: int,
+    num_train_timesteps: int = 1000,
+    *,
+    spacing: str = "trailing",
+    steps_offset: int = 0,
+) -> np.ndarray:
+    """The sampler's timesteps, descending, int64, as diffusers' set_timesteps: "trailing"
+    gives 999, 979, ..., 19 for 50 steps, "leading" 980 + offset, ..., 0 + offset, "linspace"
+    999, ..., 0. `steps_offset` applies to "leading" only (as in diffusers)."""
+    T = num_train_timesteps
+    if not 0 < num_steps <= T:
+        raise ValueError(f"num_inference_steps must be in 1..{T}, got {num_steps}")
+    if spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+    elif spacing == "leading":
+        t = (np.arange(num_steps) * (T // num_steps))[::-1].astype(np.int64) + steps_offset
+    elif spacing == "linspace":
+        t = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+    else:
+        raise _refuse("timestep_spacing", spacing, _CHOICES["timestep_spacing"])
+    if t.max() >= T:
+        raise ValueError(f"steps_offset={steps_offset} puts timestep {t.max()} past {T - 1}")
+    return t
 
 
-def _prev_alpha(ab: np.ndarray, t: np.ndarray, num_steps: int) -> np.ndarray:
-    # Both diffusers samplers step to t - T // N, whatever the spacing (and 1.0 below zero).
+def schedule_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    """`inference_timesteps` for `cfg`'s spacing and offset."""
+    return inference_timesteps(
+        num_steps,
+        cfg.num_train_timesteps,
+        spacing=cfg.timestep_spacing,
+        steps_offset=cfg.steps_offset,
+    )
+
+
+def _prev_alpha(ab: np.ndarray, t: np.ndarray, num_steps: int, final: float = 1.0) -> np.ndarray:
+    # Both diffusers samplers step to t - T // N, whatever the spacing (and to the final alpha,
+    # 1.0 or alpha_bar[0] per set_alpha_to_one, below zero).
     prev = t - len(ab) // num_steps
-    return np.where(prev >= 0, ab[np.maximum(prev, 0)], 1.0)
+    return np.where(prev >= 0, ab[np.maximum(prev, 0)], final)
 
 
 # Training-time helpers (dynamic timesteps). Like diffusers, alpha_bar is cast to the input
@@ -128,26 +294,93 @@ def velocity(x0: jax.Array, noise: jax.Array, t: jax.Array, ab) -> jax.Array:
 # Samplers. Each step function takes one row of its coefficient table.
 
 
-def ddim_table(ab: np.ndarray, num_steps: int) -> dict[str, np.ndarray]:
-    """Per-step DDIM (eta 0) scalars for the trailing schedule, float32 (N,) each."""
-    t = inference_timesteps(num_steps, len(ab))
-    a_t, a_prev = ab[t], _prev_alpha(ab, t, num_steps)
-    c = np.sqrt((1 - a_prev) / (1 - a_t))
-    table = dict(
-        sa=np.sqrt(a_t), sb=np.sqrt(1 - a_t), c_x=c, c_x0=np.sqrt(a_prev) - np.sqrt(a_t) * c
-    )
+def ddim_table(
+    ab: np.ndarray, num_steps: int, cfg: ScheduleConfig | None = None
+) -> dict[str, np.ndarray]:
+    """Per-step DDIM (eta 0) scalars, float32 (N,) each, for `cfg`'s timesteps, prediction
+    type and step arithmetic (default: CogVideoX's, `ScheduleConfig()`); `ab` is
+    `alphas_cumprod(cfg)`.
+
+    With the model output m, ddim_step computes x0 = x0_x x + x0_out m (divided by x0_div and
+    clipped to +-clip when the table has those), then x_prev = c_x x + c_x0 x0 (+ c_out m when
+    the table has it). The optional terms keep CogVideoX's own v-prediction step the expression
+    it always was. eps-prediction divides by sqrt(alpha_bar_t) as diffusers does, so at zero
+    terminal SNR its x0 is +-inf, which only DDIMScheduler's clipping makes usable; without
+    clipping the table is refused there.
+    """
+    cfg = cfg or ScheduleConfig()
+    t = schedule_timesteps(cfg, num_steps)
+    # In the dtype diffusers' alphas_cumprod has: 1 - alpha_bar near t = 0 rounds differently.
+    ab = np.asarray(ab, _schedule_dtype(cfg))
+    final = 1.0 if cfg.set_alpha_to_one else ab[0]
+    a_t, a_prev = ab[t], _prev_alpha(ab, t, num_steps, final).astype(ab.dtype)
+    sa, sb = np.sqrt(a_t), np.sqrt(1 - a_t)
+    clip = cfg.clip_sample and not cfg.cogvideox
+    if cfg.prediction_type == "epsilon" and (a_t == 0).any() and not clip:
+        raise ValueError(
+            f"prediction_type='epsilon' cannot step from timestep {t[a_t == 0][0]}, where "
+            "alpha_bar is 0 (zero terminal SNR) and x0 is infinite; diffusers returns inf or NaN"
+        )
+    one, zero = np.ones_like(sa), np.zeros_like(sa)
+    x0_x, x0_out = {  # x0 from x and the model output
+        "v_prediction": (sa, -sb),
+        "epsilon": (one, -sb),  # then / sqrt(alpha_bar_t)
+        "sample": (zero, one),
+    }[cfg.prediction_type]
+    table = dict(x0_x=x0_x, x0_out=x0_out)
+    if cfg.prediction_type == "epsilon":
+        table["x0_div"] = sa
+    if cfg.cogvideox:  # x_prev = a x + b x0 (CogVideoXDDIMScheduler.step)
+        c = np.sqrt((1 - a_prev) / (1 - a_t))
+        table |= dict(c_x=c, c_x0=np.sqrt(a_prev) - sa * c)
+    else:  # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps (DDIMScheduler.step)
+        eps_x, eps_out = {  # eps from x and the model output (before any clipping of x0)
+            "v_prediction": (sb, sa),
+            "epsilon": (zero, one),
+            "sample": (1 / sb, -sa / sb),
+        }[cfg.prediction_type]
+        d = np.sqrt(1 - a_prev)
+        table |= dict(c_x=d * eps_x, c_x0=np.sqrt(a_prev), c_out=d * eps_out)
+        if clip:
+            table["clip"] = np.full(num_steps, cfg.clip_sample_range)
     return {k: v.astype(np.float32) for k, v in table.items()} | {"t": t}
 
 
-def ddim_step(row, v: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x_prev, x0) from the latents `x` and the v-prediction `v` (one shape) at the step whose
-    `ddim_table` row is `row`."""
-    x0 = row["sa"] * x - row["sb"] * v
-    return row["c_x"] * x + row["c_x0"] * x0, x0
+def ddim_step(row, out: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_prev, x0) from the latents `x` and the model output `out` (v, eps or x0 per the
+    schedule's prediction_type; one shape) at the step whose `ddim_table` row is `row`."""
+    x0 = row["x0_x"] * x + row["x0_out"] * out
+    if "x0_div" in row:
+        x0 = x0 / row["x0_div"]
+    if "clip" in row:
+        x0 = jnp.clip(x0, -row["clip"], row["clip"])
+    x_prev = row["c_x"] * x + row["c_x0"] * x0
+    if "c_out" in row:
+        x_prev = x_prev + row["c_out"] * out
+    return x_prev, x0
 
 
-def dpm_table(ab: np.ndarray, num_steps: int) -> dict[str, np.ndarray]:
-    """Per-step SDE-DPM-Solver++(2M) scalars, computed in float64 with its infinities."""
+def _check_dpm(cfg: ScheduleConfig | None) -> ScheduleConfig:
+    cfg = cfg or ScheduleConfig()
+    # What this SDE-DPM-Solver++(2M) implements: CogVideoX's schedule and v-prediction.
+    need = dict(
+        class_name=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
+        prediction_type=("v_prediction",),
+        timestep_spacing=("trailing",),
+        set_alpha_to_one=(True,),
+    )
+    for field, supported in need.items():
+        if getattr(cfg, field) not in supported:
+            raise _refuse(field, getattr(cfg, field), f"{supported} for the DPM sampler")
+    return cfg
+
+
+def dpm_table(
+    ab: np.ndarray, num_steps: int, cfg: ScheduleConfig | None = None
+) -> dict[str, np.ndarray]:
+    """Per-step SDE-DPM-Solver++(2M) scalars, computed in float64 with its infinities. `cfg`
+    (default `ScheduleConfig()`) must be a CogVideoX v-prediction, trailing schedule."""
+    _check_dpm(cfg)
     t = inference_timesteps(num_steps, len(ab))
     a_t, a_prev = ab[t], _prev_alpha(ab, t, num_steps)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -182,9 +415,12 @@ def dpm_step(row, v, x, old_x0, noise) -> tuple[jax.Array, jax.Array]:
     return row["m1"] * x - row["m2"] * d + row["m_noise"] * noise, x0
 
 
-def dynamic_cfg_scales(guidance_scale: float, num_steps: int) -> np.ndarray:
+def dynamic_cfg_scales(
+    guidance_scale: float, num_steps: int, timesteps: np.ndarray | None = None
+) -> np.ndarray:
     """diffusers' use_dynamic_cfg weights, (num_steps,) float64; like diffusers (and SAT as
     called) it uses the timestep value, not the step index, in the power, so the weights
-    oscillate."""
-    t = inference_timesteps(num_steps).astype(np.float64)
+    oscillate. `timesteps`: the sampler's (a table's "t"); default the trailing ones."""
+    t = inference_timesteps(num_steps) if timesteps is None else np.asarray(timesteps)
+    t = t.astype(np.float64)
     return 1 + guidance_scale * ((1 - np.cos(np.pi * ((num_steps - t) / num_steps) ** 5.0)) / 2)
