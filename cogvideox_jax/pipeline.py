@@ -109,6 +109,8 @@ class Pipeline:
         image_latents=None,
         output_type: str = "np",
         progress: bool = False,
+        video=None,
+        strength: float | None = None,
     ) -> np.ndarray:
         """Sample videos; the arguments are diffusers' (see its CogVideoX pipelines).
 
@@ -121,10 +123,26 @@ class Pipeline:
         (`"latent"`). `num_frames` is any count >= 1, as in diffusers: (num_frames - 1) // 4 + 1
         latent frames, decoded to 4T' - 3 frames for an odd latent count T' and 4T' for an even
         one (8 -> 8, 48 -> 48, 10 -> 9).
+
+        Video-to-video (text-to-video models), as diffusers' CogVideoXVideoToVideoPipeline:
+        `video` (F, H, W, 3) / (B, F, H, W, 3) uint8 frames or a list of PIL images, resized to
+        the output size, sets num_frames; its VAE posterior sample (scaled) is noised to the
+        first of the last int(num_inference_steps * strength) timesteps (`strength`, default
+        0.8), which alone are run. With `strength` and no `video`, `latents` are the
+        already-noised latents to start from, as there.
         """
         cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
         height = height or cfg.sample_height * vae_cfg.spatial_compression
         width = width or cfg.sample_width * vae_cfg.spatial_compression
+        v2v = video is not None or strength is not None
+        pixels = None
+        if v2v:
+            strength = 0.8 if strength is None else strength
+            pixels = _check_video_args(cfg, vae_cfg, video, latents, strength, height, width)
+            if pixels is not None:
+                num_frames = pixels.shape[1]
+            else:  # the latents' frames decode to 4T' - 3 (odd T') or 4T' frames
+                num_frames = 4 * latents.shape[1] - (3 if latents.shape[1] % 2 else 0)
         num_frames = num_frames or cfg.sample_frames
         _check_args(
             cfg, vae_cfg, height, width, num_frames, scheduler, output_type, image, image_latents
@@ -162,6 +180,31 @@ class Pipeline:
         shape = (batch, frames, h, w, vae_cfg.latent_channels)
         key = jax.random.key(seed)
         k_noise, k_image, k_loop = jax.random.split(key, 3)
+        ab = self.alphas_cumprod
+        table = (diffusion.ddim_table if scheduler == "ddim" else diffusion.dpm_table)(
+            ab, num_inference_steps, self.schedule
+        )
+        if v2v:  # the last int(steps * strength) steps only (diffusers' get_timesteps)
+            run = min(int(num_inference_steps * strength), num_inference_steps)
+            start = num_inference_steps - run
+            table = {k: np.asarray(c)[start:] for k, c in table.items()}
+            if "second" in table:  # DPM: the first step run has no previous x0
+                table["second"] = table["second"].copy()
+                table["second"][:1] = False
+            num_inference_steps -= start
+            if num_inference_steps < 1:
+                raise ValueError(
+                    f"strength={strength} with num_inference_steps leaves no step to run"
+                )
+        if latents is None and pixels is not None:
+            batch_pixels = pixels if len(pixels) == batch else jnp.repeat(pixels, batch, axis=0)
+            if len(batch_pixels) != batch:
+                raise ValueError(f"{len(pixels)} videos for a batch of {batch}")
+            mean, logvar = _encode_image(self.vae, batch_pixels)  # the VAE takes any frames
+            z0 = sample_latents(k_image, mean, logvar) * vae_cfg.scaling_factor
+            noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
+            t0 = jnp.full((batch,), int(table["t"][0]))
+            latents = diffusion.add_noise(z0, noise, t0, jnp.asarray(ab))
         if latents is None:
             latents = jax.random.normal(k_noise, shape, jnp.float32)
         latents = jnp.asarray(latents, self.transformer.dtype)
@@ -185,10 +228,6 @@ class Pipeline:
             pad = jnp.zeros((batch, frames - 1, h, w, z.shape[-1]), z.dtype)
             cond = jnp.concatenate([z, pad], axis=1).astype(self.transformer.dtype)  # image first
 
-        ab = self.alphas_cumprod
-        table = (diffusion.ddim_table if scheduler == "ddim" else diffusion.dpm_table)(
-            ab, num_inference_steps, self.schedule
-        )
         scales = (
             diffusion.dynamic_cfg_scales(guidance_scale, num_inference_steps, table["t"])
             if use_dynamic_cfg
@@ -215,6 +254,42 @@ class Pipeline:
             return np.asarray(out)
         video = _decode(self.vae, out[:, extra:].astype(jnp.float32) / vae_cfg.scaling_factor)
         return np.asarray(jnp.clip(video / 2 + 0.5, 0.0, 1.0))
+
+
+def _check_video_args(cfg, vae_cfg, video, latents, strength, height, width):
+    """Video-to-video's arguments checked; the video's pixels (B, F, H, W, 3) in [-1, 1] (None
+    when `latents` are given instead)."""
+    if cfg.in_channels == 2 * vae_cfg.latent_channels:
+        raise ValueError("video-to-video needs a text-to-video model; this is image-to-video")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if (video is None) == (latents is None):
+        raise ValueError("video-to-video: pass video, or already-noised latents, not both")
+    h = height or cfg.sample_height * vae_cfg.spatial_compression
+    w = width or cfg.sample_width * vae_cfg.spatial_compression
+    pixels = None if video is None else preprocess_video(video, h, w)
+    if pixels is not None:
+        latent_frames = (pixels.shape[1] - 1) // vae_cfg.temporal_compression_ratio + 1
+    else:
+        latent_frames = latents.shape[1]
+    pt = cfg.patch_size_t or 1
+    if latent_frames % pt:
+        raise ValueError(
+            f"video-to-video: the video gives {latent_frames} latent frames, which must be a "
+            f"multiple of patch_size_t={pt} (as diffusers asks)"
+        )
+    return pixels
+
+
+def preprocess_video(video, height: int, width: int) -> jax.Array:
+    """uint8 frames (F, H, W, 3) / (B, F, H, W, 3), or a list of PIL images (one video) ->
+    (B, F, H, W, 3) in [-1, 1], each frame resized as `preprocess_image` resizes."""
+    if isinstance(video, (list, tuple)):
+        clips = [list(video)]
+    else:
+        video = np.asarray(video)
+        clips = [list(video)] if video.ndim == 4 else [list(v) for v in video]
+    return jnp.stack([preprocess_image(c, height, width, len(c))[:, 0] for c in clips])
 
 
 def _check_args(cfg, vae_cfg, height, width, num_frames, scheduler, output_type, image, img_lat):

@@ -165,6 +165,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
             ["--model", str(tmp_path / "nowhere"), "--prompt", "a", "--out", "v.mp4"],
             f"--model {tmp_path / 'nowhere'}: no such folder",
         ),
+        (
+            sample.main,
+            ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--strength", "0.5"],
+            "--strength is for video-to-video: pass --video IN.mp4 too",
+        ),
+        (
+            sample.main,
+            ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--video", "no.mp4"],
+            "--video no.mp4: no such file",
+        ),
     ]
     for main, argv, start in cases:
         assert main(argv) == 2, argv

@@ -11,6 +11,7 @@ from diffusers import (
     CogVideoXDDIMScheduler,
     CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
+    CogVideoXVideoToVideoPipeline,
 )
 from diffusers.pipelines.cogvideo import pipeline_cogvideox_image2video
 
@@ -214,6 +215,61 @@ def test_frame_counts_other_than_4k_plus_1_match_diffusers(tmp_path, variant, nu
     assert ref.rel_l2(got, np.asarray(want)) <= 1e-4
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_video_to_video_matches_diffusers(tmp_path, dynamic):
+    """diffusers' CogVideoXVideoToVideoPipeline from already-noised latents: strength 0.6 of 5
+    steps runs the last 3, with the truncated schedule's guidance."""
+    transformer, autoencoder, scheduler, ours = _components("5b", tmp_path)
+    (h, w, _), noisy, text, neg = _inputs(ours)
+    theirs = CogVideoXVideoToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=autoencoder, transformer=transformer,
+        scheduler=scheduler,
+    )  # fmt: skip
+    kw = dict(height=h, width=w, num_inference_steps=5, strength=0.6, guidance_scale=4.0)
+    kw["use_dynamic_cfg"] = dynamic
+    for output_type in ("latent", "np"):
+        want = theirs(
+            prompt_embeds=_t(text),
+            negative_prompt_embeds=_t(neg),
+            latents=_t(noisy).permute(0, 1, 4, 2, 3),
+            output_type=output_type,
+            **kw,
+        ).frames
+        want = want.permute(0, 1, 3, 4, 2).numpy() if output_type == "latent" else np.asarray(want)
+        got = ours(
+            prompt_embeds=text, negative_prompt_embeds=neg, latents=noisy, output_type=output_type,
+            **kw,
+        )  # fmt: skip
+        assert got.shape == want.shape, (got.shape, want.shape)
+        assert ref.rel_l2(got, want) <= 1e-4, (output_type, ref.rel_l2(got, want))
+
+
+def test_video_to_video_from_frames(tmp_path):
+    """A video in: its frames set num_frames. At strength 1 sampling starts at t = 999, where
+    CogVideoX's zero-terminal-SNR schedule keeps nothing of the video (alpha_bar = 0): two videos
+    give the same output. At strength 0.5 the video's latents are in the start: they differ."""
+    *_, ours = _components("5b", tmp_path)
+    (h, w, f), _, text, _ = _inputs(ours, batch=1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.stack([(np.stack([xx + 3 * i, yy, xx + yy], -1) * 2) % 256 for i in range(f)])
+    videos = [frames.astype(np.uint8), (255 - frames).astype(np.uint8)]  # (F, H, W, 3) each
+    kw = dict(prompt_embeds=text, num_inference_steps=4, guidance_scale=1.0, seed=4)
+    full = [ours(video=v, strength=1.0, **kw) for v in videos]
+    half = [ours(video=v, strength=0.5, **kw) for v in videos]
+    assert full[0].shape == half[0].shape == (1, f, h, w, 3)
+    np.testing.assert_allclose(full[0], full[1], atol=1e-6)
+    assert np.abs(half[0] - half[1]).mean() > 0.01
+    np.testing.assert_array_equal(ours(video=videos[0], strength=0.5, **kw), half[0])  # seeded
+    assert ours(video=videos[0][:8], strength=0.5, **kw).shape == (1, 8, h, w, 3)  # 2 latents
+    latents = np.zeros((1, 3, h // 8, w // 8, 4), np.float32)
+    for bad, rule in (
+        (dict(video=videos[0], strength=1.5), "strength must be in"),
+        (dict(video=videos[0], latents=latents, strength=0.5), "not both"),
+    ):
+        with pytest.raises(ValueError, match=rule):
+            ours(**bad, **kw)
+
+
 def test_bad_arguments(tmp_path):
     *_, ours = _components("5b", tmp_path)
     (h, w, f), _, text, _ = _inputs(ours)
@@ -342,3 +398,12 @@ def test_sample_cli_writes_an_mp4(tmp_path):
     assert rc == 0
     frames, fps = read_mp4(out)
     assert frames.shape == (9, 48, 64, 3) and fps == 8
+    # Video-to-video from that file: 8 of its frames (a 2-latent clip), strength 0.5.
+    from data.video import write_mp4
+
+    write_mp4(tmp_path / "in.mp4", frames[:8] / 255.0, fps=8)
+    v2v = ["--model", str(tmp_path / "model"), "--prompt", "a panda", "--steps", "2"]
+    v2v += ["--video", str(tmp_path / "in.mp4"), "--strength", "0.5", "--height", "48"]
+    v2v += ["--width", "64", "--out", str(tmp_path / "v2v.mp4")]
+    assert sample.main(v2v) == 0
+    assert read_mp4(tmp_path / "v2v.mp4")[0].shape == (8, 48, 64, 3)

@@ -2,6 +2,7 @@ r"""Sample a video from a CogVideoX model folder (diffusers layout, or its Orbax
 
   python -m tools.sample --model DIR --prompt "a red ball rolls left" --out video.mp4
   python -m tools.sample --model DIR --prompt "..." --image first.png --out video.mp4   # I2V
+  python -m tools.sample --model DIR --prompt "..." --video in.mp4 --strength 0.8 --out v.mp4  # V2V
   python -m tools.sample --model DIR --lora RUN_OR_LORA --lora-scale 1.0 --prompt "..." --out v.mp4
   python -m tools.sample --model RUN [--step N] [--ema] [--base DIR] --prompt "..." --out v.mp4
 
@@ -20,6 +21,7 @@ Writes an H.264 mp4 at the model's native frame rate (8 fps for CogVideoX 1.0, 1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 
 import tools
 from cogvideox_jax import runtime
-from data.video import write_mp4
+from data.video import read_mp4, write_mp4
 
 
 def main(argv=None) -> int:
@@ -45,6 +47,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--image", default=None, help="first frame, for image-to-video models")
+    parser.add_argument(
+        "--video", default=None, help="video-to-video: the input video file (sets the frames)"
+    )
+    parser.add_argument(
+        "--strength", type=float, default=None, help="video-to-video: 0-1 (default 0.8)"
+    )
     parser.add_argument("--out", required=True, help="output .mp4")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -65,8 +73,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     runtime.cpu_only_without_accelerators()
     try:
+        source = _source_video(args)
         pipe, image = _load(args)
-        video = _sample(pipe, image, args)  # the pipeline checks its arguments before compiling
+        video = _sample(pipe, image, source, args)  # the pipeline checks them before compiling
     except (FileNotFoundError, ValueError, OSError) as e:
         return tools.error(e)
     write_mp4(args.out, video[0], pipe.fps)
@@ -77,7 +86,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def _sample(pipe, image, args):
+def _source_video(args):
+    """The --video frames (F, H, W, 3) uint8, or None; --strength alone is an error."""
+    if args.video is None:
+        if args.strength is not None:
+            raise ValueError("--strength is for video-to-video: pass --video IN.mp4 too")
+        return None
+    if not os.path.isfile(args.video):
+        raise FileNotFoundError(f"--video {args.video}: no such file")
+    if args.num_frames is not None:
+        raise ValueError("--num-frames: video-to-video takes the frames of --video")
+    try:
+        return read_mp4(args.video)[0]
+    except Exception as e:  # PyAV's errors for a file it cannot decode
+        raise ValueError(f"--video {args.video}: cannot be read as a video ({e})") from None
+
+
+def _sample(pipe, image, source, args):
+    v2v = {} if source is None else dict(video=source, strength=args.strength or 0.8)
     return pipe(
         args.prompt,
         args.negative_prompt,
@@ -91,6 +117,7 @@ def _sample(pipe, image, args):
         scheduler=args.scheduler,
         seed=args.seed,
         progress=True,
+        **v2v,
     )
 
 
