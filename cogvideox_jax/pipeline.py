@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogvideox_jax import compiler, components, diffusion, t5
+from cogvideox_jax import compiler, components, diffusion, sharding, t5
 from cogvideox_jax.vae import sample_latents
 
 SCHEDULERS = ("ddim", "dpm")
@@ -36,6 +36,10 @@ class Pipeline:
       schedule: the training noise schedule the samplers step through.
       text_encoder, tokenizer: a `t5.T5Encoder` and its tokenizer (`t5.load_tokenizer`), for
         prompts given as text; without them pass `prompt_embeds`.
+      mesh: sample on a device mesh (`sharding.make_mesh`, the trainer's axes): the transformer's
+        and text encoder's weights are placed by `rules` (default SAMPLING_RULES: FSDP over
+        `fsdp` and `context`, the token axis over `context`, the batch, both classifier-free
+        guidance halves included, over `data`); the VAE is replicated. None: one device.
     """
 
     def __init__(
@@ -46,17 +50,37 @@ class Pipeline:
         *,
         text_encoder=None,
         tokenizer=None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: sharding.Rules | None = None,
     ):
         self.transformer, self.vae, self.schedule = transformer, vae, schedule
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.alphas_cumprod = diffusion.alphas_cumprod(schedule)
+        self.mesh, self.rules = mesh, tuple(rules or SAMPLING_RULES)
+        if mesh is not None:
+            for module in (transformer, text_encoder):
+                if module is not None:
+                    _place(module, mesh, self.rules)
+            _place(vae, mesh, None)
+
+    def on_mesh(self):
+        """The context every traced call of the pipeline runs in: its mesh and rules."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(sharding.use_rules(self.rules))
+        return stack
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype=None, transformer=None) -> Pipeline:
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, dtype=None, transformer=None, mesh=None, rules=None
+    ) -> Pipeline:
         """A diffusers-layout model folder (model_index.json with transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its Orbax conversion. `dtype` applies to the
         transformer and text encoder (None: as stored); the VAE runs in float32. `transformer`:
-        one to use instead of the folder's (a training run's, `train.export`)."""
+        one to use instead of the folder's (a training run's, `train.export`). `mesh`, `rules`:
+        see the class."""
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: no model_index.json (not a model folder)")
@@ -75,6 +99,8 @@ class Pipeline:
             schedule,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
+            mesh=mesh,
+            rules=rules,
         )
 
     @property
@@ -87,9 +113,15 @@ class Pipeline:
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds")
         ids = t5.tokenize(self.tokenizer, prompts, self.transformer.cfg.max_text_len)
-        return _encode_text(self.text_encoder, ids).astype(self.transformer.dtype)
+        with self.on_mesh():
+            return _encode_text(self.text_encoder, ids).astype(self.transformer.dtype)
 
-    def __call__(
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        """Sample videos (the arguments: `_sample`), on the pipeline's mesh if it has one."""
+        with self.on_mesh():
+            return self._sample(*args, **kwargs)
+
+    def _sample(
         self,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
@@ -156,6 +188,15 @@ class Pipeline:
             prompt_embeds = self.encode_prompt(prompt)
         prompt_embeds = jnp.asarray(prompt_embeds, self.transformer.dtype)
         batch = prompt_embeds.shape[0]
+        if self.mesh is not None:
+            rows = batch * (2 if guidance_scale > 1.0 else 1)
+            shards = sharding.axis_size("batch", dict(self.mesh.shape), self.rules)
+            if rows % shards:
+                raise ValueError(
+                    f"sampling on a mesh: {rows} rows (batch {batch}"
+                    f"{' x 2 for guidance' if guidance_scale > 1.0 else ''}) do not divide over "
+                    f"the {shards} shards of the `batch` rule's mesh axes"
+                )
         if do_cfg:
             if negative_prompt_embeds is None:
                 neg = negative_prompt or ""
@@ -254,6 +295,23 @@ class Pipeline:
             return np.asarray(out)
         video = _decode(self.vae, out[:, extra:].astype(jnp.float32) / vae_cfg.scaling_factor)
         return np.asarray(jnp.clip(video / 2 + 0.5, 0.0, 1.0))
+
+
+# Sampling on a mesh: as training's rules, but the batch (2B rows with guidance) over `data`
+# only, so that `fsdp` and `context` keep every row's tokens together for context parallelism.
+SAMPLING_RULES = sharding.rules_with((("batch", "data"),))
+
+
+def _place(module, mesh, rules) -> None:
+    """Put `module`'s weights on `mesh`: by `rules` (None: replicated)."""
+    graphdef, state = nnx.split(module)
+    pure = nnx.to_pure_dict(state)
+    if rules is None:
+        targets = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+        targets = sharding.state_shardings(state, mesh, rules)
+    nnx.replace_by_pure_dict(state, jax.device_put(pure, targets))
+    nnx.update(module, state)
 
 
 def _check_video_args(cfg, vae_cfg, video, latents, strength, height, width):

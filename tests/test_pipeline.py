@@ -14,6 +14,7 @@ from diffusers import (
     CogVideoXVideoToVideoPipeline,
 )
 from diffusers.pipelines.cogvideo import pipeline_cogvideox_image2video
+from flax import nnx
 
 import cogvideox_jax as cj
 from cogvideox_jax import components, pipeline, vae
@@ -268,6 +269,32 @@ def test_video_to_video_from_frames(tmp_path):
     ):
         with pytest.raises(ValueError, match=rule):
             ours(**bad, **kw)
+
+
+def test_sampling_on_a_mesh_equals_one_device(tmp_path):
+    """8 devices as data 2 (the two guidance halves) x fsdp 2 x context 2 (each row's tokens):
+    the weights sharded, the same latents and frames as on one device."""
+    import jax
+
+    from cogvideox_jax import sharding
+
+    *_, ours = _components("5b", tmp_path)
+    (h, w, f), noise, text, neg = _inputs(ours, batch=1)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "context": 2, "tensor": 1}, jax.devices())
+    on_mesh = pipeline.Pipeline.from_pretrained(tmp_path / "model", mesh=mesh)
+    qkv = [
+        x for x in jax.tree.leaves(nnx.state(on_mesh.transformer)) if x.ndim >= 2
+    ]  # every matrix: split over fsdp x context (4 ways) where its dimension allows
+    assert all(len(x.sharding.device_set) == 8 for x in qkv)
+    assert any(not x.sharding.is_fully_replicated for x in qkv)
+    kw = dict(prompt_embeds=text, negative_prompt_embeds=neg, latents=noise, height=h, width=w)
+    kw |= dict(num_frames=f, num_inference_steps=3, guidance_scale=4.0)
+    for output_type in ("latent", "np"):
+        want = ours(output_type=output_type, **kw)
+        got = on_mesh(output_type=output_type, **kw)
+        assert ref.rel_l2(got, want) <= 1e-5, (output_type, ref.rel_l2(got, want))
+    with pytest.raises(ValueError, match="1 rows \\(batch 1\\) do not divide over the 2 shards"):
+        on_mesh(**(kw | {"guidance_scale": 1.0}))
 
 
 def test_bad_arguments(tmp_path):
