@@ -109,13 +109,20 @@ def component_folder(path: str | os.PathLike, name: str) -> Path:
 # Loading and saving modules.
 
 
-def load_transformer(path: str | os.PathLike, *, dtype=None, attention_impl: str = "auto"):
+def load_transformer(
+    path: str | os.PathLike,
+    *,
+    dtype=None,
+    attention_impl: str = "auto",
+    context_parallel: str = "allgather",
+):
     """The transformer of a diffusers folder or of its Orbax conversion, as an NNX module.
 
     Args:
       path: the component folder, or a whole model folder (its `transformer/` is used).
       dtype: parameter and compute dtype; None keeps the dtype the weights are stored in.
       attention_impl: the attention kernel (`cogvideox_jax.attention.IMPLEMENTATIONS`).
+      context_parallel: "allgather" or "ulysses", used where a mesh splits the tokens.
 
     Returns:
       A `transformer.Transformer`, its parameters on the default device.
@@ -125,7 +132,12 @@ def load_transformer(path: str | os.PathLike, *, dtype=None, attention_impl: str
         cfg = TransformerConfig.from_diffusers(config)
         dt = np.dtype(dtype or stored)
         return Transformer(
-            cfg, dtype=dt, param_dtype=dt, attention_impl=attention_impl, rngs=nnx.Rngs(0)
+            cfg,
+            dtype=dt,
+            param_dtype=dt,
+            attention_impl=attention_impl,
+            context_parallel=context_parallel,
+            rngs=nnx.Rngs(0),
         )
 
     return _load_module(component_folder(path, "transformer"), build)

@@ -56,12 +56,17 @@ class Pipeline:
         self.transformer, self.vae, self.schedule = transformer, vae, schedule
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.alphas_cumprod = diffusion.alphas_cumprod(schedule)
-        self.mesh, self.rules = mesh, tuple(rules or SAMPLING_RULES)
+        self.mesh, self.rules = None, tuple(rules or SAMPLING_RULES)
         if mesh is not None:
-            for module in (transformer, text_encoder):
-                if module is not None:
-                    _place(module, mesh, self.rules)
-            _place(vae, mesh, None)
+            self.place(mesh, rules)
+
+    def place(self, mesh: jax.sharding.Mesh, rules: sharding.Rules | None = None) -> None:
+        """Sample on `mesh` from now on, the weights placed by `rules` (see the class)."""
+        self.mesh, self.rules = mesh, tuple(rules or SAMPLING_RULES)
+        for module in (self.transformer, self.text_encoder):
+            if module is not None:
+                _place(module, mesh, self.rules)
+        _place(self.vae, mesh, None)
 
     def on_mesh(self):
         """The context every traced call of the pipeline runs in: its mesh and rules."""
@@ -74,13 +79,21 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype=None, transformer=None, mesh=None, rules=None
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype=None,
+        transformer=None,
+        mesh=None,
+        rules=None,
+        context_parallel: str = "allgather",
     ) -> Pipeline:
         """A diffusers-layout model folder (model_index.json with transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its Orbax conversion. `dtype` applies to the
         transformer and text encoder (None: as stored); the VAE runs in float32. `transformer`:
         one to use instead of the folder's (a training run's, `train.export`). `mesh`, `rules`:
-        see the class."""
+        see the class; `context_parallel` ("allgather" or "ulysses"): how attention runs where
+        the mesh splits the tokens."""
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: no model_index.json (not a model folder)")
@@ -94,7 +107,8 @@ class Pipeline:
         if (path / "tokenizer").is_dir():
             tokenizer = t5.load_tokenizer(path / "tokenizer")
         return cls(
-            transformer or components.load_transformer(path, dtype=dtype),
+            transformer
+            or components.load_transformer(path, dtype=dtype, context_parallel=context_parallel),
             components.load_vae(path),
             schedule,
             text_encoder=text_encoder,
@@ -288,9 +302,13 @@ class Pipeline:
                 ofs=ofs,
                 sampler=scheduler,
                 do_cfg=do_cfg,
-                progress=progress,
+                # Per-step ticks are an ordered host callback, one device only: on a mesh the
+                # bar moves once, when the loop is done.
+                progress=progress and self.mesh is None,
             )
             out.block_until_ready()
+            if progress and self.mesh is not None:
+                bar.bar.update(num_inference_steps)
         if output_type == "latent":
             return np.asarray(out)
         video = _decode(self.vae, out[:, extra:].astype(jnp.float32) / vae_cfg.scaling_factor)

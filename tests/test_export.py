@@ -175,6 +175,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
             ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--video", "no.mp4"],
             "--video no.mp4: no such file",
         ),
+        (
+            sample.main,
+            ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--mesh", "data=3"],
+            "--mesh data=3: 3 devices, but this machine has 8",
+        ),
+        (
+            sample.main,
+            ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--mesh", "pods=8"],
+            "--mesh pods=8: 'pods=8' is not AXIS=SIZE with AXIS one of",
+        ),
     ]
     for main, argv, start in cases:
         assert main(argv) == 2, argv

@@ -3,6 +3,7 @@ r"""Sample a video from a CogVideoX model folder (diffusers layout, or its Orbax
   python -m tools.sample --model DIR --prompt "a red ball rolls left" --out video.mp4
   python -m tools.sample --model DIR --prompt "..." --image first.png --out video.mp4   # I2V
   python -m tools.sample --model DIR --prompt "..." --video in.mp4 --strength 0.8 --out v.mp4  # V2V
+  python -m tools.sample --model DIR --prompt "..." --mesh data=2,fsdp=2,context=2 --out v.mp4
   python -m tools.sample --model DIR --lora RUN_OR_LORA --lora-scale 1.0 --prompt "..." --out v.mp4
   python -m tools.sample --model RUN [--step N] [--ema] [--base DIR] --prompt "..." --out v.mp4
 
@@ -21,6 +22,7 @@ Writes an H.264 mp4 at the model's native frame rate (8 fps for CogVideoX 1.0, 1
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -68,13 +70,26 @@ def main(argv=None) -> int:
         default=None,
         help="transformer and text encoder dtype (default: as stored)",
     )
+    parser.add_argument(
+        "--mesh",
+        default="",
+        help="sample on a device mesh, e.g. data=2,fsdp=2,context=2 (axes data, fsdp, context, "
+        "tensor; their product = the devices)",
+    )
+    parser.add_argument(
+        "--context-parallel",
+        choices=["allgather", "ulysses"],
+        default="allgather",
+        help="attention over a split token axis (model folders; runs use allgather)",
+    )
     parser.add_argument("--lora", default=None, help="LoRA adapters to merge (see above)")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     args = parser.parse_args(argv)
     runtime.cpu_only_without_accelerators()
     try:
         source = _source_video(args)
-        pipe, image = _load(args)
+        mesh = _mesh(args.mesh)
+        pipe, image = _load(args, mesh)
         video = _sample(pipe, image, source, args)  # the pipeline checks them before compiling
     except (FileNotFoundError, ValueError, OSError) as e:
         return tools.error(e)
@@ -121,7 +136,32 @@ def _sample(pipe, image, source, args):
     )
 
 
-def _load(args):
+def _mesh(text: str):
+    """The --mesh devices (axis=size, ...), or None; every axis not named has size 1."""
+    if not text:
+        return None
+    import jax
+
+    from cogvideox_jax import sharding
+
+    sizes = dict.fromkeys(sharding.MESH_AXES, 1)
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if name.strip() not in sizes or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(
+                f"--mesh {text}: {part!r} is not AXIS=SIZE with AXIS one of {sharding.MESH_AXES}"
+            )
+        sizes[name.strip()] = int(size)
+    devices = jax.devices()
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"--mesh {text}: {math.prod(sizes.values())} devices, but this machine has "
+            f"{len(devices)}"
+        )
+    return sharding.make_mesh(sizes, devices)
+
+
+def _load(args, mesh=None):
     """(the pipeline, the first-frame image or None) of the arguments; input errors raise."""
     from pathlib import Path
 
@@ -143,8 +183,12 @@ def _load(args):
             args.model, step=args.step, ema=args.ema, base=args.base, dtype=dtype
         )
         print(f"loaded the run's {'EMA ' if args.ema else ''}weights of {folder}")
+        if mesh is not None:
+            pipe.place(mesh)
     else:
-        pipe = Pipeline.from_pretrained(args.model, dtype=dtype)
+        pipe = Pipeline.from_pretrained(
+            args.model, dtype=dtype, mesh=mesh, context_parallel=args.context_parallel
+        )
     print(f"loaded {args.model} in {time.time() - t0:.1f}s")
     if args.lora:
         from cogvideox_jax import lora
