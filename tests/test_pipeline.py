@@ -283,6 +283,19 @@ MESHES = {  # 8 CPU devices; context-parallel mode
 }
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """A tiny 5B-style model folder (4 heads: Ulysses over 4), its inputs, and what one device
+    samples from them (latents and frames)."""
+    tmp_path = tmp_path_factory.mktemp("mesh")
+    *_, ours = _components("5b", tmp_path, num_attention_heads=4)
+    (h, w, f), noise, text, neg = _inputs(ours, batch=1)
+    kw = dict(prompt_embeds=text, negative_prompt_embeds=neg, latents=noise, height=h, width=w)
+    kw |= dict(num_frames=f, num_inference_steps=3, guidance_scale=4.0)
+    want = {t: ours(output_type=t, **kw) for t in ("latent", "np")}
+    return tmp_path / "model", kw, want
+
+
 @pytest.mark.parametrize(
     "layout",
     [
@@ -290,7 +303,7 @@ MESHES = {  # 8 CPU devices; context-parallel mode
         *(pytest.param(k, marks=pytest.mark.slow) for k in MESHES if k != "data2_context2_tensor2"),
     ],
 )
-def test_sampling_on_a_mesh_equals_one_device(tmp_path, layout):
+def test_sampling_on_a_mesh_equals_one_device(one_device, layout):
     """8 devices in each layout: the transformer's and T5's weights sharded as in training, the
     guidance rows over `data`, each row's tokens over `context` (all-gather or Ulysses): the
     same latents and frames as one device."""
@@ -298,20 +311,17 @@ def test_sampling_on_a_mesh_equals_one_device(tmp_path, layout):
 
     from cogvideox_jax import sharding
 
-    *_, ours = _components("5b", tmp_path, num_attention_heads=4)  # 4 heads: Ulysses over 4
-    (h, w, f), noise, text, neg = _inputs(ours, batch=1)
+    folder, kw, want = one_device
     shape, cp = MESHES[layout]
     mesh = sharding.make_mesh(shape, jax.devices())
-    on_mesh = pipeline.Pipeline.from_pretrained(tmp_path / "model", mesh=mesh, context_parallel=cp)
+    on_mesh = pipeline.Pipeline.from_pretrained(folder, mesh=mesh, context_parallel=cp)
     matrices = [x for x in jax.tree.leaves(nnx.state(on_mesh.transformer)) if x.ndim >= 2]
     assert all(len(x.sharding.device_set) == 8 for x in matrices)
     assert any(not x.sharding.is_fully_replicated for x in matrices)
-    kw = dict(prompt_embeds=text, negative_prompt_embeds=neg, latents=noise, height=h, width=w)
-    kw |= dict(num_frames=f, num_inference_steps=3, guidance_scale=4.0)
     for output_type in ("latent", "np"):
-        want = ours(output_type=output_type, **kw)
         got = on_mesh(output_type=output_type, **kw)
-        assert ref.rel_l2(got, want) <= 1e-5, (output_type, ref.rel_l2(got, want))
+        rel = ref.rel_l2(got, want[output_type])
+        assert rel <= 1e-5, (output_type, rel)
     if shape["data"] > 1:
         with pytest.raises(ValueError, match=r"1 rows \(batch 1\) do not divide over the 2"):
             on_mesh(**(kw | {"guidance_scale": 1.0}))

@@ -305,7 +305,7 @@ def test_sigkill_or_sigterm_then_resume_is_bit_identical(tmp_path):
         _run(tmp_path / name, *args)  # the same command resumes
     assert f"resumed from step {step} " in stopped.log.read_text()
     log = killed.log.read_text()
-    assert "resumed from step " in log
+    assert "resumed from step " in log and "resumed on another slice" not in log  # same slice
     # The killed run's lock died with it (the kernel's); its record is taken over, said once.
     took_over = f"ended without releasing it (host {socket.gethostname()}, PID {killed.pid}, "
     assert log.count(took_over) == 1, log[-3000:]
