@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,6 +114,44 @@ def test_init_checkpoint_then_restore_onto_other_meshes_and_eval_mode(tmp_path, 
     assert got["step"] == 3
     np.testing.assert_allclose(got["eval_loss"], rows[-1]["eval_loss"], rtol=1e-5)
     # Training there: test_train_data.py's test_resume_on_another_layout.
+
+
+@pytest.mark.slow
+def test_resume_on_another_layout(tmp_path, capsys):
+    """Saved on fsdp 8 (8 devices), resumed on fsdp 2 x context 2 (4 devices) with automatic
+    gradient accumulation: one line says so, the data position is the one of the run that
+    stayed, and so are its losses, up to the other layout's reduction order. (Packed data:
+    test_data_pipeline.py moves a packed position between process counts; test_packing.py runs
+    packed rows context-parallel.)"""
+    old = {"batch_size": 8, "evals.batch_size": 8, "input.eval_examples": 8}  # synthetic clips
+    old |= {"grad_accum_steps": 0, "mesh.num_devices": 8, "mesh.fsdp": 8}
+    new = old | {"mesh.num_devices": 4, "mesh.fsdp": 2, "mesh.context": 2}
+    every = {"evals.every_steps": 2, "ckpt.every_steps": 2}
+    stay, moved = tmp_path / "stay", tmp_path / "moved"
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=4, **old, **every), str(stay))
+    # The copy keeps step 2 only and resumes there (its rows after step 2 are dropped).
+    shutil.copytree(stay, moved, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(moved / "checkpoints" / "4")
+    capsys.readouterr()
+    dit.train_and_evaluate(_config("cogvideox_5b", total_steps=4, **new, **every), str(moved))
+    want = (
+        "resumed on another slice: 4 device(s) (fsdp 2 x context 2) in 1 process(es), saved on "
+        "8 device(s) (fsdp 8) in 1 process(es); gradient accumulation 4 micro-batch(es) of 2 "
+        "rows (was 1 micro-batch(es) of 8 rows); the global batch stays 8"
+    )
+    out = capsys.readouterr().out
+    assert want in out.splitlines(), out[-2000:]
+    a, b = _rows(stay), _rows(moved)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a[:2] == b[:2]
+    for key in ("loss", "grad_norm", "eval_loss"):
+        got = [r[key] for r in b[2:] if key in r]
+        np.testing.assert_allclose(got, [r[key] for r in a[2:] if key in r], rtol=2e-5)
+    positions = [
+        (w / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text()
+        for w in (stay, moved)
+    ]
+    assert positions[0] == positions[1]
 
 
 # ---- The objective against diffusers' training scripts ----
