@@ -42,11 +42,15 @@ def test_sigint_in_process_stops_after_the_step_and_goodput_adds_up(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, e.step + 1))
+    # The parts add up to the interval within 5%; an interval here is one step of a tiny model
+    # (milliseconds), where the loop's own bookkeeping (~1-2 ms, in no part) is allowed for.
     for r in rows:
         parts = [r[f"time_{p}_s"] for p in metrics.PARTS]
         assert all(x >= 0 for x in parts) and set(TIME_KEYS) <= set(r)
-        assert sum(parts) == pytest.approx(r["time_interval_s"], rel=0.05), r
+        assert sum(parts) == pytest.approx(r["time_interval_s"], rel=0.05, abs=0.005), r
         assert 0 < r["goodput"] <= 1
+    total = sum(r[f"time_{p}_s"] for r in rows for p in metrics.PARTS)
+    assert total == pytest.approx(sum(r["time_interval_s"] for r in rows), rel=0.05)
     assert rows[0]["time_compile_s"] > rows[-1]["time_compile_s"]  # the first step compiles
     assert any(r["time_eval_s"] > 0 for r in rows if "eval_loss" in r)
 
