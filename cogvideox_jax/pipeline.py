@@ -203,12 +203,12 @@ class Pipeline:
         prompt_embeds = jnp.asarray(prompt_embeds, self.transformer.dtype)
         batch = prompt_embeds.shape[0]
         if self.mesh is not None:
-            rows = batch * (2 if guidance_scale > 1.0 else 1)
+            rows = batch * (2 if do_cfg else 1)
             shards = sharding.axis_size("batch", dict(self.mesh.shape), self.rules)
             if rows % shards:
                 raise ValueError(
                     f"sampling on a mesh: {rows} rows (batch {batch}"
-                    f"{' x 2 for guidance' if guidance_scale > 1.0 else ''}) do not divide over "
+                    f"{' x 2 for guidance' if do_cfg else ''}) do not divide over "
                     f"the {shards} shards of the `batch` rule's mesh axes"
                 )
         if do_cfg:
@@ -252,10 +252,9 @@ class Pipeline:
                     f"strength={strength} with num_inference_steps leaves no step to run"
                 )
         if latents is None and pixels is not None:
-            batch_pixels = pixels if len(pixels) == batch else jnp.repeat(pixels, batch, axis=0)
-            if len(batch_pixels) != batch:
+            if len(pixels) not in (1, batch):
                 raise ValueError(f"{len(pixels)} videos for a batch of {batch}")
-            mean, logvar = _encode_image(self.vae, batch_pixels)  # the VAE takes any frames
+            mean, logvar = _encode_pixels(self.vae, jnp.repeat(pixels, batch // len(pixels), 0))
             z0 = sample_latents(k_image, mean, logvar) * vae_cfg.scaling_factor
             noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
             t0 = jnp.full((batch,), int(table["t"][0]))
@@ -272,7 +271,7 @@ class Pipeline:
                 if image is None:
                     raise ValueError("this is an image-to-video model: pass image")
                 pixels = preprocess_image(image, height, width, batch)  # (B, 1, H, W, 3)
-                mean, logvar = _encode_image(self.vae, pixels)
+                mean, logvar = _encode_pixels(self.vae, pixels)
                 image_latents = sample_latents(k_image, mean, logvar)
             z = jnp.asarray(image_latents, jnp.float32)
             if z.shape != (batch, 1, h, w, vae_cfg.latent_channels):
@@ -341,9 +340,7 @@ def _check_video_args(cfg, vae_cfg, video, latents, strength, height, width):
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if (video is None) == (latents is None):
         raise ValueError("video-to-video: pass video, or already-noised latents, not both")
-    h = height or cfg.sample_height * vae_cfg.spatial_compression
-    w = width or cfg.sample_width * vae_cfg.spatial_compression
-    pixels = None if video is None else preprocess_video(video, h, w)
+    pixels = None if video is None else preprocess_video(video, height, width)
     if pixels is not None:
         latent_frames = (pixels.shape[1] - 1) // vae_cfg.temporal_compression_ratio + 1
     else:
@@ -414,7 +411,7 @@ def _encode_text(encoder, ids):
 
 
 @compiler.module_jit
-def _encode_image(vae, pixels):
+def _encode_pixels(vae, pixels):
     return vae.encode(pixels)
 
 

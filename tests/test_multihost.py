@@ -4,6 +4,7 @@ JAX_PROCESS_ID with Gloo CPU collectives, train, stop together on a SIGTERM that
 gets (JAX's preemption service), resume and log what one process with the same devices logs;
 and the start-up rules for the environment variables."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -69,16 +70,11 @@ def test_two_processes_stop_on_sigterm_at_one_step_resume_and_equal_one_process(
     one = _launch(tmp_path / "one", processes=1, devices=2, steps=30)
     two = _launch(tmp_path / "two", processes=2, devices=1, steps=30)
     procs = [_start(*x) for x in one + two]
-    try:
+    with _killed_on_exit(procs):
         _wait_for_rows(procs[1], tmp_path / "two" / "metrics.jsonl", 4)
         assert procs[2].poll() is None, "the run finished before the signal"
         procs[2].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=180) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     logs = [log.read_text() for _, _, log in one + two]
     assert "single process: 2 devices" in logs[0]
     assert "process 0 of 2" in logs[1] and "per-process batch 1 of 2" in logs[1]
@@ -98,13 +94,8 @@ def test_two_processes_stop_on_sigterm_at_one_step_resume_and_equal_one_process(
     procs = [
         _start(*x) for x in two + _launch(tmp_path / "moved", processes=1, devices=2, steps=30)
     ]
-    try:
+    with _killed_on_exit(procs):
         assert [p.wait(timeout=180) for p in procs] == [0, 0, 0]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     assert f"resumed from step {step}" in (tmp_path / "two" / "process_0.log").read_text()
     log = (tmp_path / "moved" / "process_0.log").read_text()
     assert f"resumed from step {step}" in log
@@ -161,23 +152,30 @@ def test_processes_agree_on_the_step_that_restores(tmp_path):
     procs = [
         _start(cmd, env | {distributed.PROCESS_ID: str(i)}, tmp_path / f"p{i}.log") for i in (0, 1)
     ]
-    try:
+    with _killed_on_exit(procs):
         codes = [p.wait(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     logs = [p.log.read_text() for p in procs]
     assert codes == [0, 0], logs
     for log in logs:
         assert json.loads(log.strip().splitlines()[-1]) == {"step": 2, "state": {"step": 2}}
     aside = tmp_path / "ckpt" / "damaged" / "4"
-    why = "its restore failed: its restore failed on process(es) [1]"
+    why = "its restore failed: process(es) [1] could not read it (their logs say why)"
     assert f"checkpoint step 4 is damaged ({why}): moved it to {aside}" in logs[0]
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["2", "damaged"]
     want = "process 1: checkpoint step 4 cannot be restored here: ocdbt.process_1/d/abc: "
     assert want + "unexpected end of file" in logs[1]
+
+
+@contextlib.contextmanager
+def _killed_on_exit(procs):
+    """Processes still running when the block ends (a failed assertion) are killed."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def _start(cmd, env, log):

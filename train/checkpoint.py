@@ -207,7 +207,7 @@ def _attempt(restore, step: int):
             )
     failed_on = _failed_processes(why is not None)
     if why is None and failed_on:
-        why = f"its restore failed on process(es) {failed_on}"
+        why = f"process(es) {failed_on} could not read it (their logs say why)"
     return (None, why) if failed_on else (restored, None)
 
 
