@@ -360,6 +360,51 @@ def ddim_step(row, out: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_prev, x0
 
 
+def inverse_ddim_table(
+    ab: np.ndarray, num_steps: int, cfg: ScheduleConfig | None = None
+) -> dict[str, np.ndarray]:
+    """Per-step scalars of inverse DDIM (latents -> noise), as diffusers' DDIMInverseScheduler
+    steps, for `ddim_step` (the same keys as a DDIMScheduler `ddim_table`); "t" ascends.
+
+    The step at timestep t evaluates the model at t on latents at the noise level of
+    t - T // N (alpha_bar 1.0 below zero, or alpha_bar[0] without set_alpha_to_one) and moves
+    them to t's: x0 and eps from the prediction type, then sqrt(alpha_bar_t) x0 +
+    sqrt(1 - alpha_bar_t) eps. `ab` is the pipeline's `alphas_cumprod(cfg)`: the schedule the
+    model samples with, SNR shift included. (diffusers' community CogVideoX inversion builds the
+    inverse scheduler from the scheduler's config, which drops snr_shift_scale: the same numbers
+    for a shift of 1.0, the 5B and 1.5 models'.) Spacings "leading" and "trailing", as there.
+    """
+    cfg = cfg or ScheduleConfig()
+    if cfg.timestep_spacing == "linspace":
+        raise _refuse("timestep_spacing", "linspace", "'leading' or 'trailing' for inversion")
+    t = schedule_timesteps(cfg, num_steps)[::-1].copy()
+    ab = np.asarray(ab, _schedule_dtype(cfg))
+    first = 1.0 if cfg.set_alpha_to_one else ab[0]
+    cur = np.minimum(t - len(ab) // num_steps, len(ab) - 1)
+    a_cur = np.where(cur >= 0, ab[np.maximum(cur, 0)], first).astype(ab.dtype)
+    a_next = ab[t]
+    sa, sb = np.sqrt(a_cur), np.sqrt(1 - a_cur)
+    if cfg.prediction_type == "sample" and (sb == 0).any():
+        raise ValueError(
+            "prediction_type='sample' cannot be inverted from alpha_bar = 1 (set_alpha_to_one): "
+            "its noise estimate divides by sqrt(1 - alpha_bar); diffusers returns NaN"
+        )
+    one, zero = np.ones_like(sa), np.zeros_like(sa)
+    with np.errstate(divide="ignore"):
+        x0_x, x0_out, eps_x, eps_out = {
+            "v_prediction": (sa, -sb, sb, sa),
+            "epsilon": (one, -sb, zero, one),  # x0 then / sqrt(alpha_bar)
+            "sample": (zero, one, 1 / sb, -sa / sb),
+        }[cfg.prediction_type]
+    d = np.sqrt(1 - a_next)
+    table = dict(x0_x=x0_x, x0_out=x0_out, c_x=d * eps_x, c_x0=np.sqrt(a_next), c_out=d * eps_out)
+    if cfg.prediction_type == "epsilon":
+        table["x0_div"] = sa
+    if cfg.clip_sample and not cfg.cogvideox:
+        table["clip"] = np.full(num_steps, cfg.clip_sample_range)
+    return {k: v.astype(np.float32) for k, v in table.items()} | {"t": t}
+
+
 def _check_dpm(cfg: ScheduleConfig | None) -> ScheduleConfig:
     cfg = cfg or ScheduleConfig()
     # What this SDE-DPM-Solver++(2M) implements: CogVideoX's schedule and v-prediction.

@@ -310,3 +310,59 @@ def test_released_cogvideox_configs_read_as_before(name):
         assert cfg == dataclasses.replace(diffusion.ScheduleConfig(shift), class_name=name)
         table = diffusion.ddim_table(diffusion.alphas_cumprod(cfg), 50, cfg)
         assert set(table) == {"x0_x", "x0_out", "c_x", "c_x0", "t"}  # v-prediction, no clipping
+
+
+INVERSE_GRID = [c for c in GRID if c["timestep_spacing"] != "linspace"][::3]
+
+
+@pytest.mark.parametrize("config", INVERSE_GRID, ids=_id)
+def test_inverse_ddim_equals_diffusers(config):
+    """inverse_ddim_table + ddim_step against DDIMInverseScheduler built from the same config
+    (the community inversion script's `DDIMInverseScheduler(**scheduler.config)`), given the
+    schedule's alpha_bar (SNR shift included: the model's own)."""
+    cfg = diffusion.ScheduleConfig.from_diffusers(config)
+    ab = diffusion.alphas_cumprod(cfg)
+    n = (4, 7, 10)[len(config["beta_schedule"]) % 3]
+    s = diffusers.DDIMInverseScheduler.from_config(cfg.to_diffusers())
+    s.alphas_cumprod = torch.from_numpy(ab).to(torch.float32)
+    if not cfg.set_alpha_to_one:
+        s.initial_alpha_cumprod = s.alphas_cumprod[0]
+    s.set_timesteps(n)
+    if cfg.prediction_type == "sample" and cfg.set_alpha_to_one:
+        with pytest.raises(ValueError, match="sample"):
+            diffusion.inverse_ddim_table(ab, n, cfg)
+        return
+    table = diffusion.inverse_ddim_table(ab, n, cfg)
+    np.testing.assert_array_equal(table["t"], s.timesteps.numpy())
+    assert (np.diff(table["t"]) > 0).all()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    row = [{k: c[i] for k, c in table.items()} for i in range(n)]
+    ours = _run(lambda i, out, x: diffusion.ddim_step(row[i], out, x), table["t"], x, w)
+    step = lambda i, out, x: s.step(torch.from_numpy(out), s.timesteps[i], torch.from_numpy(x))
+    theirs = _run(lambda i, out, x: [v.numpy() for v in step(i, out, x)[:2]], s.timesteps, x, w)
+    for got, want in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_inverse_ddim_as_is_for_the_released_5b_schedule():
+    """With CogVideoX-5B's schedule (SNR shift 1.0) the model's schedule is the one diffusers'
+    DDIMInverseScheduler computes from the scheduler config, so no alpha_bar is handed over."""
+    config = dict(CONFIG, _class_name="CogVideoXDDIMScheduler", snr_shift_scale=1.0)
+    cfg = diffusion.ScheduleConfig.from_diffusers(config)
+    s = diffusers.DDIMInverseScheduler(**CogVideoXDDIMScheduler(**config).config)
+    s.set_timesteps(50)
+    table = diffusion.inverse_ddim_table(diffusion.alphas_cumprod(cfg), 50, cfg)
+    row = [{k: c[i] for k, c in table.items()} for i in range(50)]
+    x = np.random.default_rng(6).standard_normal((2, 3, 4, 2)).astype(np.float32)
+    w = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+    ours = _run(lambda i, out, x: diffusion.ddim_step(row[i], out, x), table["t"], x, w)
+    step = lambda i, out, x: s.step(torch.from_numpy(out), s.timesteps[i], torch.from_numpy(x))
+    theirs = _run(lambda i, out, x: [v.numpy() for v in step(i, out, x)[:2]], s.timesteps, x, w)
+    for got, want in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="linspace"):
+        diffusion.inverse_ddim_table(
+            diffusion.alphas_cumprod(cfg), 5, dataclasses.replace(cfg, timestep_spacing="linspace")
+        )
