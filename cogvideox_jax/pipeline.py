@@ -135,6 +135,129 @@ class Pipeline:
         with self.on_mesh():
             return self._sample(*args, **kwargs)
 
+    def _embeds(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg, *,
+                reference=False):  # fmt: skip
+        """(the text states of every row the loop runs, (2B, S, D) uncond first with guidance,
+        else (B, S, D); the batch B), the rows checked against the mesh."""
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt or prompt_embeds")
+            prompt_embeds = self.encode_prompt(prompt)
+        prompt_embeds = jnp.asarray(prompt_embeds, self.transformer.dtype)
+        batch = prompt_embeds.shape[0]
+        if self.mesh is not None:
+            rows = batch * (2 if do_cfg else 1) * (2 if reference else 1)
+            shards = sharding.axis_size("batch", dict(self.mesh.shape), self.rules)
+            if rows % shards:
+                raise ValueError(
+                    f"sampling on a mesh: {rows} rows (batch {batch}"
+                    f"{' x 2 for guidance' if do_cfg else ''}"
+                    f"{' x 2 for the reference' if reference else ''}) do not divide over "
+                    f"the {shards} shards of the `batch` rule's mesh axes"
+                )
+        if not do_cfg:
+            return prompt_embeds, batch
+        if negative_prompt_embeds is None:
+            neg = negative_prompt or ""
+            neg = [neg] * batch if isinstance(neg, str) else list(neg)
+            negative_prompt_embeds = self.encode_prompt(neg)
+        negative_prompt_embeds = jnp.asarray(negative_prompt_embeds, self.transformer.dtype)
+        if negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"negative_prompt_embeds {negative_prompt_embeds.shape} must match "
+                f"prompt_embeds {prompt_embeds.shape}"
+            )
+        return jnp.concatenate([negative_prompt_embeds, prompt_embeds]), batch  # (2B, S, D)
+
+    def invert(
+        self,
+        video=None,
+        prompt: str | Sequence[str] | None = "",
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        latents=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """DDIM inversion (text-to-video models): a video's latents run up the schedule to
+        noise by inverse DDIM steps (`diffusion.inverse_ddim_table`, the model's own schedule and
+        prediction type), as diffusers' community CogVideoX inversion script does.
+
+        `video` as video-to-video takes it (uint8 frames or PIL images, resized to
+        height x width), encoded to a posterior sample (from `seed`) times the scaling factor;
+        or `latents` (B, T, h, w, C), already encoded and scaled. The prompt defaults to "" (the
+        script's); with `guidance_scale` > 1 the steps use classifier-free guidance against
+        `negative_prompt` (default ""). Returns the trajectory (N, B, T, h, w, C) float32:
+        entry i holds the latents after the inverse step to the i-th timestep (ascending), the
+        last the inverted noise. `__call__(reference_latents=...)` reconstructs or edits from it.
+        """
+        with self.on_mesh():
+            cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
+            height = height or cfg.sample_height * vae_cfg.spatial_compression
+            width = width or cfg.sample_width * vae_cfg.spatial_compression
+            _check_args(cfg, vae_cfg, height, width, 1, "ddim", "np", None, None)
+            if cfg.in_channels == 2 * vae_cfg.latent_channels:
+                raise ValueError(
+                    "DDIM inversion needs a text-to-video model; this is image-to-video"
+                )
+            if (video is None) == (latents is None):
+                raise ValueError("DDIM inversion: pass video or latents, not both")
+            pixels = None if video is None else preprocess_video(video, height, width)
+            frames = pixels.shape[1] if pixels is not None else None
+            t = (frames - 1) // vae_cfg.temporal_compression_ratio + 1 if frames else None
+            t = t or np.shape(latents)[1]
+            if t % (cfg.patch_size_t or 1):
+                raise ValueError(
+                    f"DDIM inversion: the video gives {t} latent frames, which must be a multiple "
+                    f"of patch_size_t={cfg.patch_size_t}"
+                )
+            do_cfg = guidance_scale > 1.0
+            embeds, batch = self._embeds(
+                prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg
+            )
+            if pixels is not None:
+                if len(pixels) not in (1, batch):
+                    raise ValueError(f"{len(pixels)} videos for a batch of {batch}")
+                mean, logvar = _encode_pixels(self.vae, jnp.repeat(pixels, batch // len(pixels), 0))
+                key = jax.random.split(jax.random.key(seed), 3)[1]  # the image key of `_sample`
+                latents = sample_latents(key, mean, logvar) * vae_cfg.scaling_factor
+            latents = jnp.asarray(latents, self.transformer.dtype)
+            h, w = height // vae_cfg.spatial_compression, width // vae_cfg.spatial_compression
+            if latents.shape[0] != batch or latents.shape[2:] != (h, w, vae_cfg.latent_channels):
+                raise ValueError(
+                    f"latents must be ({batch}, T, {h}, {w}, {vae_cfg.latent_channels}), got "
+                    f"{latents.shape}"
+                )
+            table = diffusion.inverse_ddim_table(
+                self.alphas_cumprod, num_inference_steps, self.schedule
+            )
+            bar = _ProgressBar(num_inference_steps) if progress else contextlib.nullcontext()
+            with bar:
+                path = _denoise(
+                    self.transformer,
+                    latents,
+                    embeds,
+                    None,
+                    table,
+                    jnp.full(num_inference_steps, guidance_scale, jnp.float32),
+                    jax.random.key(0),  # unused by DDIM
+                    ofs=None,
+                    sampler="ddim",
+                    do_cfg=do_cfg,
+                    progress=progress and self.mesh is None,
+                    trajectory=True,
+                )
+                path.block_until_ready()
+                if progress and self.mesh is not None:
+                    bar.bar.update(num_inference_steps)
+            return np.asarray(path, np.float32)
+
     def _sample(
         self,
         prompt: str | Sequence[str] | None = None,
@@ -157,6 +280,7 @@ class Pipeline:
         progress: bool = False,
         video=None,
         strength: float | None = None,
+        reference_latents=None,
     ) -> np.ndarray:
         """Sample videos; the arguments are diffusers' (see its CogVideoX pipelines).
 
@@ -176,6 +300,13 @@ class Pipeline:
         first of the last int(num_inference_steps * strength) timesteps (`strength`, default
         0.8), which alone are run. With `strength` and no `video`, `latents` are the
         already-noised latents to start from, as there.
+
+        DDIM-inversion reconstruction or editing (text-to-video models, DDIM): with
+        `reference_latents`, the trajectory `invert` returned for this batch and
+        num_inference_steps, step i runs the reference latents at its noise level
+        (trajectory[N - 1 - i]) beside the sampled ones with reference attention, as diffusers'
+        community CogVideoX DDIM-inversion script does; the sampled rows start from `latents`
+        (or noise from `seed`) and follow `prompt`.
         """
         cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
         height = height or cfg.sample_height * vae_cfg.spatial_compression
@@ -196,35 +327,16 @@ class Pipeline:
         i2v = cfg.in_channels == 2 * vae_cfg.latent_channels
         do_cfg = guidance_scale > 1.0
 
-        if prompt_embeds is None:
-            if prompt is None:
-                raise ValueError("pass prompt or prompt_embeds")
-            prompt_embeds = self.encode_prompt(prompt)
-        prompt_embeds = jnp.asarray(prompt_embeds, self.transformer.dtype)
-        batch = prompt_embeds.shape[0]
-        if self.mesh is not None:
-            rows = batch * (2 if do_cfg else 1)
-            shards = sharding.axis_size("batch", dict(self.mesh.shape), self.rules)
-            if rows % shards:
-                raise ValueError(
-                    f"sampling on a mesh: {rows} rows (batch {batch}"
-                    f"{' x 2 for guidance' if do_cfg else ''}) do not divide over "
-                    f"the {shards} shards of the `batch` rule's mesh axes"
-                )
-        if do_cfg:
-            if negative_prompt_embeds is None:
-                neg = negative_prompt or ""
-                neg = [neg] * batch if isinstance(neg, str) else list(neg)
-                negative_prompt_embeds = self.encode_prompt(neg)
-            negative_prompt_embeds = jnp.asarray(negative_prompt_embeds, self.transformer.dtype)
-            if negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(
-                    f"negative_prompt_embeds {negative_prompt_embeds.shape} must match "
-                    f"prompt_embeds {prompt_embeds.shape}"
-                )
-            embeds = jnp.concatenate([negative_prompt_embeds, prompt_embeds])  # (2B, S, D)
-        else:
-            embeds = prompt_embeds
+        if reference_latents is not None:
+            _check_reference_args(i2v, v2v, scheduler)
+        embeds, batch = self._embeds(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            do_cfg,
+            reference=reference_latents is not None,
+        )
 
         # 1.5 pads the latent frames to a multiple of patch_size_t (at the front).
         ratio = vae_cfg.temporal_compression_ratio
@@ -264,6 +376,14 @@ class Pipeline:
         latents = jnp.asarray(latents, self.transformer.dtype)
         if latents.shape != shape:
             raise ValueError(f"latents must have shape {shape}, got {latents.shape}")
+        if reference_latents is not None:
+            want = (num_inference_steps, *shape)
+            if np.shape(reference_latents) != want:
+                raise ValueError(
+                    f"reference_latents must be the trajectory `invert` returns for this batch "
+                    f"and num_inference_steps, {want}, got {np.shape(reference_latents)}"
+                )
+            reference_latents = jnp.asarray(reference_latents)[::-1]  # noisiest first
 
         cond = None
         if i2v:
@@ -298,6 +418,7 @@ class Pipeline:
                 table,
                 jnp.asarray(scales, jnp.float32),
                 k_loop,
+                reference_latents,
                 ofs=ofs,
                 sampler=scheduler,
                 do_cfg=do_cfg,
@@ -352,6 +473,15 @@ def _check_video_args(cfg, vae_cfg, video, latents, strength, height, width):
             f"multiple of patch_size_t={pt} (as diffusers asks)"
         )
     return pixels
+
+
+def _check_reference_args(i2v, v2v, scheduler):
+    if i2v:
+        raise ValueError("reference_latents (DDIM inversion) need a text-to-video model")
+    if v2v:
+        raise ValueError("reference_latents and video-to-video (video, strength) do not combine")
+    if scheduler != "ddim":
+        raise ValueError(f"reference_latents sample with scheduler='ddim', got {scheduler!r}")
 
 
 def preprocess_video(video, height: int, width: int) -> jax.Array:
@@ -444,23 +574,49 @@ def _tick():
         _ProgressBar.active.update(1)
 
 
-@compiler.module_jit(static_argnames=("ofs", "sampler", "do_cfg", "progress"))
-def _denoise(model, x, embeds, cond, table, scales, key, *, ofs, sampler, do_cfg, progress):
-    """The whole sampling loop, compiled once: x (B, T, h, w, C) noise -> final latents."""
+@compiler.module_jit(static_argnames=("ofs", "sampler", "do_cfg", "progress", "trajectory"))
+def _denoise(
+    model,
+    x,
+    embeds,
+    cond,
+    table,
+    scales,
+    key,
+    reference=None,
+    *,
+    ofs,
+    sampler,
+    do_cfg,
+    progress,
+    trajectory=False,
+):
+    """The whole sampling loop, compiled once: x (B, T, h, w, C) noise -> final latents, or
+    with `trajectory` every step's latents (N, B, T, h, w, C). `reference` (N, B, T, h, w, C):
+    step i's reference latents, which every step runs beside x with reference attention
+    (`Transformer.__call__`). `sampler` "ddim" also runs inverse-DDIM tables."""
     dtype = x.dtype
     table = {k: jnp.asarray(v) for k, v in table.items()}
     # The weights ride in the loop carry: NNX transforms inside the model (the block scan) only
     # accept variables created at the current trace level.
     graphdef, state = nnx.split(model)
+    twice = (lambda a: jnp.concatenate([a, a])) if do_cfg else (lambda a: a)
+    if reference is not None:
+        embeds = jnp.concatenate([embeds, embeds])  # the reference rows take the same prompts
 
     def body(i, carry):
-        x, old_x0, state = carry
-        inp = jnp.concatenate([x, x]) if do_cfg else x  # (2B, ...) uncond first
+        x, old_x0, path, state = carry
+        inp = twice(x)  # (2B, ...) uncond first
         if cond is not None:
-            c = jnp.concatenate([cond, cond]) if do_cfg else cond
-            inp = jnp.concatenate([inp, c], axis=-1)  # noisy latents first, image second
+            inp = jnp.concatenate([inp, twice(cond)], axis=-1)  # noisy latents, then image
+        if reference is not None:
+            inp = jnp.concatenate([inp, twice(reference[i].astype(dtype))])  # [sampled; ref]
         t = jnp.broadcast_to(table["t"][i], (inp.shape[0],))
-        v = nnx.merge(graphdef, state)(inp, embeds, t, ofs=ofs).astype(jnp.float32)
+        model = nnx.merge(graphdef, state)
+        v = model(inp, embeds, t, ofs=ofs, reference=reference is not None)
+        v = v.astype(jnp.float32)
+        if reference is not None:
+            v = v[: v.shape[0] // 2]
         if do_cfg:
             uncond, text = jnp.split(v, 2)
             v = uncond + scales[i] * (text - uncond)
@@ -471,10 +627,14 @@ def _denoise(model, x, embeds, cond, table, scales, key, *, ofs, sampler, do_cfg
         else:
             noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
             x, x0 = diffusion.dpm_step(row, v, xf, old_x0, noise)
+        x = x.astype(dtype)
+        if trajectory:
+            path = path.at[i].set(x)
         if progress:
             jax.debug.callback(_tick, ordered=True)
-        return x.astype(dtype), x0, state
+        return x, x0, path, state
 
     old = jnp.zeros(x.shape, jnp.float32)
-    x, _, _ = jax.lax.fori_loop(0, len(scales), body, (x, old, state))
-    return x
+    path = jnp.zeros((len(scales) if trajectory else 0, *x.shape), dtype)
+    x, _, path, _ = jax.lax.fori_loop(0, len(scales), body, (x, old, path, state))
+    return path if trajectory else x

@@ -349,10 +349,11 @@ class Attention(nnx.Module):
         y = y + bias[...].astype(self.dtype)
         return sharding.constrain(y, ("batch", "length", "act_heads", None))
 
-    def __call__(self, h, cos, sin, kv_valid=None, segment_ids=None):
+    def __call__(self, h, cos, sin, kv_valid=None, segment_ids=None, reference=False):
         """h (B, S + L, D); cos/sin (S + L, K) (or per row (B, S + L, K)) with identity rows for
         text -> (B, S + L, D). Tokens from `kv_valid` on are padding: no token attends to them;
-        with segment_ids (B, S + L) a token attends only its own segment."""
+        with segment_ids (B, S + L) a token attends only its own segment. `reference`: see
+        `Transformer.__call__`."""
         q = self._project(h, self.to_q_kernel, self.to_q_bias, self.to_q_lora)  # (B, S+L, N, K)
         k = self._project(h, self.to_k_kernel, self.to_k_bias, self.to_k_lora)
         v = self._project(h, self.to_v_kernel, self.to_v_bias, self.to_v_lora)
@@ -360,20 +361,42 @@ class Attention(nnx.Module):
             _normed_rope(x, norm.scale[...], norm.bias[...], cos, sin, norm.eps, norm.dtype)
             for x, norm in ((q, self.norm_q), (k, self.norm_k))
         )
-        o = attention.dot_product_attention(
-            q,
-            k,
-            v,
+        attend = functools.partial(
+            attention.dot_product_attention,
             impl=self.impl,
-            kv_valid=kv_valid,
-            segment_ids=segment_ids,
             context_parallel=self.context_parallel,
-        )  # (B, S+L, N, K)
+        )
+        if reference:
+            o = _reference_attention(attend, q, k, v, kv_valid)
+        else:
+            o = attend(q, k, v, kv_valid=kv_valid, segment_ids=segment_ids)  # (B, S+L, N, K)
         o = checkpoint_name(o, "attn_out")
         y = jnp.einsum("BLNK,NKD->BLD", o, self.to_out_kernel[...].astype(self.dtype))
         if self.to_out_lora is not None:
             y = y + self.to_out_lora(o)
         return y + self.to_out_bias[...].astype(self.dtype)
+
+
+def _reference_attention(attend, q, k, v, kv_valid):
+    """Reference attention (DDIM-inversion reconstruction): rows [sampled; reference], halves of
+    the batch. Each sampled row attends to its own tokens and to the matching reference row's
+    (keys and values joined along the sequence, RoPE already on both); reference rows attend to
+    themselves. Padding tokens (from kv_valid) move to the end of the joined keys."""
+    half = q.shape[0] // 2
+    n = k.shape[1] if kv_valid is None else kv_valid
+    pad = k.shape[1] - n
+
+    def joined(x):
+        parts = [x[:half, :n], x[half:, :n]]
+        if pad:
+            parts.append(jnp.zeros((half, 2 * pad) + x.shape[2:], x.dtype))
+        return sharding.constrain(
+            jnp.concatenate(parts, axis=1), ("batch", "length", "act_heads", None)
+        )
+
+    sampled = attend(q[:half], joined(k), joined(v), kv_valid=2 * n if pad else None)
+    own = attend(q[half:], k[half:], v[half:], kv_valid=kv_valid)
+    return jnp.concatenate([sampled, own])
 
 
 @functools.partial(_recomputed, static_argnums=(5, 6))
@@ -433,15 +456,23 @@ class Block(nnx.Module):
         self.ff = FeedForward(dim, 4 * dim, **kw)
 
     def __call__(
-        self, h, temb, cos, sin, is_text, kv_valid=None, segment_ids=None, mods=(None, None)
+        self,
+        h,
+        temb,
+        cos,
+        sin,
+        is_text,
+        kv_valid=None,
+        segment_ids=None,
+        mods=(None, None),
+        reference=False,
     ):
-        """h (B, S + L, D), temb (B, E) -> (B, S + L, D); cos/sin, kv_valid and segment_ids as
-        `Attention` takes them. `mods`: norm1's and norm2's modulations if computed already
-        (`ExpertAdaLN`)."""
+        """h (B, S + L, D), temb (B, E) -> (B, S + L, D); cos/sin, kv_valid, segment_ids and
+        reference as `Attention` takes them. `mods`: norm1's and norm2's modulations if computed
+        already (`ExpertAdaLN`)."""
         n, mod = self.norm1(h, temb, is_text, segment_ids, mods[0])
-        h = _gated_residual(
-            h, self.attn1(n, cos, sin, kv_valid, segment_ids), mod, is_text, segment_ids
-        )
+        attn = self.attn1(n, cos, sin, kv_valid, segment_ids, reference)
+        h = _gated_residual(h, attn, mod, is_text, segment_ids)
         n, mod = self.norm2(h, temb, is_text, segment_ids, mods[1])
         h = _gated_residual(h, self.ff(n), mod, is_text, segment_ids)
         return sharding.constrain(h, ("batch", "length", "act_embed"))
@@ -539,6 +570,7 @@ class Transformer(nnx.Module):
         timesteps: jax.Array,
         *,
         ofs: jax.Array | float | None = None,
+        reference: bool = False,
     ) -> jax.Array:
         """The v-prediction of one clip per row.
 
@@ -551,6 +583,10 @@ class Transformer(nnx.Module):
           timesteps: (B,) or a scalar, integer or float.
           ofs: the 1.5-I2V ofs scalar (the pipelines pass 2.0); required when the model has an
             ofs embedding.
+          reference: the rows are [sampled; reference], two halves of the batch, and each
+            sampled row's attention also takes the keys and values of its reference row (the
+            reference attention of diffusers' community CogVideoX DDIM-inversion script;
+            `Pipeline(reference_latents=...)`). The reference rows run as they would alone.
 
         Returns:
           (B, T, H, W, out_channels) in the compute dtype.
@@ -558,6 +594,8 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         b, t, h, w, _ = latents.shape
         self._check_inputs(latents, text_embeds, ofs)
+        if reference and b % 2:
+            raise ValueError(f"reference attention needs [sampled; reference] rows, got {b}")
         s = text_embeds.shape[1]
         temb = self._time_embedding(jnp.broadcast_to(jnp.asarray(timesteps), (b,)), ofs)
 
@@ -579,7 +617,7 @@ class Transformer(nnx.Module):
         is_text = np.arange(n + pad) < s
         hh = sharding.constrain(hh, ("batch", "length", "act_embed"))
 
-        hh = self._run_blocks(hh, temb, cos, sin, is_text, n if pad else None)
+        hh = self._run_blocks(hh, temb, cos, sin, is_text, n if pad else None, reference=reference)
 
         _, x = split(hh[:, :n], s)
         x = self.norm_out(self.norm_final(x), temb)
@@ -766,12 +804,12 @@ class Transformer(nnx.Module):
         )
         return jnp.asarray(cos), jnp.asarray(sin)
 
-    def _run_blocks(self, h, temb, cos, sin, is_text, kv_valid, segment_ids=None):
+    def _run_blocks(self, h, temb, cos, sin, is_text, kv_valid, segment_ids=None, reference=False):
         blocks = self.transformer_blocks
         mods = tuple(_modulations(n.linear, temb, self.dtype) for n in (blocks.norm1, blocks.norm2))
 
         def body(h, block, mods):
-            return block(h, temb, cos, sin, is_text, kv_valid, segment_ids, mods)
+            return block(h, temb, cos, sin, is_text, kv_valid, segment_ids, mods, reference)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":

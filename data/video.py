@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, crf: int = 18) -> None:
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf: int = 18) -> None:
     """Write (F, H, W, 3) frames, uint8 or float in [0, 1], as an H.264 (yuv420p) mp4.
 
     The file appears only once complete (written next to it, then renamed).
@@ -27,7 +28,8 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int, *, crf: int
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial.mp4")
     with av.open(str(tmp), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        # Any frame rate, 29.97 included (PyAV takes an int or a Fraction).
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf)}
         for frame in frames:

@@ -13,6 +13,7 @@ from diffusers import (
     CogVideoXImageToVideoPipeline,
     CogVideoXPipeline,
     CogVideoXVideoToVideoPipeline,
+    DDIMInverseScheduler,
 )
 from diffusers.pipelines.cogvideo import pipeline_cogvideox_image2video
 from flax import nnx
@@ -271,6 +272,95 @@ def test_video_to_video_from_frames(tmp_path):
             ours(**bad, **kw)
 
 
+class _ReferenceAttention:
+    """The reference attention of diffusers' community CogVideoX DDIM-inversion script, written
+    for this test on diffusers' Attention module: rows [sampled; reference]; a sampled row's
+    queries attend to its own keys and values joined (along the sequence) with its reference
+    row's, RoPE on the video tokens of both; reference rows attend to themselves."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None,
+                 image_rotary_emb=None):  # fmt: skip
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        s = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        b, n = x.shape[0], attn.heads
+        q, k, v = (
+            p(x).view(b, x.shape[1], n, -1).transpose(1, 2)
+            for p in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q = torch.cat([q[:, :, :s], apply_rotary_emb(q[:, :, s:], image_rotary_emb)], dim=2)
+        k = torch.cat([k[:, :, :s], apply_rotary_emb(k[:, :, s:], image_rotary_emb)], dim=2)
+        half = b // 2
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        sampled = sdpa(
+            q[:half], torch.cat([k[:half], k[half:]], 2), torch.cat([v[:half], v[half:]], 2)
+        )
+        o = torch.cat([sampled, sdpa(q[half:], k[half:], v[half:])])
+        o = attn.to_out[1](attn.to_out[0](o.transpose(1, 2).reshape(b, x.shape[1], -1)))
+        return o[:, s:], o[:, :s]
+
+
+def test_ddim_inversion_and_reference_reconstruction_match_diffusers(tmp_path):
+    """`invert` against DDIMInverseScheduler(**scheduler.config) stepping diffusers' transformer
+    (the community script's inversion loop), then the reconstruction with reference attention
+    and guidance against the same loop with the reference processor above (5B-style, SNR shift
+    1.0 as the released 5B)."""
+    transformer, autoencoder, scheduler, ours = _components("5b", tmp_path, shift=1.0)
+    (h, w, f), noise, text, neg = _inputs(ours)
+    z = np.random.default_rng(9).standard_normal(noise.shape).astype(np.float32)
+    steps, scale = 4, 4.0
+    theirs = CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=autoencoder, transformer=transformer,
+        scheduler=scheduler,
+    )  # fmt: skip
+    rope = theirs._prepare_rotary_positional_embeddings(h, w, noise.shape[1], "cpu")
+    inverse = DDIMInverseScheduler(**scheduler.config)
+    inverse.set_timesteps(steps)
+    x, want_path = _t(z).permute(0, 1, 4, 2, 3), []
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            out = transformer(
+                hidden_states=x, encoder_hidden_states=_t(text), timestep=t.expand(len(x)),
+                image_rotary_emb=rope, return_dict=False,
+            )[0]  # fmt: skip
+            x = inverse.step(out, t, x, return_dict=False)[0]
+            want_path.append(x)
+    path = ours.invert(latents=z, prompt_embeds=text, num_inference_steps=steps)
+    assert path.shape == (steps, *z.shape)
+    want = torch.stack(want_path).permute(0, 1, 2, 4, 5, 3).numpy()
+    assert ref.rel_l2(path, want) <= 1e-5, ref.rel_l2(path, want)
+
+    scheduler.set_timesteps(steps)
+    transformer.set_attn_processor(_ReferenceAttention())
+    x = _t(noise).permute(0, 1, 4, 2, 3)
+    embeds = torch.cat([_t(neg), _t(text)] * 2)
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            r = want_path[steps - 1 - i]
+            inp = torch.cat([x, x, r, r])
+            out = transformer(
+                hidden_states=inp, encoder_hidden_states=embeds, timestep=t.expand(len(inp)),
+                image_rotary_emb=rope, return_dict=False,
+            )[0][: 2 * len(x)]  # fmt: skip
+            uncond, cond = out.chunk(2)
+            x = scheduler.step(uncond + scale * (cond - uncond), t, x, return_dict=False)[0]
+    want = x.permute(0, 1, 3, 4, 2).numpy()
+    kw = dict(prompt_embeds=text, negative_prompt_embeds=neg, latents=noise, height=h, width=w)
+    kw |= dict(num_frames=f, num_inference_steps=steps, guidance_scale=scale)
+    got = ours(reference_latents=path, output_type="latent", **kw)
+    assert ref.rel_l2(got, want) <= 1e-5, ref.rel_l2(got, want)
+    plain = ours(output_type="latent", **kw)
+    assert ref.rel_l2(plain, want) > 1e-2  # the reference reaches the output
+    for bad, rule in (
+        (dict(reference_latents=path[:2]), r"reference_latents must be the trajectory"),
+        (dict(reference_latents=path, scheduler="dpm"), "scheduler='ddim'"),
+    ):
+        with pytest.raises(ValueError, match=rule):
+            ours(**(kw | bad))
+
+
 MESHES = {  # 8 CPU devices; context-parallel mode
     "fsdp8": ({"data": 1, "fsdp": 8, "context": 1, "tensor": 1}, "allgather"),
     "data2_fsdp4": ({"data": 2, "fsdp": 4, "context": 1, "tensor": 1}, "allgather"),
@@ -291,6 +381,22 @@ def one_device(tmp_path_factory):
     kw |= dict(num_frames=f, num_inference_steps=3, guidance_scale=4.0)
     want = {t: ours(output_type=t, **kw) for t in ("latent", "np")}
     return tmp_path / "model", kw, want
+
+
+def _inversion_args(kw):
+    """Inversion with guidance (2 rows: they divide over `data`)."""
+    keep = ("latents", "prompt_embeds", "negative_prompt_embeds", "num_inference_steps")
+    return {k: kw[k] for k in keep} | {"guidance_scale": 2.0}
+
+
+@pytest.fixture(scope="module")
+def inverted(one_device):
+    """One device's DDIM inversion of the one_device noise (as a clip's latents) and the
+    reconstruction from it."""
+    folder, kw, _ = one_device
+    ours = pipeline.Pipeline.from_pretrained(folder)
+    path = ours.invert(**_inversion_args(kw))
+    return path, ours(reference_latents=path, output_type="latent", **kw)
 
 
 @pytest.mark.parametrize(
@@ -322,6 +428,26 @@ def test_sampling_on_a_mesh_equals_one_device(one_device, layout):
     if shape["data"] > 1:
         with pytest.raises(ValueError, match=r"1 rows \(batch 1\) do not divide over the 2"):
             on_mesh(**(kw | {"guidance_scale": 1.0}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["data2_context2_tensor2", "fsdp2_context4_ulysses"])
+def test_inversion_on_a_mesh_equals_one_device(one_device, inverted, layout):
+    """DDIM inversion and the reference-attention reconstruction (sampled and reference rows'
+    keys joined across the context shards, with the padding context parallelism adds) on 8
+    devices equal one device."""
+    import jax
+
+    from cogvideox_jax import sharding
+
+    folder, kw, _ = one_device
+    shape, cp = MESHES[layout]
+    mesh = sharding.make_mesh(shape, jax.devices())
+    on_mesh = pipeline.Pipeline.from_pretrained(folder, mesh=mesh, context_parallel=cp)
+    path = on_mesh.invert(**_inversion_args(kw))
+    assert ref.rel_l2(path, inverted[0]) <= 1e-5
+    got = on_mesh(reference_latents=path, output_type="latent", **kw)
+    assert ref.rel_l2(got, inverted[1]) <= 1e-5, ref.rel_l2(got, inverted[1])
 
 
 def test_bad_arguments(tmp_path):
@@ -459,6 +585,10 @@ def test_sample_cli_writes_an_mp4(tmp_path):
     v2v += ["--width", "64", "--out", str(tmp_path / "v2v.mp4")]
     assert sample.main(v2v) == 0
     assert read_mp4(tmp_path / "v2v.mp4")[0].shape == (8, 48, 64, 3)
+    # DDIM inversion of it, reconstructed with reference attention.
+    inv = [a if a != "--video" else "--invert" for a in v2v if a not in ("--strength", "0.5")]
+    assert sample.main([*inv[:-1], str(tmp_path / "inv.mp4")]) == 0
+    assert read_mp4(tmp_path / "inv.mp4")[0].shape == (8, 48, 64, 3)
     # The same video on 8 devices (guidance rows over data, tokens over context).
     meshed = [a if a != str(out) else str(tmp_path / "mesh.mp4") for a in argv]
     assert sample.main([*meshed, "--mesh", "data=2,fsdp=2,context=2"]) == 0

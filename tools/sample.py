@@ -3,6 +3,7 @@ r"""Sample a video from a CogVideoX model folder (diffusers layout, or its Orbax
   python -m tools.sample --model DIR --prompt "a red ball rolls left" --out video.mp4
   python -m tools.sample --model DIR --prompt "..." --image first.png --out video.mp4   # I2V
   python -m tools.sample --model DIR --prompt "..." --video in.mp4 --strength 0.8 --out v.mp4  # V2V
+  python -m tools.sample --model DIR --prompt "..." --invert in.mp4 --out v.mp4  # DDIM inversion
   python -m tools.sample --model DIR --prompt "..." --mesh data=2,fsdp=2,context=2 --out v.mp4
   python -m tools.sample --model DIR --lora RUN_OR_LORA --lora-scale 1.0 --prompt "..." --out v.mp4
   python -m tools.sample --model RUN [--step N] [--ema] [--base DIR] --prompt "..." --out v.mp4
@@ -11,6 +12,11 @@ r"""Sample a video from a CogVideoX model folder (diffusers layout, or its Orbax
 LoRA): its transformer (latest checkpoint unless --step; the EMA weights with --ema) with the VAE,
 text encoder, tokenizer and scheduler of the model folder the run recorded (input.encoder_model,
 or the one init.checkpoint belongs to), or of --base DIR.
+
+--invert IN.mp4 inverts the video with DDIM (empty prompt, no guidance, --steps steps), then
+samples from --seed's noise with --prompt, each step attending to the inverted trajectory
+(reference attention, as diffusers' community CogVideoX DDIM-inversion script): a
+reconstruction of the video, or an edit of it with another prompt.
 
 --lora takes a LoRA run (workdir or step folder; its latest adapters), a LoRA folder or a
 diffusers LoRA (`pytorch_lora_weights.safetensors` or its folder); the adapters are merged into
@@ -54,6 +60,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--strength", type=float, default=None, help="video-to-video: 0-1 (default 0.8)"
+    )
+    parser.add_argument(
+        "--invert", default=None, help="DDIM inversion: the video to reconstruct or edit"
     )
     parser.add_argument("--out", required=True, help="output .mp4")
     parser.add_argument("--height", type=int, default=None)
@@ -102,37 +111,49 @@ def main(argv=None) -> int:
 
 
 def _source_video(args):
-    """The --video frames (F, H, W, 3) uint8, or None; --strength alone is an error."""
-    if args.video is None:
+    """The --video or --invert frames (F, H, W, 3) uint8, or None; --strength alone is an
+    error."""
+    if args.invert is not None:
+        if args.video is not None or args.strength is not None or args.image is not None:
+            raise ValueError("--invert takes no --video, --strength or --image")
+        if args.scheduler != "ddim":
+            raise ValueError("--invert samples with --scheduler ddim")
+    elif args.video is None:
         if args.strength is not None:
             raise ValueError("--strength is for video-to-video: pass --video IN.mp4 too")
         return None
-    if not os.path.isfile(args.video):
-        raise FileNotFoundError(f"--video {args.video}: no such file")
+    flag, path = ("--invert", args.invert) if args.invert is not None else ("--video", args.video)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.num_frames is not None:
-        raise ValueError("--num-frames: video-to-video takes the frames of --video")
+        raise ValueError(f"--num-frames: {flag} takes the frames of the video")
     try:
-        return read_mp4(args.video)[0]
+        return read_mp4(path)[0]
     except Exception as e:  # PyAV's errors for a file it cannot decode
-        raise ValueError(f"--video {args.video}: cannot be read as a video ({e})") from None
+        raise ValueError(f"{flag} {path}: cannot be read as a video ({e})") from None
 
 
 def _sample(pipe, image, source, args):
-    v2v = {} if source is None else dict(video=source, strength=args.strength or 0.8)
+    if args.invert is not None:
+        kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps)
+        path = pipe.invert(source, "", seed=args.seed, progress=True, **kw)
+        print(f"inverted {args.invert}: {len(path)} steps")
+        v2v = dict(reference_latents=path, num_frames=source.shape[0])
+    else:
+        v2v = {} if source is None else dict(video=source, strength=args.strength or 0.8)
     return pipe(
         args.prompt,
         args.negative_prompt,
         image,
         height=args.height,
         width=args.width,
-        num_frames=args.num_frames,
+        **({"num_frames": args.num_frames} | v2v),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         use_dynamic_cfg=args.dynamic_cfg,
         scheduler=args.scheduler,
         seed=args.seed,
         progress=True,
-        **v2v,
     )
 
 
