@@ -139,6 +139,10 @@ def dit_config(
     c.ckpt = dict(every_steps=500, keep=3, async_save=True, step=0)
     c.log = dict(every_steps=10, progress=True)
     c.evals = dict(every_steps=1000, timesteps=(100, 300, 500, 700, 900), batch_size=8)
+    # Samples at each eval (train/samples.py): one video per prompt at the run's clip size, with
+    # the run's model folder's VAE and text encoder, written under WORKDIR/samples; () is off.
+    # Image-to-video runs name first frames in sample_images (one, or one per prompt).
+    c.evals.update(sample_prompts=(), sample_images=(), sample_steps=50, sample_guidance=6.0)
     c.init = dict(checkpoint="")  # a diffusers/Orbax transformer folder to start from
     # LoRA (rank 0: off, every weight trains). Only the adapters train and are checkpointed;
     # the base (init.checkpoint) stays frozen, stored in base_dtype ("": model.param_dtype).
@@ -204,3 +208,5 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
     c.ckpt.every_steps = 2
     c.log.every_steps = 1
     c.evals.update(every_steps=3, batch_size=2, timesteps=(100, 900))
+    if not c.input.i2v:  # (an image-to-video run would need first frames: evals.sample_images)
+        c.evals.update(sample_prompts=("a red ball rolls left", "a blue cube"), sample_steps=2)

@@ -58,6 +58,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> Checked:
     adapters = _lora(c)
     _check_paths(c)
     _check_input(c)
+    _check_samples(c, shape)
     return Checked(model, adapters, rules, shape, shards, accum)
 
 
@@ -194,6 +195,41 @@ def _check_paths(c) -> None:
         raise FileNotFoundError(
             f"input.data_dir {c.input.data_dir!r} does not exist (write one with "
             "`python -m tools.prepare_data SRC OUT`)"
+        )
+
+
+def _check_samples(c, shape) -> None:
+    """evals.sample_prompts and sample_images (train/samples.py)."""
+    e = c.evals
+    prompts, images = list(e.sample_prompts), list(e.sample_images)
+    if not all(isinstance(p, str) for p in prompts + images):
+        raise ValueError("evals.sample_prompts and evals.sample_images must be lists of strings")
+    if not prompts:
+        if images:
+            raise ValueError("evals.sample_images is set but evals.sample_prompts is empty")
+        return
+    if c.input.source == "demo":
+        raise ValueError(
+            "evals.sample_prompts: the demo samples its own captions (demo.samples); leave it empty"
+        )
+    if e.sample_steps < 1:
+        raise ValueError(f"evals.sample_steps must be at least 1, got {e.sample_steps}")
+    if c.input.i2v and len(images) not in (1, len(prompts)):
+        raise ValueError(
+            f"evals.sample_images: an image-to-video run needs one first frame, or one per "
+            f"prompt ({len(prompts)}), got {len(images)}"
+        )
+    if not c.input.i2v and images:
+        raise ValueError("evals.sample_images is for image-to-video runs (input.i2v)")
+    for path in images:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"evals.sample_images: {path!r} does not exist")
+    rows = len(prompts) * (2 if e.sample_guidance > 1 else 1)
+    if rows % shape["data"]:
+        raise ValueError(
+            f"evals.sample_prompts: {rows} sampling rows ({len(prompts)} prompts"
+            f"{' x 2 for guidance' if e.sample_guidance > 1 else ''}) must divide over "
+            f"mesh.data={shape['data']}"
         )
 
 

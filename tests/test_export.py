@@ -5,6 +5,7 @@ the one-line errors (exit code 2) of the conversion and sampling commands."""
 import importlib
 import json
 
+import ml_collections
 import numpy as np
 import pytest
 import reference as ref
@@ -40,6 +41,9 @@ def _base_model(folder):
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
+SAMPLE_PROMPTS = ("a red ball", "a blue cube")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(workdir, base model folder) of a 4-step cogvideox_5b sft,runlocal run with EMA that
@@ -51,6 +55,7 @@ def run(tmp_path_factory):
     cfg.ckpt.update(every_steps=2, keep=2)
     cfg.optim.ema_decay = 0.5
     cfg.input.encoder_model = str(base)
+    cfg.evals.update(every_steps=2, sample_prompts=SAMPLE_PROMPTS, sample_steps=2)
     cfg.lock()
     workdir = tmp_path_factory.mktemp("run")
     dit.train_and_evaluate(cfg, str(workdir))
@@ -177,6 +182,27 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         ),
         (
             sample.main,
+            ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--invert", "no.mp4"],
+            "--invert no.mp4: no such file",
+        ),
+        (
+            sample.main,
+            [
+                "--model",
+                str(tmp_path),
+                "--prompt",
+                "a",
+                "--out",
+                "v.mp4",
+                "--invert",
+                "i.mp4",
+                "--scheduler",
+                "dpm",
+            ],
+            "--invert samples with --scheduler ddim",
+        ),  # fmt: skip
+        (
+            sample.main,
             ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--mesh", "data=3"],
             "--mesh data=3: 3 devices, but this machine has 8",
         ),
@@ -194,3 +220,47 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert convert_tool.main(["diffusers-to-orbax", str(folder), str(tmp_path / "out")]) == 2
     assert "(pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the fast subset samples during training through tests/test_cli.py
+def test_samples_during_training_equal_sampling_from_the_run(run, tmp_path):
+    """evals.sample_prompts: at each eval (steps 2 and 4) the run wrote one mp4 per prompt, their
+    prompts in step_N.json and a contact sheet with a row per sample. What the eval sampler
+    draws on the training mesh (fsdp 2) from the step-2 weights is what sampling from the
+    step-2 checkpoint afterwards gives on one device, and the mp4 holds those frames."""
+    from PIL import Image
+
+    from data.video import read_mp4, write_mp4
+    from train import run as run_lib
+    from train import samples
+
+    workdir, _ = run
+    out = workdir / "samples"
+    for step in (2, 4):
+        listing = json.loads((out / f"step_{step}.json").read_text())
+        assert [x["caption"] for x in listing] == list(SAMPLE_PROMPTS)
+        assert [x["file"] for x in listing] == [f"step_{step}_{i}.mp4" for i in range(2)]
+        sheet = np.asarray(Image.open(out / f"step_{step}.png"))
+        assert sheet.shape[0] > 2 * 32  # two rows of 32-pixel frames, captions under them
+    pipe, folder = export.pipeline(str(workdir), step=2)
+    cfg = ml_collections.ConfigDict(json.loads(checkpoint.read_meta(folder)["config"]))
+    want = pipe(
+        list(SAMPLE_PROMPTS), height=32, width=32, num_frames=9, num_inference_steps=2,
+        guidance_scale=cfg.evals.sample_guidance, seed=cfg.seed + 2,
+    )  # fmt: skip
+    trained = run_lib.resolve(cfg)
+    with trained.on_mesh():
+        got = samples.EvalSampler(trained, str(tmp_path)).sample(pipe.transformer, 2)
+    assert ref.rel_l2(got, want) <= 1e-5
+    # Each file holds its prompt's frames: nearer them through the same encoder than the other
+    # prompt's (H.264 moves these noise-like frames by ~8 levels on average, and a last-bit
+    # change in its input by a few in places, so no exact comparison).
+    again = []
+    for i in range(2):
+        write_mp4(str(tmp_path / f"want{i}.mp4"), want[i], 8)
+        again.append(read_mp4(str(tmp_path / f"want{i}.mp4"))[0].astype(float))
+    for i in range(2):
+        frames, fps = read_mp4(str(out / f"step_2_{i}.mp4"))
+        assert frames.shape == (9, 32, 32, 3) and fps == 8
+        own, other = (np.abs(frames - again[j]).mean() for j in (i, 1 - i))
+        assert own < 3.0 and own < other / 3, (own, other)

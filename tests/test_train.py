@@ -432,13 +432,58 @@ def test_config_errors_name_the_rule(tmp_path):
         ("cogvideox1_5_5b", {"input.num_frames": 13}, "8k\\+1"),
         ("cogvideox_5b", {"init.checkpoint": str(tmp_path / "nope")}, "init.checkpoint"),
         ("cogvideox_5b", {"mode": "evaluate"}, "config.mode"),
-    ]
+        ("cogvideox_5b", {"evals.sample_images": ("a.png",)}, "for image-to-video runs"),
+        ("cogvideox_5b_i2v", {"evals.sample_prompts": ("a", "b")}, "one first frame, or one per"),
+        ("cogvideox_5b", {"evals.sample_prompts": ("a",), "evals.sample_guidance": 1.0,
+                          "mesh.data": 2, "mesh.fsdp": 1}, "1 sampling rows"),
+    ]  # fmt: skip
     for name, overrides, rule in cases:
         with pytest.raises((ValueError, FileNotFoundError), match=rule):
             dit.train_and_evaluate(_config(name, **overrides), str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()  # failed before anything was written
     cfg = _parse("--config=configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360")
     assert (cfg.input.num_frames, cfg.input.height, cfg.input.width) == (161, 768, 1360)
+
+
+def test_runlocal_eval_samples(tmp_path):
+    """The text-to-video runlocal configs sample their two prompts at each eval: without a model
+    folder, with the stand-in text embeddings and the random tiny VAE. One mp4 per prompt (the
+    run's clip size), the prompts in step_N.json, a contact sheet; different prompts, different
+    videos; the same step, the same videos."""
+    from PIL import Image
+
+    from data.video import read_mp4
+    from train import program, samples
+    from train.run import resolve
+
+    cfg = _config("cogvideox_5b")
+    assert (
+        len(cfg.evals.sample_prompts) == 2 and not _config("cogvideox_5b_i2v").evals.sample_prompts
+    )
+    run = resolve(cfg)
+    prog = program.make_program(run)
+    with run.on_mesh():
+        model = prog.model.merge(*_params(prog))
+        sampler = samples.EvalSampler(run, str(tmp_path))
+        assert sampler(model, 3) == {}
+        again = sampler.sample(model, 3)
+    listing = json.loads((tmp_path / "samples" / "step_3.json").read_text())
+    assert [x["caption"] for x in listing] == list(cfg.evals.sample_prompts)
+    frames = [read_mp4(str(tmp_path / "samples" / x["file"]))[0] for x in listing]
+    assert frames[0].shape == (9, 32, 32, 3)
+    assert np.abs(frames[0].astype(float) - frames[1]).mean() > 1.0
+    assert np.abs(frames[0] / 255.0 - again[0]).mean() < 0.05
+    assert np.asarray(Image.open(tmp_path / "samples" / "step_3.png")).shape[0] > 2 * 32
+
+
+def _params(prog):
+    """(trained part, fixed part) of a random train state of `prog`, every parameter moved by
+    noise (the zero-initialised output projection included, so that the prompts matter)."""
+    state = prog.random_state()
+    leaves, tree = jax.tree.flatten(state["params"])
+    rng = np.random.default_rng(0)
+    moved = [x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
+    return jax.tree.unflatten(tree, moved), prog.run.training.fixed(state, prog.frozen())
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path):

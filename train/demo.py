@@ -32,6 +32,7 @@ from cogvideox_jax import diffusion, t5
 from cogvideox_jax import vae as vae_lib
 from data import demo as demo_data
 from data import pipeline, video
+from train import samples
 
 
 def _note(msg: str) -> None:
@@ -372,22 +373,9 @@ class Demo:
         return out
 
     def _write_samples(self, step: int, frames, caps, scores) -> None:
-        """samples/step_N_i.mp4, their captions and scores in samples/step_N.json, and one
-        contact sheet samples/step_N.png (a row of frames per sample, its caption under it)."""
-        out = os.path.join(self.workdir, "samples")
-        os.makedirs(out, exist_ok=True)
-        listing = []
-        for i, (f, cap, score) in enumerate(zip(frames, caps, scores, strict=True)):
-            name = f"step_{step}_{i}.mp4"
-            video.write_mp4(os.path.join(out, name), f, 8)
-            listing.append({"file": name, "caption": cap, "prompt_adherence": float(score)})
-        with open(os.path.join(out, f"step_{step}.json.tmp"), "w") as fh:
-            json.dump(listing, fh, indent=1)
-        os.replace(
-            os.path.join(out, f"step_{step}.json.tmp"), os.path.join(out, f"step_{step}.json")
-        )
-        labels = [f"{cap} ({score:.2f})" for cap, score in zip(caps, scores, strict=True)]
-        video.write_contact_sheet(os.path.join(out, f"step_{step}.png"), frames, labels)
+        """samples/step_N_i.mp4, step_N.json (captions and scores), the contact sheet step_N.png."""
+        extra = [{"prompt_adherence": float(x)} for x in scores]
+        samples.write(self.workdir, step, frames, caps, 8, extra)
 
 
 # ---- Sampling a finished demo run (tools.sample --model RUN) ----

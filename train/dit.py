@@ -23,7 +23,17 @@ import time
 import jax
 
 from data import pipeline
-from train import checkpoint, evaluate, inputs, memory, metrics, preemption, watchdog, workdir_lock
+from train import (
+    checkpoint,
+    evaluate,
+    inputs,
+    memory,
+    metrics,
+    preemption,
+    samples,
+    watchdog,
+    workdir_lock,
+)
 from train.objective import Packed
 from train.program import Program, make_program, model_folder
 from train.run import Lora, Run, resolve
@@ -87,7 +97,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if change:
             _note(change)
     try:
-        last = _loop(prog, state, data_iter, frozen, mngr, held_out, demo, workdir, started)
+        sampler = demo.sample if demo is not None else None
+        if config.evals.sample_prompts:
+            sampler = samples.EvalSampler(run, workdir)
+        last = _loop(prog, state, data_iter, frozen, mngr, held_out, sampler, workdir, started)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -99,7 +112,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _loop(
-    prog: Program, state, data_iter, frozen, mngr, held_out, demo, workdir, started: float
+    prog: Program, state, data_iter, frozen, mngr, held_out, sampler, workdir, started: float
 ) -> dict:
     """Steps from the state's step to config.total_steps; returns the last logged row. A SIGTERM
     or SIGINT stops it after the step in flight, with a checkpoint of that step (Preempted)."""
@@ -136,7 +149,7 @@ def _loop(
                         row = meter.row(out, lr=float(prog.schedule(step - 1)))
                     if is_eval:
                         with meter.timed("eval"):
-                            row.update(_evaluate(prog, state, frozen, held_out, demo, step))
+                            row.update(_evaluate(prog, state, frozen, held_out, sampler, step))
                     row.update(clock.row(meter))
                     meter = Meter(run)
                     with meter.timed("log"):
@@ -186,14 +199,14 @@ def step_guard(run: Run) -> memory.StepGuard:
     return memory.StepGuard("the training step", shrink, devices=local, limit_bytes=limit)
 
 
-def _evaluate(prog: Program, state, frozen, held_out, demo, step: int) -> dict:
-    """The held-out loss and, in the demo, its samples (written as mp4s and scored)."""
+def _evaluate(prog: Program, state, frozen, held_out, sampler, step: int) -> dict:
+    """The held-out loss and the eval's samples (the demo's, scored; or evals.sample_prompts')."""
     row = held_out(state)
-    if demo is not None:
+    if sampler is not None:
         run = prog.run
         with run.on_mesh():
             model = prog.model.merge(state["params"], run.training.fixed(state, frozen))
-            row.update(demo.sample(model, step))
+            row.update(sampler(model, step))
     return row
 
 

@@ -177,7 +177,8 @@ def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> 
     samples = os.path.join(workdir, "samples")
     if os.path.isdir(samples):
         lines.append(
-            f"  samples: {samples} (step_N_i.mp4; captions and scores in step_N.json; "
+            f"  samples: {samples} (step_N_i.mp4; captions{' and scores' if demo else ''} "
+            "in step_N.json; "
             "a contact sheet per eval, step_N.png)"
         )
     lines.append(f"  metrics: {path}")
