@@ -96,6 +96,9 @@ def module_jit(fun=None, *, static_argnames=()):
         graphdef, state = nnx.split(module)
         return jitted(graphdef, state, *args, **kwargs)
 
+    # Ahead-of-time lowering (tools.aot): the module as (graphdef, state), the state's leaves
+    # may be ShapeDtypeStructs with shardings.
+    call.lower_split = jitted.lower
     return call
 
 

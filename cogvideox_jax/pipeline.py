@@ -21,10 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogvideox_jax import compiler, components, diffusion, sharding, t5
+from cogvideox_jax import compiler, components, diffusion, sharding, t5, vae_tiling
+from cogvideox_jax import vae as vae_lib
 from cogvideox_jax.vae import sample_latents
 
 SCHEDULERS = ("ddim", "dpm")
+# How the VAE decodes: as diffusers does by default (frame batching: chunks of 2 latents),
+# tiled (diffusers' `vae.enable_tiling()`: less memory at large sizes), or the whole clip with
+# its latent frames split over the mesh's `context` axis (`vae.decode_context_parallel`).
+VAE_DECODES = ("frame_batched", "tiled", "context_parallel")
 
 
 class Pipeline:
@@ -40,6 +45,9 @@ class Pipeline:
         and text encoder's weights are placed by `rules` (default SAMPLING_RULES: FSDP over
         `fsdp` and `context`, the token axis over `context`, the batch, both classifier-free
         guidance halves included, over `data`); the VAE is replicated. None: one device.
+      vae_decode: one of VAE_DECODES (attribute; may be changed later). "context_parallel"
+        needs a mesh with a `context` axis above 1 and gives the whole-clip decode
+        (`frame_batching=False`), which differs slightly from diffusers' frame-batched one.
     """
 
     def __init__(
@@ -52,8 +60,10 @@ class Pipeline:
         tokenizer=None,
         mesh: jax.sharding.Mesh | None = None,
         rules: sharding.Rules | None = None,
+        vae_decode: str = "frame_batched",
     ):
         self.transformer, self.vae, self.schedule = transformer, vae, schedule
+        self.vae_decode = vae_decode
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.alphas_cumprod = diffusion.alphas_cumprod(schedule)
         self.mesh, self.rules = None, tuple(rules or SAMPLING_RULES)
@@ -67,6 +77,23 @@ class Pipeline:
             if module is not None:
                 _place(module, mesh, self.rules)
         _place(self.vae, mesh, None)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Unscaled latents (B, T, h, w, C) -> frames (B, F, H, W, 3) in [-1, 1], by
+        `vae_decode`."""
+        self._check_decode()
+        if self.vae_decode == "tiled":
+            return _decode_tiled(self.vae, z)
+        if self.vae_decode == "frame_batched":
+            return _decode(self.vae, z)
+        return _decode_context_parallel(self.vae, z, mesh=self.mesh)
+
+    def _check_decode(self) -> None:
+        if self.vae_decode not in VAE_DECODES:
+            raise ValueError(f"vae_decode must be one of {VAE_DECODES}, got {self.vae_decode!r}")
+        cp = self.mesh is not None and self.mesh.shape.get("context", 1) > 1
+        if self.vae_decode == "context_parallel" and not cp:
+            raise ValueError("vae_decode='context_parallel' needs a mesh with a context axis > 1")
 
     def on_mesh(self):
         """The context every traced call of the pipeline runs in: its mesh and rules."""
@@ -87,13 +114,14 @@ class Pipeline:
         mesh=None,
         rules=None,
         context_parallel: str = "allgather",
+        vae_decode: str = "frame_batched",
     ) -> Pipeline:
         """A diffusers-layout model folder (model_index.json with transformer/, vae/,
         text_encoder/, tokenizer/, scheduler/) or its Orbax conversion. `dtype` applies to the
         transformer and text encoder (None: as stored); the VAE runs in float32. `transformer`:
         one to use instead of the folder's (a training run's, `train.export`). `mesh`, `rules`:
         see the class; `context_parallel` ("allgather" or "ulysses"): how attention runs where
-        the mesh splits the tokens."""
+        the mesh splits the tokens; `vae_decode`: see the class."""
         path = Path(path)
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: no model_index.json (not a model folder)")
@@ -115,6 +143,7 @@ class Pipeline:
             tokenizer=tokenizer,
             mesh=mesh,
             rules=rules,
+            vae_decode=vae_decode,
         )
 
     @property
@@ -311,6 +340,7 @@ class Pipeline:
         cfg, vae_cfg = self.transformer.cfg, self.vae.cfg
         height = height or cfg.sample_height * vae_cfg.spatial_compression
         width = width or cfg.sample_width * vae_cfg.spatial_compression
+        self._check_decode()
         v2v = video is not None or strength is not None
         pixels = None
         if v2v:
@@ -431,7 +461,7 @@ class Pipeline:
                 bar.bar.update(num_inference_steps)
         if output_type == "latent":
             return np.asarray(out)
-        video = _decode(self.vae, out[:, extra:].astype(jnp.float32) / vae_cfg.scaling_factor)
+        video = self.decode(out[:, extra:].astype(jnp.float32) / vae_cfg.scaling_factor)
         return np.asarray(jnp.clip(video / 2 + 0.5, 0.0, 1.0))
 
 
@@ -548,6 +578,16 @@ def _encode_pixels(vae, pixels):
 @compiler.module_jit
 def _decode(vae, z):
     return vae.decode(z)
+
+
+@compiler.module_jit
+def _decode_tiled(vae, z):
+    return vae_tiling.decode_tiled(vae, z)
+
+
+@compiler.module_jit(static_argnames=("mesh",))
+def _decode_context_parallel(vae, z, *, mesh):
+    return vae_lib.decode_context_parallel(vae, z, mesh)
 
 
 class _ProgressBar:

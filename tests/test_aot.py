@@ -91,3 +91,33 @@ def test_bad_config_fails_before_compiling():
     )
     assert p.returncode != 0
     assert "batch_size (3) must be divisible" in p.stderr
+
+
+@pytest.mark.slow
+def test_sampling_plan_for_a_slice():
+    """--sample compiles the pipeline's programs (T5, the whole denoising loop, a VAE decode:
+    here the context-parallel one) for the slice, on the config's mesh with the sampling
+    rules, and reports each one's memory per chip."""
+    p = _run(
+        "--config=configs/cogvideox_5b.py:sft,runlocal",
+        "--topology=v5e-8",
+        "--config.mesh.num_devices=0",
+        "--config.mesh.context=2",
+        "--config.batch_size=4",
+        "--config.evals.batch_size=4",
+        "--sample",
+        "--sample_steps=3",
+        "--sample_decode=context_parallel",  # each VAE decode takes ~40 s to compile here
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "context": 2, "tensor": 1}
+    assert r["clip"] == [9, 32, 32] and r["steps"] == 3
+    names = ("text_encoder", "denoise", "vae_decode_context_parallel")
+    assert tuple(r["programs"]) == names
+    for name in names:
+        prog = r["programs"][name]
+        assert prog["fits"] is True and 0 < prog["peak_bytes_per_chip"] < 16 * 2**30, name
+    assert r["programs"]["denoise"]["collectives"]["all-gather"] > 0  # FSDP and context
+    assert r["programs"]["denoise"]["pallas_kernels"] > 0  # splash inside the loop
+    assert "denoise: peak" in p.stdout and "(fits)" in p.stdout

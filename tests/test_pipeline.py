@@ -428,6 +428,14 @@ def test_sampling_on_a_mesh_equals_one_device(one_device, layout):
     if shape["data"] > 1:
         with pytest.raises(ValueError, match=r"1 rows \(batch 1\) do not divide over the 2"):
             on_mesh(**(kw | {"guidance_scale": 1.0}))
+    if shape["context"] > 1:  # the VAE's latent frames over `context` (3 latents: one chunk)
+        on_mesh.vae_decode = "context_parallel"
+        got = on_mesh(output_type="np", **kw)
+        assert ref.rel_l2(got, want["np"]) <= 1e-5, ref.rel_l2(got, want["np"])
+    else:
+        on_mesh.vae_decode = "context_parallel"
+        with pytest.raises(ValueError, match="needs a mesh with a context axis"):
+            on_mesh(output_type="np", **kw)
 
 
 @pytest.mark.slow

@@ -25,6 +25,9 @@ if __name__ == "__main__" and any(a in ("-h", "--help", "--helpfull") for a in s
     print("--config FILE[:ARGS]  the experiment config (python -m train --help lists them)")
     print("--topology NAME       v5p-N (TensorCores), v5e-N or v6e-N (chips); e.g. v5p-64")
     print("--config.KEY=VALUE    any config key, as for python -m train")
+    print("--sample              plan sampling (T5, the denoising loop, the VAE decode) instead")
+    print("--sample_steps N      denoising steps of the sampling plan (default 50)")
+    print("--sample_decode LIST  VAE decodes to plan: frame_batched,tiled,context_parallel")
     sys.exit(0)
 
 # Compile for TPU from a CPU process: the CPU backend stays the default (jax must not try to run
@@ -42,6 +45,7 @@ import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -161,6 +165,151 @@ def analyse(config, topology: str) -> dict:
     return r | _compiled_figures(compiled, used, HBM_BYTES[gen])
 
 
+def analyse_sampling(
+    config, topology: str, steps: int = 50, batch: int = 1, decodes=("frame_batched", "tiled")
+) -> dict:
+    """Compile the sampling pipeline's programs for `topology`, at the config's clip size and on
+    its mesh with the sampling rules (`pipeline.SAMPLING_RULES` over the config's own: the rows,
+    both guidance halves, over `data`): the T5-XXL prompt encoding, the whole `steps`-step
+    denoising loop (`pipeline._denoise`, the one program `Pipeline` runs) and the VAE decode,
+    frame-batched and replicated as `Pipeline` decodes, and context-parallel
+    (`vae.decode_context_parallel`) where the mesh has a context axis. Per program: per-chip
+    memory and whether it fits. `decodes`: which VAE decodes to compile (pipeline.VAE_DECODES;
+    "context_parallel" only where the mesh has a context axis)."""
+    from flax import nnx
+
+    import cogvideox_jax as cj
+    from cogvideox_jax import diffusion, pipeline, sharding, t5
+    from cogvideox_jax import vae as vae_lib
+
+    c = config
+    gen, shape, chips = parse_topology(topology)
+    validate.validate(c, num_devices=chips)
+    impl = "splash" if c.model.attention_impl == "auto" else c.model.attention_impl
+    devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu").devices
+    run = resolve(c, devices)
+    mesh, cfg = run.mesh, run.model
+    rules = tuple((k, "data") if k == "batch" else (k, v) for k, v in run.rules)
+    dtype = jnp.dtype(c.model.dtype)
+    print(
+        f"{topology} ({gen}:{shape}, {chips} chips); sampling mesh {dict(mesh.shape)}; "
+        f"{c.input.num_frames}x{c.input.height}x{c.input.width}, {steps} steps, batch {batch} "
+        "with guidance",
+        flush=True,
+    )
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def sds(tree, shardings=rep):
+        if not isinstance(shardings, jax.sharding.Sharding):
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                tree, shardings)  # fmt: skip
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree
+        )
+
+    def split(build, module_rules):
+        graphdef, state = nnx.split(nnx.eval_shape(build))
+        pure = nnx.to_pure_dict(state)
+        target = (
+            rep if module_rules is None else sharding.state_shardings(state, mesh, module_rules)
+        )
+        nnx.replace_by_pure_dict(state, sds(pure, target))
+        return graphdef, state
+
+    vae_cfg = vae_lib.vae_config("cogvideox" if c.vae.variant != "tiny" else "tiny")
+    r_lat = vae_cfg.temporal_compression_ratio
+    frames = (c.input.num_frames - 1) // r_lat + 1
+    extra = (-frames) % (cfg.patch_size_t or 1)
+    h, w = c.input.height // 8, c.input.width // 8
+    rows = 2 * batch
+    c_lat = vae_cfg.latent_channels
+    latents = jax.ShapeDtypeStruct((batch, frames + extra, h, w, c_lat), dtype, sharding=rep)
+    out = {}
+
+    def compile_(name, lower):
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh), sharding.use_rules(rules):
+            try:
+                compiled = lower().compile()
+            except jax.errors.JaxRuntimeError as e:
+                m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+                if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+                    raise
+                out[name] = dict(refused=True, peak_bytes_per_chip=int(float(m.group(1)) * GIB),
+                                 fits=False)  # fmt: skip
+                return
+        figures = _compiled_figures(compiled, mesh.devices.size, HBM_BYTES[gen])
+        out[name] = figures | dict(compile_s=round(time.perf_counter() - t0, 1))
+
+    # 1. The prompts (and negative prompts): T5-XXL over 226 tokens (a one-layer T5 of the
+    # text width for configs with another text width: runlocal).
+    small = dict(d_model=cfg.text_embed_dim, num_layers=1, num_heads=2, d_kv=8, d_ff=32)
+    small = {} if cfg.text_embed_dim == 4096 else small
+    t5_cfg = t5.t5_config("t5-v1_1-xxl", **small)
+    gd, st = split(
+        lambda: t5.T5Encoder(t5_cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), rules
+    )
+    ids = jax.ShapeDtypeStruct((rows, cfg.max_text_len), jnp.int32, sharding=rep)
+    compile_("text_encoder", lambda: pipeline._encode_text.lower_split(gd, st, ids))
+
+    # 2. The denoising loop.
+    def build():
+        kw = dict(attention_impl=impl, context_parallel=c.model.context_parallel)
+        return cj.Transformer(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0), **kw)
+
+    gd, st = split(build, rules)
+    ab = diffusion.alphas_cumprod(diffusion.ScheduleConfig(c.diffusion.snr_shift_scale))
+    table = sds({k: jnp.asarray(v) for k, v in diffusion.ddim_table(ab, steps).items()})
+    embeds = jax.ShapeDtypeStruct((rows, cfg.max_text_len, cfg.text_embed_dim), dtype, sharding=rep)
+    cond = None
+    if cfg.in_channels == 32:
+        cond = latents
+    scales = jax.ShapeDtypeStruct((steps,), jnp.float32, sharding=rep)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    ofs = 2.0 if cfg.ofs_embed_dim else None
+    compile_("denoise", lambda: pipeline._denoise.lower_split(
+        gd, st, latents, embeds, cond, table, scales, key,
+        ofs=ofs, sampler="ddim", do_cfg=True, progress=False,
+    ))  # fmt: skip
+
+    # 3. The decode, float32: frame-batched and replicated (Pipeline), and context-parallel.
+    gd, st = split(lambda: cj.AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)), None)
+    z = jax.ShapeDtypeStruct((batch, frames, h, w, c_lat), jnp.float32, sharding=rep)
+    if "frame_batched" in decodes:
+        compile_("vae_decode", lambda: pipeline._decode.lower_split(gd, st, z))
+    if "tiled" in decodes:
+        compile_("vae_decode_tiled", lambda: pipeline._decode_tiled.lower_split(gd, st, z))
+    if "context_parallel" in decodes and mesh.shape["context"] > 1:
+        cp = pipeline._decode_context_parallel
+        compile_("vae_decode_context_parallel", lambda: cp.lower_split(gd, st, z, mesh=mesh))
+    return dict(
+        topology=topology,
+        chips=chips,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        clip=[c.input.num_frames, c.input.height, c.input.width],
+        steps=steps,
+        batch=batch,
+        tokens_per_row=run.tokens_per_example,
+        hbm_bytes_per_chip=HBM_BYTES[gen],
+        programs=out,
+    )
+
+
+def report_sampling(r: dict) -> None:
+    g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    for name, p in r["programs"].items():
+        if p.get("refused"):
+            print(f"{name}: DOES NOT FIT: XLA refused to compile; it needs "
+                  f"{g(p['peak_bytes_per_chip'])} per chip")  # fmt: skip
+            continue
+        verdict = "fits" if p["fits"] else "DOES NOT FIT"
+        print(
+            f"{name}: peak {g(p['peak_bytes_per_chip'])} per chip of {g(r['hbm_bytes_per_chip'])} "
+            f"({verdict}): arguments {g(p['argument_bytes_per_chip'])}, temporaries "
+            f"{g(p['temp_bytes_per_chip'])}; compile {p['compile_s']} s"
+        )
+
+
 def argument_bytes_per_chip(args) -> int:
     """Bytes of one chip's shards of the step's abstract arguments."""
     total = 0
@@ -236,13 +385,26 @@ def main(argv):
     if config is None or not topology:
         raise app.UsageError("--config and --topology are required")
     parse_topology(topology)  # a bad name fails before the config is even built
-    r = analyse(config, topology)
-    r["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
-    report(r)
+    if flags.FLAGS.sample:
+        decodes = [d for d in flags.FLAGS.sample_decode.split(",") if d]
+        r = analyse_sampling(config, topology, flags.FLAGS.sample_steps, decodes=decodes)
+        r["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+        report_sampling(r)
+    else:
+        r = analyse(config, topology)
+        r["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
+        report(r)
     print(json.dumps(r), flush=True)
 
 
 if __name__ == "__main__":  # flags defined here only: the module stays importable
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
     flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5e-256, v6e-64.")
+    flags.DEFINE_bool("sample", False, "Plan the sampling pipeline instead of the train step.")
+    flags.DEFINE_integer("sample_steps", 50, "Denoising steps of the sampling plan.")
+    flags.DEFINE_string(
+        "sample_decode",
+        "frame_batched,tiled,context_parallel",
+        "VAE decodes the sampling plan compiles (context_parallel: where mesh.context > 1).",
+    )
     app.run(main)

@@ -91,6 +91,13 @@ def main(argv=None) -> int:
         default="allgather",
         help="attention over a split token axis (model folders; runs use allgather)",
     )
+    parser.add_argument(
+        "--vae-decode",
+        choices=["frame_batched", "tiled", "context_parallel"],
+        default="frame_batched",
+        help="how the VAE decodes: as diffusers (default), tiled (less memory at large sizes), "
+        "or split over the --mesh context axis",
+    )
     parser.add_argument("--lora", default=None, help="LoRA adapters to merge (see above)")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     args = parser.parse_args(argv)
@@ -210,6 +217,7 @@ def _load(args, mesh=None):
         pipe = Pipeline.from_pretrained(
             args.model, dtype=dtype, mesh=mesh, context_parallel=args.context_parallel
         )
+    pipe.vae_decode = args.vae_decode
     print(f"loaded {args.model} in {time.time() - t0:.1f}s")
     if args.lora:
         from cogvideox_jax import lora
