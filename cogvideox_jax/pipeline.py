@@ -238,9 +238,10 @@ class Pipeline:
             if (video is None) == (latents is None):
                 raise ValueError("DDIM inversion: pass video or latents, not both")
             pixels = None if video is None else preprocess_video(video, height, width)
-            frames = pixels.shape[1] if pixels is not None else None
-            t = (frames - 1) // vae_cfg.temporal_compression_ratio + 1 if frames else None
-            t = t or np.shape(latents)[1]
+            if pixels is not None:
+                t = (pixels.shape[1] - 1) // vae_cfg.temporal_compression_ratio + 1
+            else:
+                t = np.shape(latents)[1]
             if t % (cfg.patch_size_t or 1):
                 raise ValueError(
                     f"DDIM inversion: the video gives {t} latent frames, which must be a multiple "
