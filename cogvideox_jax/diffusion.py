@@ -2,16 +2,20 @@
 sampling.
 
 Must match diffusers 0.42.1 `schedulers/scheduling_ddim_cogvideox.py` (CogVideoXDDIMScheduler),
-`scheduling_dpm_cogvideox.py` (CogVideoXDPMScheduler, SDE-DPM-Solver++(2M)) and, for the DDIM
-sampler, `scheduling_ddim.py` (DDIMScheduler).
+`scheduling_dpm_cogvideox.py` (CogVideoXDPMScheduler, SDE-DPM-Solver++(2M)), for the DDIM
+sampler `scheduling_ddim.py` (DDIMScheduler), and for the DPM sampler
+`scheduling_dpmsolver_multistep.py` (DPMSolverMultistepScheduler: DPM-Solver++ and
+SDE-DPM-Solver++, first or second order, on the training schedule's own sigmas).
 
 CogVideoX's schedule: scaled-linear betas, SNR divided by `snr_shift_scale`, then rescaled to
 zero terminal SNR (so alpha_bar[999] = 0 exactly), all in float64. Other scheduler configs
 (`ScheduleConfig.from_diffusers`) are computed in the dtype diffusers uses for them: float32,
-except the CogVideoX classes' scaled-linear betas. Sampling schedules are static, so every
-per-step scalar (including DPM's, which pass through +-inf at both ends) is computed on the host
-in that dtype and rounded once to float32, as diffusers' scalars are when they multiply float32
-tensors. The denoising loop then only indexes these tables.
+except the CogVideoX classes' scaled-linear betas. (DPMSolverMultistepScheduler rescaled to zero
+terminal SNR puts 2**-24 in alpha_bar[-1], as diffusers does, so that its sigmas stay finite.)
+Sampling schedules are static, so every per-step scalar (including DPM's, which pass through
++-inf at the ends) is computed on the host in that dtype and rounded once to float32, as
+diffusers' scalars are when they multiply float32 tensors. The denoising loop then only indexes
+these tables.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ _COGVIDEOX_DEFAULTS = dict(
     clip_sample_range=1.0,
     snr_shift_scale=3.0,
 )
+MULTISTEP = "DPMSolverMultistepScheduler"
+# Its solver switches (ScheduleConfig's last fields; other classes keep these values).
+_SOLVER_DEFAULTS = dict(
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    euler_at_final=False,
+    final_sigmas_type="zero",
+)
 CLASS_DEFAULTS = {
     "CogVideoXDDIMScheduler": _COGVIDEOX_DEFAULTS,
     "CogVideoXDPMScheduler": _COGVIDEOX_DEFAULTS,
@@ -51,12 +65,49 @@ CLASS_DEFAULTS = {
         beta_schedule="linear",
         snr_shift_scale=1.0,
     ),
+    MULTISTEP: dict(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        timestep_spacing="linspace",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+        **_SOLVER_DEFAULTS,
+    ),
 }
+# DPMSolverMultistepScheduler's other arguments: only these values (its defaults) are
+# implemented. Arguments not listed only act through these (dynamic_thresholding_ratio,
+# sample_max_value, flow_shift, time_shift_type) and are ignored.
+_MULTISTEP_FIXED = dict(
+    thresholding=False,
+    use_karras_sigmas=False,
+    use_exponential_sigmas=False,
+    use_beta_sigmas=False,
+    use_lu_lambdas=False,
+    use_flow_sigmas=False,
+    use_dynamic_shifting=False,
+    variance_type=None,
+    lambda_min_clipped=-math.inf,
+)
 _CHOICES = dict(
     class_name=tuple(CLASS_DEFAULTS),
     beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
     prediction_type=("epsilon", "v_prediction", "sample"),
     timestep_spacing=("leading", "trailing", "linspace"),
+)
+_SOLVER_CHOICES = dict(
+    algorithm_type=("dpmsolver++", "sde-dpmsolver++"),
+    solver_order=(1, 2),
+    solver_type=("midpoint", "heun"),
+    lower_order_final=(True, False),
+    euler_at_final=(False, True),
+    final_sigmas_type=("zero", "sigma_min"),
+)
+# The DDIM samplers' switches, which DPMSolverMultistepScheduler does not have.
+_DDIM_ONLY = dict(
+    snr_shift_scale=1.0, set_alpha_to_one=True, clip_sample=False, clip_sample_range=1.0
 )
 
 
@@ -76,6 +127,10 @@ class ScheduleConfig:
     in float64, shift the SNR, and step DDIM as a blend of x_t and x0 with no clipping (they
     accept `clip_sample` and ignore it, so it is kept False for them); DDIMScheduler works in
     float32, rescales the betas, and steps through x0 (clipped if `clip_sample`) and eps.
+    DPMSolverMultistepScheduler has DDIMScheduler's float32 schedule (alpha_bar[-1] = 2**-24
+    when rescaled) and only the DPM sampler, configured by the last six fields (which the other
+    classes keep at their defaults, as it keeps the DDIM switches snr_shift_scale,
+    set_alpha_to_one, clip_sample and clip_sample_range at theirs).
     """
 
     snr_shift_scale: float = 1.0
@@ -91,6 +146,12 @@ class ScheduleConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     class_name: str = "CogVideoXDDIMScheduler"
+    algorithm_type: str = "dpmsolver++"
+    solver_order: int = 2
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    final_sigmas_type: str = "zero"
 
     def __post_init__(self):
         for field, supported in _CHOICES.items():
@@ -103,19 +164,35 @@ class ScheduleConfig:
         if self.cogvideox and self.clip_sample:
             raise _refuse("clip_sample", True, f"False ({self.class_name} does not clip)")
         if not self.cogvideox and self.snr_shift_scale != 1.0:
-            raise _refuse("snr_shift_scale", self.snr_shift_scale, "1.0 for DDIMScheduler")
+            raise _refuse("snr_shift_scale", self.snr_shift_scale, f"1.0 for {self.class_name}")
+        if self.multistep:
+            for field, supported in _SOLVER_CHOICES.items():
+                if getattr(self, field) not in supported:
+                    raise _refuse(field, getattr(self, field), f"{supported} for {MULTISTEP}")
+            for field, value in _DDIM_ONLY.items():
+                if getattr(self, field) != value:
+                    raise _refuse(field, getattr(self, field), f"{value!r} for {MULTISTEP}")
+        else:
+            for field, value in _SOLVER_DEFAULTS.items():
+                if getattr(self, field) != value:
+                    raise _refuse(field, getattr(self, field), f"{value!r} for {self.class_name}")
 
     @property
     def cogvideox(self) -> bool:
-        """Whether the schedule and DDIM step follow the CogVideoX classes (not DDIMScheduler)."""
-        return self.class_name != "DDIMScheduler"
+        """Whether the schedule and DDIM step follow the CogVideoX classes."""
+        return self.class_name in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+
+    @property
+    def multistep(self) -> bool:
+        """Whether this is a DPMSolverMultistepScheduler schedule (the DPM sampler only)."""
+        return self.class_name == MULTISTEP
 
     @classmethod
     def from_diffusers(cls, config: Mapping) -> ScheduleConfig:
-        """From a scheduler_config.json of CogVideoXDDIMScheduler, CogVideoXDPMScheduler or
-        DDIMScheduler (`_class_name`; CogVideoXDDIMScheduler when absent). Missing keys take
-        that class's defaults; keys diffusers ignores for the class are ignored. Raises one
-        ValueError naming the field (or class) for anything else."""
+        """From a scheduler_config.json of CogVideoXDDIMScheduler, CogVideoXDPMScheduler,
+        DDIMScheduler or DPMSolverMultistepScheduler (`_class_name`; CogVideoXDDIMScheduler when
+        absent). Missing keys take that class's defaults; keys diffusers ignores for the class
+        are ignored. Raises one ValueError naming the field (or class) for anything else."""
         name = config.get("_class_name", "CogVideoXDDIMScheduler")
         if name not in CLASS_DEFAULTS:
             raise _refuse("_class_name", name, tuple(CLASS_DEFAULTS))
@@ -123,28 +200,44 @@ class ScheduleConfig:
             raise _refuse("trained_betas", "<array>", "None")
         if name == "DDIMScheduler" and config.get("thresholding", False):
             raise _refuse("thresholding", config["thresholding"], "False")
+        if name == MULTISTEP:
+            for key, value in _MULTISTEP_FIXED.items():
+                got = config.get(key, value)
+                if value is None or isinstance(value, bool):
+                    same = got is value
+                else:  # lambda_min_clipped
+                    same = isinstance(got, (int, float)) and float(got) == value
+                if not same:
+                    raise _refuse(key, got, f"{value!r} for {MULTISTEP}")
         kw = {k: config.get(k, v) for k, v in CLASS_DEFAULTS[name].items()}
         if name == "DDIMScheduler":
             kw["snr_shift_scale"] = 1.0  # not a DDIMScheduler argument
-        else:
+        elif name != MULTISTEP:
             kw["clip_sample"], kw["clip_sample_range"] = False, 1.0  # unused by its step
-        for key in ("num_train_timesteps", "steps_offset"):
-            if kw[key] != int(kw[key]):
+        for key in ("num_train_timesteps", "steps_offset", "solver_order"):
+            if key in kw and (isinstance(kw[key], bool) or kw[key] != int(kw[key])):
                 raise _refuse(key, kw[key], "an integer")
-        return cls(
-            snr_shift_scale=float(kw["snr_shift_scale"]),
-            num_train_timesteps=int(kw["num_train_timesteps"]),
-            beta_start=float(kw["beta_start"]),
-            beta_end=float(kw["beta_end"]),
-            beta_schedule=kw["beta_schedule"],
-            prediction_type=kw["prediction_type"],
-            timestep_spacing=kw["timestep_spacing"],
-            steps_offset=int(kw["steps_offset"]),
-            rescale_betas_zero_snr=bool(kw["rescale_betas_zero_snr"]),
-            set_alpha_to_one=bool(kw["set_alpha_to_one"]),
-            clip_sample=bool(kw["clip_sample"]),
-            clip_sample_range=float(kw["clip_sample_range"]),
-            class_name=name,
+        for key in ("lower_order_final", "euler_at_final"):
+            if key in kw and not isinstance(kw[key], bool):
+                raise _refuse(key, kw[key], "true or false")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kw.items() if k in fields}, class_name=name)._typed()
+
+    def _typed(self) -> ScheduleConfig:
+        # JSON numbers as the dataclass's types (1 -> 1.0, 2.0 -> 2), so that equal configs
+        # compare equal.
+        return dataclasses.replace(
+            self,
+            snr_shift_scale=float(self.snr_shift_scale),
+            num_train_timesteps=int(self.num_train_timesteps),
+            beta_start=float(self.beta_start),
+            beta_end=float(self.beta_end),
+            steps_offset=int(self.steps_offset),
+            rescale_betas_zero_snr=bool(self.rescale_betas_zero_snr),
+            set_alpha_to_one=bool(self.set_alpha_to_one),
+            clip_sample=bool(self.clip_sample),
+            clip_sample_range=float(self.clip_sample_range),
+            solver_order=int(self.solver_order),
         )
 
     def to_diffusers(self) -> dict:
@@ -154,7 +247,8 @@ class ScheduleConfig:
         out |= {k: v for k, v in dataclasses.asdict(self).items() if k != "class_name"}
         if not self.cogvideox:
             del out["snr_shift_scale"]
-        return out
+        drop = _DDIM_ONLY if self.multistep else _SOLVER_DEFAULTS
+        return {k: v for k, v in out.items() if k not in drop}
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -215,7 +309,10 @@ def alphas_cumprod(cfg: ScheduleConfig) -> np.ndarray:
         a = (a - a_last) * (a0 / (a0 - a_last))
         ab = a**2
         betas = 1 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
-    return _cumprod(1.0 - betas).astype(np.float64)
+    ab = _cumprod(1.0 - betas)
+    if cfg.multistep and cfg.rescale_betas_zero_snr:
+        ab[-1] = 2.0**-24  # DPMSolverMultistepScheduler: a finite last sigma (4096)
+    return ab.astype(np.float64)
 
 
 def inference_timesteps(
@@ -244,8 +341,35 @@ def inference_timesteps(
     return t
 
 
+def _multistep_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
+    # DPMSolverMultistepScheduler.set_timesteps (lambda_min_clipped -inf: no clipping). Its
+    # "linspace" and "leading" place N + 1 points and drop the last (t = 0); "trailing" is
+    # DDIM's.
+    T = cfg.num_train_timesteps
+    if not 0 < num_steps <= T:
+        raise ValueError(f"num_inference_steps must be in 1..{T}, got {num_steps}")
+    if cfg.timestep_spacing == "linspace":
+        t = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+    elif cfg.timestep_spacing == "leading":
+        ratio = T // (num_steps + 1)
+        t = (np.arange(num_steps + 1) * ratio)[::-1][:-1].astype(np.int64) + cfg.steps_offset
+    else:
+        t = inference_timesteps(num_steps, T, spacing="trailing")
+    if t.max() >= T:
+        raise ValueError(f"steps_offset={cfg.steps_offset} puts timestep {t.max()} past {T - 1}")
+    if (np.diff(t) >= 0).any():  # diffusers would step by h = 0 and divide by it
+        raise ValueError(
+            f"num_inference_steps={num_steps} repeats timesteps with timestep_spacing="
+            f"{cfg.timestep_spacing!r} and {T} training timesteps; take fewer steps"
+        )
+    return t
+
+
 def schedule_timesteps(cfg: ScheduleConfig, num_steps: int) -> np.ndarray:
-    """`inference_timesteps` for `cfg`'s spacing and offset."""
+    """The sampler's timesteps for `cfg`: `inference_timesteps` for its spacing and offset, or
+    DPMSolverMultistepScheduler's own placement for that class."""
+    if cfg.multistep:
+        return _multistep_timesteps(cfg, num_steps)
     return inference_timesteps(
         num_steps,
         cfg.num_train_timesteps,
@@ -294,6 +418,19 @@ def velocity(x0: jax.Array, noise: jax.Array, t: jax.Array, ab) -> jax.Array:
 # Samplers. Each step function takes one row of its coefficient table.
 
 
+def _check_ddim(cfg: ScheduleConfig | None, sampler: str) -> ScheduleConfig:
+    cfg = cfg or ScheduleConfig()
+    if cfg.multistep:  # its timesteps and alpha_bar[-1] are not DDIM's: no DDIM to match
+        supported = tuple(c for c in CLASS_DEFAULTS if c != MULTISTEP)
+        raise _refuse(
+            "class_name",
+            cfg.class_name,
+            f"{supported} for {sampler}; sample {MULTISTEP} "
+            "configs with the DPM sampler (scheduler='dpm')",
+        )
+    return cfg
+
+
 def ddim_table(
     ab: np.ndarray, num_steps: int, cfg: ScheduleConfig | None = None
 ) -> dict[str, np.ndarray]:
@@ -308,7 +445,7 @@ def ddim_table(
     terminal SNR its x0 is +-inf, which only DDIMScheduler's clipping makes usable; without
     clipping the table is refused there.
     """
-    cfg = cfg or ScheduleConfig()
+    cfg = _check_ddim(cfg, "DDIM")
     t = schedule_timesteps(cfg, num_steps)
     # In the dtype diffusers' alphas_cumprod has: 1 - alpha_bar near t = 0 rounds differently.
     ab = np.asarray(ab, _schedule_dtype(cfg))
@@ -374,7 +511,7 @@ def inverse_ddim_table(
     inverse scheduler from the scheduler's config, which drops snr_shift_scale: the same numbers
     for a shift of 1.0, the 5B and 1.5 models'.) Spacings "leading" and "trailing", as there.
     """
-    cfg = cfg or ScheduleConfig()
+    cfg = _check_ddim(cfg, "inverse DDIM")
     if cfg.timestep_spacing == "linspace":
         raise _refuse("timestep_spacing", "linspace", "'leading' or 'trailing' for inversion")
     t = schedule_timesteps(cfg, num_steps)[::-1].copy()
@@ -409,7 +546,7 @@ def _check_dpm(cfg: ScheduleConfig | None) -> ScheduleConfig:
     cfg = cfg or ScheduleConfig()
     # What this SDE-DPM-Solver++(2M) implements: CogVideoX's schedule and v-prediction.
     need = dict(
-        class_name=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"),
+        class_name=("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler", MULTISTEP),
         prediction_type=("v_prediction",),
         timestep_spacing=("trailing",),
         set_alpha_to_one=(True,),
@@ -424,7 +561,10 @@ def dpm_table(
     ab: np.ndarray, num_steps: int, cfg: ScheduleConfig | None = None
 ) -> dict[str, np.ndarray]:
     """Per-step SDE-DPM-Solver++(2M) scalars, computed in float64 with its infinities. `cfg`
-    (default `ScheduleConfig()`) must be a CogVideoX v-prediction, trailing schedule."""
+    (default `ScheduleConfig()`) must be a CogVideoX v-prediction, trailing schedule, or a
+    DPMSolverMultistepScheduler one (then `multistep_table`'s rows)."""
+    if cfg is not None and cfg.multistep:
+        return multistep_table(ab, num_steps, cfg)
     _check_dpm(cfg)
     t = inference_timesteps(num_steps, len(ab))
     a_t, a_prev = ab[t], _prev_alpha(ab, t, num_steps)
@@ -451,10 +591,93 @@ def dpm_table(
     return {k: v.astype(np.float32) for k, v in table.items()} | {"second": second, "t": t}
 
 
+def multistep_table(ab: np.ndarray, num_steps: int, cfg: ScheduleConfig) -> dict[str, np.ndarray]:
+    """Per-step scalars of DPMSolverMultistepScheduler (`cfg.multistep`) for `dpm_step`: the
+    data-prediction solvers "dpmsolver++" (an ODE) and "sde-dpmsolver++", first or second
+    order (multistep: the second order reuses the previous step's x0), float32 as diffusers
+    computes them.
+
+    Step i runs from sigma_i to sigma_{i+1}, where sigma = sqrt((1 - alpha_bar) / alpha_bar) at
+    the step's timestep and the last one is 0 ("zero") or the sigma of t = 0 ("sigma_min");
+    alpha = 1 / sqrt(1 + sigma^2), s = sigma alpha and lambda = log(alpha / s) (as log(alpha) -
+    log(s)). With x0 = (x0_x x + x0_out out) [/ x0_div] from the model output, a step is
+    x_prev = c_x x + c_x0 x0 + c_d (x0 - old_x0) [+ c_noise noise], the difference term only on
+    rows marked `second`. First order: c_x = s'/s (times e^-h for the SDE), c_x0 = alpha'
+    (1 - e^-h) (SDE: 1 - e^-2h) with h = lambda' - lambda (primes: the next sigma's), and the SDE
+    adds s' sqrt(1 - e^-2h) noise. Second order keeps those and adds the divided difference
+    (x0 - old_x0) / r with r = (lambda - lambda_back) / h, weighted by half c_x0 ("midpoint") or
+    by alpha' ((1 - e^-h) / -h + 1) ("heun"; SDE: e^-2h and -2h in place of e^-h and -h).
+    The first step is first order (no old x0), and so is the last when `euler_at_final`, when
+    `lower_order_final` with fewer than 15 steps, or when the final sigma is 0.
+    """
+    t = schedule_timesteps(cfg, num_steps)
+    f32, one = np.float32, np.float32(1)
+    ab = np.asarray(ab, f32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        sigmas = np.sqrt((one - ab) / ab)
+        last = sigmas[0] if cfg.final_sigmas_type == "sigma_min" else f32(0)
+        sig = np.concatenate([sigmas[t], [last]]).astype(f32)
+        if not np.isfinite(sig).all():
+            raise ValueError(
+                f"alpha_bar underflows to 0 at timestep {t[~np.isfinite(sig[:-1])][0]}"
+            )
+        alpha = one / np.sqrt(sig * sig + one)
+        s = sig * alpha
+        lam = np.log(alpha) - np.log(s)  # +inf at a final sigma of 0
+        a_now, s_now, s_next, a_next = alpha[:-1], s[:-1], s[1:], alpha[1:]
+        h = lam[1:] - lam[:-1]
+        r = (lam[:-1] - np.concatenate([[np.nan], lam[:-2]]).astype(f32)) / h
+        sde = cfg.algorithm_type == "sde-dpmsolver++"
+        x0_x, x0_out = {
+            "epsilon": (np.ones_like(s_now), -s_now),  # then / alpha
+            "v_prediction": (a_now, -s_now),
+            "sample": (np.zeros_like(s_now), np.ones_like(s_now)),
+        }[cfg.prediction_type]
+        table = dict(x0_x=x0_x, x0_out=x0_out)
+        if cfg.prediction_type == "epsilon":
+            table["x0_div"] = a_now
+        if sde:
+            e2 = np.exp(f32(-2) * h)
+            table |= dict(
+                c_x=s_next / s_now * np.exp(-h),
+                c_x0=a_next * (one - e2),
+                c_noise=s_next * np.sqrt(one - e2),
+            )
+            d = {
+                "midpoint": f32(0.5) * (a_next * (one - e2)),
+                "heun": a_next * ((one - e2) / (f32(-2) * h) + one),
+            }
+        else:
+            em1 = np.exp(-h) - one
+            table |= dict(c_x=s_next / s_now, c_x0=-(a_next * em1))
+            d = {"midpoint": -(f32(0.5) * (a_next * em1)), "heun": a_next * (em1 / h + one)}
+        table["c_d"] = d[cfg.solver_type] * (one / r)
+    i = np.arange(num_steps)
+    final = (i == num_steps - 1) & (
+        cfg.euler_at_final
+        or (cfg.lower_order_final and num_steps < 15)
+        or cfg.final_sigmas_type == "zero"
+    )
+    second = (cfg.solver_order == 2) & (i > 0) & ~final
+    table["c_d"] = np.where(second, table["c_d"], f32(0))
+    return {k: v.astype(np.float32) for k, v in table.items()} | {"second": second, "t": t}
+
+
 def dpm_step(row, v, x, old_x0, noise) -> tuple[jax.Array, jax.Array]:
     """(x_prev, x0) as `ddim_step`, for a `dpm_table` row; `old_x0` is the previous step's x0
-    (unused on first-order steps), `noise` the draw diffusers uses for the returned sample (its
-    second draw on second-order steps, the first on first-order ones)."""
+    (unused on first-order steps), `noise` the draw diffusers uses for the returned sample
+    (CogVideoXDPMScheduler: its second draw on second-order steps, the first on first-order
+    ones; DPMSolverMultistepScheduler: its one draw a step, "sde-dpmsolver++" only; the ODE's
+    rows have no c_noise and leave `noise` unused, so a compiled loop drops its draw)."""
+    if "c_d" in row:  # multistep_table
+        x0 = row["x0_x"] * x + row["x0_out"] * v
+        if "x0_div" in row:
+            x0 = x0 / row["x0_div"]
+        x_prev = row["c_x"] * x + row["c_x0"] * x0
+        x_prev = x_prev + jnp.where(row["second"], row["c_d"], 0.0) * (x0 - old_x0)
+        if "c_noise" in row:
+            x_prev = x_prev + row["c_noise"] * noise
+        return x_prev, x0
     x0 = row["sa"] * x - row["sb"] * v
     d = jnp.where(row["second"], row["m3"] * x0 - row["m4"] * old_x0, x0)
     return row["m1"] * x - row["m2"] * d + row["m_noise"] * noise, x0

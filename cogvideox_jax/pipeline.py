@@ -147,6 +147,14 @@ class Pipeline:
         )
 
     @property
+    def default_sampler(self) -> str:
+        """The sampler a call without `scheduler` uses: the schedule's class's, as diffusers
+        samples with the folder's scheduler ("dpm" for CogVideoXDPMScheduler and
+        DPMSolverMultistepScheduler, else "ddim")."""
+        dpm = ("CogVideoXDPMScheduler", diffusion.MULTISTEP)
+        return "dpm" if self.schedule.class_name in dpm else "ddim"
+
+    @property
     def fps(self) -> int:
         """Native frame rate: 8 for CogVideoX 1.0, 16 for 1.5."""
         return 16 if self.transformer.cfg.patch_size_t else 8
@@ -302,7 +310,7 @@ class Pipeline:
         num_inference_steps: int = 50,
         guidance_scale: float = 6.0,
         use_dynamic_cfg: bool = False,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         seed: int = 0,
         latents=None,
         image_latents=None,
@@ -323,6 +331,8 @@ class Pipeline:
         (`"latent"`). `num_frames` is any count >= 1, as in diffusers: (num_frames - 1) // 4 + 1
         latent frames, decoded to 4T' - 3 frames for an odd latent count T' and 4T' for an even
         one (8 -> 8, 48 -> 48, 10 -> 9).
+
+        `scheduler`: "ddim" or "dpm"; None: `default_sampler`, the model folder's scheduler class.
 
         Video-to-video (text-to-video models), as diffusers' CogVideoXVideoToVideoPipeline:
         `video` (F, H, W, 3) / (B, F, H, W, 3) uint8 frames or a list of PIL images, resized to
@@ -352,14 +362,18 @@ class Pipeline:
             else:  # the latents' frames decode to 4T' - 3 (odd T') or 4T' frames
                 num_frames = 4 * latents.shape[1] - (3 if latents.shape[1] % 2 else 0)
         num_frames = num_frames or cfg.sample_frames
+        scheduler = scheduler or self.default_sampler
         _check_args(
             cfg, vae_cfg, height, width, num_frames, scheduler, output_type, image, image_latents
         )
         i2v = cfg.in_channels == 2 * vae_cfg.latent_channels
         do_cfg = guidance_scale > 1.0
-
         if reference_latents is not None:
             _check_reference_args(i2v, v2v, scheduler)
+        ab = self.alphas_cumprod  # the table first: a schedule the sampler refuses stops here
+        table = (diffusion.ddim_table if scheduler == "ddim" else diffusion.dpm_table)(
+            ab, num_inference_steps, self.schedule
+        )
         embeds, batch = self._embeds(
             prompt,
             negative_prompt,
@@ -378,10 +392,6 @@ class Pipeline:
         shape = (batch, frames, h, w, vae_cfg.latent_channels)
         key = jax.random.key(seed)
         k_noise, k_image, k_loop = jax.random.split(key, 3)
-        ab = self.alphas_cumprod
-        table = (diffusion.ddim_table if scheduler == "ddim" else diffusion.dpm_table)(
-            ab, num_inference_steps, self.schedule
-        )
         if v2v:  # the last int(steps * strength) steps only (diffusers' get_timesteps)
             run = min(int(num_inference_steps * strength), num_inference_steps)
             start = num_inference_steps - run

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, DDIMScheduler
-from diffusers.schedulers import scheduling_dpm_cogvideox
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+)
+from diffusers.schedulers import scheduling_dpm_cogvideox, scheduling_dpmsolver_multistep
 
 from cogvideox_jax import diffusion
 
@@ -225,6 +230,167 @@ def test_ddim_configs_equal_diffusers(config):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+# DPMSolverMultistepScheduler configs: every algorithm x prediction type x spacing, with the
+# beta schedule, solver switches, zero-SNR rescaling, offset and step count cycled so that each
+# value appears (and the last step is second order in some: sigma_min with 15 or more steps, or
+# without lower_order_final).
+MULTISTEP_GRID = [
+    dict(
+        _class_name="DPMSolverMultistepScheduler",
+        algorithm_type=algorithm,
+        prediction_type=pred,
+        timestep_spacing=spacing,
+        beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2")[i % 3],
+        solver_order=(2, 1)[i % 6 == 5],
+        solver_type=("midpoint", "heun")[i // 2 % 2],
+        lower_order_final=i % 4 != 3,
+        euler_at_final=i % 7 == 2,
+        final_sigmas_type=("zero", "sigma_min")[i // 3 % 2],
+        rescale_betas_zero_snr=bool(i // 4 % 2),
+        steps_offset=i % 2,
+        **(
+            {"num_train_timesteps": 500, "beta_start": 0.0005, "beta_end": 0.015}
+            if i % 7 == 3
+            else {}
+        ),
+    )
+    for i, (algorithm, pred, spacing) in enumerate(
+        itertools.product(
+            ("dpmsolver++", "sde-dpmsolver++"),
+            ("epsilon", "v_prediction", "sample"),
+            ("linspace", "leading", "trailing"),
+        )
+    )
+]
+MULTISTEP_STEPS = (1, 6, 16, 9, 21, 12)
+
+
+def test_multistep_grid_covers_every_supported_value():
+    for field, values in dict(
+        beta_schedule=("linear", "scaled_linear", "squaredcos_cap_v2"),
+        solver_order=(1, 2),
+        solver_type=("midpoint", "heun"),
+        lower_order_final=(True, False),
+        euler_at_final=(True, False),
+        final_sigmas_type=("zero", "sigma_min"),
+        rescale_betas_zero_snr=(True, False),
+        steps_offset=(0, 1),
+    ).items():
+        assert {c[field] for c in MULTISTEP_GRID} == set(values), field
+    # Second-order last steps both ways (sigma_min, order 2, no euler_at_final): with 15 or more
+    # steps, and with fewer but without lower_order_final.
+    last2 = [
+        (c["lower_order_final"], MULTISTEP_STEPS[i % len(MULTISTEP_STEPS)] >= 15)
+        for i, c in enumerate(MULTISTEP_GRID)
+        if c["final_sigmas_type"] == "sigma_min"
+        and c["solver_order"] == 2
+        and not c["euler_at_final"]
+    ]
+    assert (True, True) in last2 and (False, False) in last2
+
+
+@pytest.mark.parametrize(
+    "case", range(len(MULTISTEP_GRID)), ids=lambda case: _id(MULTISTEP_GRID[case])
+)
+def test_multistep_configs_equal_diffusers(case, monkeypatch):
+    """dpm_table + dpm_step against DPMSolverMultistepScheduler.step on the fake model, with the
+    SDE's noise injected: every step's sample, and its x0 (diffusers' model_outputs[-1])."""
+    config, n = MULTISTEP_GRID[case], MULTISTEP_STEPS[case % len(MULTISTEP_STEPS)]
+    cfg = diffusion.ScheduleConfig.from_diffusers(config)
+    s = _theirs(config)
+    ab = diffusion.alphas_cumprod(cfg)
+    np.testing.assert_allclose(ab, s.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
+    if cfg.rescale_betas_zero_snr:
+        assert ab[-1] == s.alphas_cumprod[-1] == 2.0**-24
+    s.set_timesteps(n)
+    table = diffusion.dpm_table(ab, n, cfg)
+    np.testing.assert_array_equal(table["t"], s.timesteps.numpy())
+    np.testing.assert_array_equal(diffusion.schedule_timesteps(cfg, n), s.timesteps.numpy())
+
+    rng = np.random.default_rng(4)
+    draws = []
+
+    def fake_randn(shape, generator=None, device=None, dtype=None):
+        draws.append(rng.standard_normal(shape).astype(np.float32))
+        return torch.from_numpy(draws[-1])
+
+    monkeypatch.setattr(scheduling_dpmsolver_multistep, "randn_tensor", fake_randn)
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+    tx, old_x0 = torch.from_numpy(x), np.zeros(x.shape, np.float32)
+    sde = cfg.algorithm_type == "sde-dpmsolver++"
+    for i, t in enumerate(s.timesteps):
+        tx = s.step(torch.from_numpy(_fake_model(tx.numpy(), int(t), w)), t, tx).prev_sample
+        row = {k: c[i] for k, c in table.items()}
+        noise = draws[-1] if sde else None  # the ODE's rows leave it unused
+        x, old_x0 = diffusion.dpm_step(row, _fake_model(x, int(t), w), x, old_x0, noise)
+        x, old_x0 = np.asarray(x), np.asarray(old_x0)
+        assert len(draws) == (i + 1) * sde
+        # Relative to the largest value: eps-prediction at zero terminal SNR starts from
+        # sigma = 4096, where x0 = (x - s eps) / alpha is ~4096 x; the arithmetic is float32 on
+        # both sides, an ulp apart in places (torch's and numpy's sqrt, log and exp).
+        for got, want in ((old_x0, s.model_outputs[-1].numpy()), (x, tx.numpy())):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.isfinite(x).all()
+
+
+def test_multistep_schedules_refuse_ddim_and_repeated_timesteps():
+    cfg = diffusion.ScheduleConfig.from_diffusers({"_class_name": "DPMSolverMultistepScheduler"})
+    ab = diffusion.alphas_cumprod(cfg)
+    for table in (diffusion.ddim_table, diffusion.inverse_ddim_table):
+        with pytest.raises(ValueError, match="class_name=.*scheduler='dpm'"):
+            table(ab, 10, cfg)
+    with pytest.raises(ValueError, match="repeats timesteps"):
+        diffusion.dpm_table(ab, 1000, cfg)  # 1001 points over 0..999 round two together
+    assert len(diffusion.dpm_table(ab, 300, cfg)["t"]) == 300
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(algorithm_type="dpmsolver"),
+        dict(algorithm_type="sde-dpmsolver"),
+        dict(algorithm_type="deis"),
+        dict(solver_order=3),
+        dict(solver_type="bh2"),
+        dict(final_sigmas_type="sigma_max"),
+        dict(use_karras_sigmas=True),
+        dict(use_exponential_sigmas=True),
+        dict(use_beta_sigmas=True),
+        dict(use_lu_lambdas=True),
+        dict(use_flow_sigmas=True),
+        dict(use_dynamic_shifting=True),
+        dict(thresholding=True),
+        dict(variance_type="learned_range"),
+        dict(lambda_min_clipped=-5.1),
+        dict(prediction_type="flow_prediction"),
+        dict(trained_betas=[0.01] * 1000),
+        dict(lower_order_final="yes"),
+        dict(solver_order=2.5),
+    ],
+    ids=str,
+)
+def test_multistep_refuses_what_it_does_not_implement(change):
+    config = dict(_class_name="DPMSolverMultistepScheduler", **change)
+    ((field, value),) = change.items()
+    with pytest.raises(ValueError, match=f"{field}=.*supported") as e:
+        diffusion.ScheduleConfig.from_diffusers(config)
+    assert isinstance(value, list) or repr(value) in str(e.value)
+
+
+def test_multistep_keeps_the_ddim_switches_at_their_defaults():
+    """DPMSolverMultistepScheduler has no snr_shift_scale, set_alpha_to_one or clip_sample (a
+    config's are ignored), and the other classes have no solver switches."""
+    config = dict(_class_name="DPMSolverMultistepScheduler", set_alpha_to_one=False)
+    assert diffusion.ScheduleConfig.from_diffusers(config).set_alpha_to_one
+    config = dict(_class_name="DDIMScheduler", solver_order=1)
+    assert diffusion.ScheduleConfig.from_diffusers(config).solver_order == 2
+    with pytest.raises(ValueError, match="snr_shift_scale=3.0"):
+        diffusion.ScheduleConfig(class_name="DPMSolverMultistepScheduler", snr_shift_scale=3.0)
+    with pytest.raises(ValueError, match="solver_order=1"):
+        diffusion.ScheduleConfig(solver_order=1)
+
+
 @pytest.mark.parametrize("n", [1, 7, 50, 999])
 @pytest.mark.parametrize(
     "spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 1), ("linspace", 1)]
@@ -236,7 +402,10 @@ def test_timestep_spacings_equal_diffusers(n, spacing, offset):
     np.testing.assert_array_equal(got, s.timesteps.numpy())
 
 
-@pytest.mark.parametrize("cls", [DDIMScheduler, CogVideoXDDIMScheduler, CogVideoXDPMScheduler])
+@pytest.mark.parametrize(
+    "cls",
+    [DDIMScheduler, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, DPMSolverMultistepScheduler],
+)
 def test_from_diffusers_missing_keys_take_the_class_defaults(cls):
     """A config naming only its class reads as that class's constructor defaults."""
     bare = diffusion.ScheduleConfig.from_diffusers({"_class_name": cls.__name__})
@@ -247,7 +416,11 @@ def test_from_diffusers_missing_keys_take_the_class_defaults(cls):
     )
 
 
-@pytest.mark.parametrize("config", [{}, *GRID[::5], dict(CONFIG, snr_shift_scale=3.0)], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [{}, *GRID[::5], dict(CONFIG, snr_shift_scale=3.0), *MULTISTEP_GRID[::3]],
+    ids=str,
+)
 def test_to_diffusers_round_trips(config):
     cfg = diffusion.ScheduleConfig.from_diffusers(config)
     written = cfg.to_diffusers()
@@ -267,7 +440,11 @@ def test_to_diffusers_round_trips(config):
         (dict(CONFIG, beta_schedule="cosine"), "beta_schedule"),
         (dict(CONFIG, prediction_type="flow"), "prediction_type"),
         (dict(CONFIG, timestep_spacing="karras"), "timestep_spacing"),
-        (dict(CONFIG, _class_name="DPMSolverMultistepScheduler"), "_class_name"),
+        (dict(CONFIG, _class_name="EulerDiscreteScheduler"), "_class_name"),
+        (
+            dict(_class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True),
+            "use_karras_sigmas",
+        ),
         (dict(_class_name="DDIMScheduler", thresholding=True), "thresholding"),
         (dict(CONFIG, trained_betas=[0.1] * 1000), "trained_betas"),
         (dict(CONFIG, steps_offset=-1), "steps_offset"),

@@ -122,6 +122,35 @@ def test_text_to_video_matches_diffusers(tmp_path, variant, dynamic, steps):
         assert ref.rel_l2(got, want) <= 1e-4, (output_type, ref.rel_l2(got, want))
 
 
+@pytest.mark.slow
+def test_multistep_dpm_scheduler_folder_matches_diffusers(tmp_path):
+    """A model folder whose scheduler is DPMSolverMultistepScheduler (heun, v-prediction on
+    CogVideoX's zero-SNR betas): the pipeline samples with it by default, as diffusers' does."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    transformer, autoencoder, _, _ = _components("5b", tmp_path)
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    kw |= dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, solver_type="heun")
+    scheduler = DPMSolverMultistepScheduler(timestep_spacing="trailing", **kw)
+    scheduler.save_pretrained(tmp_path / "model" / "scheduler")
+    ours = pipeline.Pipeline.from_pretrained(tmp_path / "model")
+    assert ours.default_sampler == "dpm"
+    (h, w, f), noise, text, neg = _inputs(ours)
+    theirs = CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=autoencoder, transformer=transformer,
+        scheduler=scheduler,
+    )  # fmt: skip
+    kw = dict(height=h, width=w, num_frames=f, num_inference_steps=5, guidance_scale=4.0)
+    want = theirs(
+        prompt_embeds=_t(text), negative_prompt_embeds=_t(neg),
+        latents=_t(noise).permute(0, 1, 4, 2, 3), output_type="latent", **kw,
+    ).frames.permute(0, 1, 3, 4, 2).numpy()  # fmt: skip
+    got = ours(
+        prompt_embeds=text, negative_prompt_embeds=neg, latents=noise, output_type="latent", **kw
+    )
+    assert ref.rel_l2(got, want) <= 1e-4, ref.rel_l2(got, want)
+
+
 @pytest.mark.parametrize("variant", ["5b-i2v", pytest.param("1.5-5b-i2v", marks=pytest.mark.slow)])
 def test_image_to_video_matches_diffusers(tmp_path, variant, monkeypatch):
     transformer, autoencoder, scheduler, ours = _components(variant, tmp_path, shift=1.0)
@@ -469,6 +498,16 @@ def test_bad_arguments(tmp_path):
         ours(prompt_embeds=text, height=h, width=w, num_frames=f, scheduler="euler")
     with pytest.raises(ValueError, match="no text encoder"):
         ours(prompt="a cat", height=h, width=w, num_frames=f)
+    # Without `scheduler` the folder's class decides, as in diffusers; a sampler the schedule
+    # cannot take is refused before the prompts are encoded.
+    from cogvideox_jax import diffusion
+
+    assert ours.default_sampler == "ddim"
+    for name, sampler in [("CogVideoXDPMScheduler", "dpm"), ("DPMSolverMultistepScheduler", "dpm")]:
+        ours.schedule = diffusion.ScheduleConfig.from_diffusers({"_class_name": name})
+        assert ours.default_sampler == sampler
+    with pytest.raises(ValueError, match="class_name"):
+        ours(prompt="a cat", height=h, width=w, num_frames=f, scheduler="ddim")
 
 
 def test_image_preprocessing_equals_diffusers():

@@ -71,7 +71,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--dynamic-cfg", action="store_true")
-    parser.add_argument("--scheduler", choices=["ddim", "dpm"], default="ddim")
+    parser.add_argument(
+        "--scheduler",
+        choices=["ddim", "dpm"],
+        default=None,
+        help="sampler (default: the model folder's scheduler class, as diffusers)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--dtype",
@@ -123,7 +128,7 @@ def _source_video(args):
     if args.invert is not None:
         if args.video is not None or args.strength is not None or args.image is not None:
             raise ValueError("--invert takes no --video, --strength or --image")
-        if args.scheduler != "ddim":
+        if args.scheduler not in (None, "ddim"):
             raise ValueError("--invert samples with --scheduler ddim")
     elif args.video is None:
         if args.strength is not None:
@@ -145,7 +150,7 @@ def _sample(pipe, image, source, args):
         kw = dict(height=args.height, width=args.width, num_inference_steps=args.steps)
         path = pipe.invert(source, "", seed=args.seed, progress=True, **kw)
         print(f"inverted {args.invert}: {len(path)} steps")
-        v2v = dict(reference_latents=path, num_frames=source.shape[0])
+        v2v = dict(reference_latents=path, num_frames=source.shape[0], scheduler="ddim")
     else:
         v2v = {} if source is None else dict(video=source, strength=args.strength or 0.8)
     return pipe(
@@ -154,11 +159,10 @@ def _sample(pipe, image, source, args):
         image,
         height=args.height,
         width=args.width,
-        **({"num_frames": args.num_frames} | v2v),
+        **({"num_frames": args.num_frames, "scheduler": args.scheduler} | v2v),
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         use_dynamic_cfg=args.dynamic_cfg,
-        scheduler=args.scheduler,
         seed=args.seed,
         progress=True,
     )
