@@ -105,22 +105,39 @@ def train_dataset(
     image: bool = False,
     shuffle: bool = True,
     repeat: bool = True,
+    mixture: list[tuple[int, float]] | None = None,
 ) -> grain.IterDataset:
     """This process's batches (see the module docstring); `rows`: its rows of each global batch
     (data.pipeline.process_rows; None: all). Packing needs `video_budget` and `max_clips`
     (packing.default_budget proposes them), and text_len S (None: read from record 0), and
-    keeps `num_bins` rows open; `encode` and `latent_shape` are for clips records."""
+    keeps `num_bins` rows open; `encode` and `latent_shape` are for clips records.
+
+    `mixture`: the source is several datasets one after another, [(records, weight), ...] in
+    order; the stream mixes them by weight (`mixed_picks`): packing draws each clip from dataset
+    d in the share weight_d / sum(weights), each dataset walked in its own reshuffled epochs;
+    bucketing draws each global batch from one dataset in that share, from that dataset's own
+    bucket plan. Training streams only (repeat)."""
     shapes = np.asarray(shapes).reshape(-1, 3)
     if len(shapes) != len(source):
         raise ValueError(f"shapes has {len(shapes)} rows but the source {len(source)} records")
     if (encode is None) != (latent_shape is None):
         raise ValueError("encode and latent_shape go together (both for clips records, or none)")
+    if mixture is not None:
+        if sum(n for n, _ in mixture) != len(shapes) or min(w for _, w in mixture) <= 0:
+            raise ValueError(f"mixture {mixture}: record counts must add up to {len(shapes)}, "
+                             "weights must be positive")  # fmt: skip
+        if not repeat:
+            raise ValueError("a mixture is a training stream (repeat=True)")
     rows = np.arange(batch_size) if rows is None else np.asarray(rows)
     order = dict(seed=seed, shuffle=shuffle, repeat=repeat)
     finish = functools.partial(_example, seed=seed, image=image)
     if not packing:
         load, main = _stages(source, finish, encode)
-        ds = _bucket_stream(shapes, batch_size, rows, **order)
+        if mixture is None:
+            ds = _bucket_stream(shapes, batch_size, rows, **order)
+        else:
+            items = _MixedBucketItems(shapes, mixture, batch_size, rows, seed=seed, shuffle=shuffle)
+            ds = grain.MapDataset.range(1).repeat(None).map_with_index(items)
         ds = _prefetch(ds.map(lambda items: [load(it) for it in items]).to_iter_dataset(), workers)
         ds = ds if main is None else ds.map(lambda exs: [main(e) for e in exs])
         return ds.map(_stack)
@@ -142,7 +159,7 @@ def train_dataset(
     load, main = _stages(source, _then(finish, tokens), encode)
     sizes = packing_lib.video_tokens(lat, patch_size, patch_size_t)
     budget = dict(video_budget=video_budget, max_clips=max_clips, text_len=text_len)
-    plan = pack_plan(sizes, batch_size, rows, **budget, num_bins=num_bins, **order)
+    plan = pack_plan(sizes, batch_size, rows, **budget, num_bins=num_bins, mixture=mixture, **order)
     ds = plan.map(_PackedRows(load if main is None else _then(load, main), budget, workers))
     if workers:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
@@ -161,17 +178,21 @@ def pack_plan(
     seed: int,
     shuffle: bool,
     repeat: bool,
+    mixture: list[tuple[int, float]] | None = None,
 ) -> grain.IterDataset:
     """This process's rows of each global packed batch, as lists of (position, record index):
-    Grain's best-fit packer over the global clip stream, fed stand-ins of each clip's size
-    (`sizes`: video tokens per record), so the plan is the same on every process and needs no
-    record read."""
+    Grain's best-fit packer over the global clip stream (mixed by weight with `mixture`), fed
+    stand-ins of each clip's size (`sizes`: video tokens per record), so the plan is the same on
+    every process and needs no record read."""
     k, _ = _row_block(rows, batch_size)
 
     def stand_in(item):
         return packing_lib.stand_in(int(sizes[item[1]]), text_len, clip=item)
 
-    ds = _clip_stream(len(sizes), seed=seed, shuffle=shuffle, repeat=repeat)
+    if mixture is None:
+        ds = _clip_stream(len(sizes), seed=seed, shuffle=shuffle, repeat=repeat)
+    else:
+        ds = _mixed_clip_stream(mixture, seed=seed, shuffle=shuffle)
     packed = packing_lib.best_fit(
         ds.map(stand_in).to_iter_dataset(),
         video_budget=video_budget,
@@ -325,6 +346,59 @@ def _clip_stream(n, *, seed, shuffle, repeat) -> grain.MapDataset:
     ds = ds.shuffle(seed=seed) if shuffle else ds  # reshuffled each epoch when repeated
     ds = ds.repeat(None) if repeat else ds
     return ds.map_with_index(lambda pos, i: (pos, i))
+
+
+def mixed_picks(weights) -> grain.MapDataset:
+    """Position k of a stream mixed from len(weights) parts -> (part d, j): the k-th draw is
+    the j-th from part d. Grain's deterministic weighted interleaving (MapDataset.mix): every
+    prefix of the stream holds each part in its weight's share, to within one draw."""
+    parts = [
+        grain.MapDataset.range(1).repeat(None).map_with_index(functools.partial(_pick, d))
+        for d in range(len(weights))
+    ]
+    return grain.MapDataset.mix(parts, [float(w) for w in weights])
+
+
+def _pick(d, j, _):
+    return d, j
+
+
+def _mixed_clip_stream(mixture, *, seed, shuffle) -> grain.MapDataset:
+    """(position, record index) of the global clip stream mixed from `mixture`'s datasets, each
+    walked in its own epochs (reshuffled each, from seed + d)."""
+    starts = np.cumsum([0] + [n for n, _ in mixture])
+    orders = [
+        _clip_stream(n, seed=seed + d, shuffle=shuffle, repeat=True)
+        for d, (n, _) in enumerate(mixture)
+    ]
+    picks = mixed_picks([w for _, w in mixture])
+    return picks.map_with_index(functools.partial(_mixed_item, orders, starts))
+
+
+def _mixed_item(orders, starts, pos, pick):
+    d, j = pick
+    return pos, int(starts[d]) + int(orders[d][j][1])
+
+
+class _MixedBucketItems:
+    """Global batch k -> [(position, record index)] of `rows`: the batch is the j-th of dataset
+    d (`mixed_picks`), taken from that dataset's own bucket plan (seeded seed + d)."""
+
+    def __init__(self, shapes, mixture, batch_size, rows, *, seed, shuffle):
+        self.starts = np.cumsum([0] + [n for n, _ in mixture])
+        every = np.arange(batch_size)
+        self.parts = [
+            _BucketItems(shapes[a:b], batch_size, every, seed=seed + d, shuffle=shuffle)
+            for d, (a, b) in enumerate(zip(self.starts[:-1], self.starts[1:], strict=True))
+        ]
+        self.picks = mixed_picks([w for _, w in mixture])
+        self.batch_size, self.rows = batch_size, rows
+
+    def __call__(self, k: int, _) -> list[tuple[int, int]]:
+        d, j = self.picks[k]
+        batch = self.parts[d](j, None)
+        start = int(self.starts[d])
+        return [(k * self.batch_size + int(r), start + batch[r][1]) for r in self.rows]
 
 
 def _bucket_stream(shapes, batch_size, rows, *, seed, shuffle, repeat) -> grain.MapDataset:

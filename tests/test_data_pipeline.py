@@ -422,3 +422,72 @@ def test_clips_encode_stays_in_main_process_with_workers():
     assert out["digest"] == [
         {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in b.items()} for b in want
     ]
+
+
+# ---- Mixtures of datasets (images beside clips) ----
+
+IMAGE_SHAPES = [(1, 16, 22), (1, 12, 20), (1, 24, 14)]  # one latent frame: images
+
+
+def two_datasets():
+    """Clips (28 records) then images (30 records), one source, with the mixture's counts."""
+    clips = [SHAPES[i % len(SHAPES)] for i in range(28)]
+    images = [IMAGE_SHAPES[i % 3] for i in range(30)]
+    return MemSource(clips + images), [28, 30]
+
+
+@pytest.mark.parametrize("packing_mode", [True, False])
+def test_mixture_honours_weights_and_resumes(packing_mode):
+    """Two datasets mixed 0.7 / 0.3: over 500 draws (clips when packing, batches when bucketing)
+    each dataset's share is within 2% of its weight; images and clips share packed rows;
+    bucketed batches are one shape each; a restored iterator continues the same stream; and
+    process rows are blocks of the same global batches."""
+    src, counts = two_datasets()
+    mixture = [(counts[0], 0.7), (counts[1], 0.3)]
+    kw = dict(batch_size=4, seed=3, packing=packing_mode, video_budget=2304, max_clips=6)
+    kw["mixture"] = mixture
+    if packing_mode:  # the plan alone: which records the stream draws
+        plan = iter(loader.pack_plan(
+            packing.video_tokens(src.shapes, 2, None), 4, np.arange(4), video_budget=2304,
+            max_clips=6, text_len=S, num_bins=16, seed=3, shuffle=True, repeat=True,
+            mixture=mixture,
+        ))  # fmt: skip
+        drawn = []
+        while len(drawn) < 500:
+            drawn += [i for row in next(plan) for _, i in row]
+        share = np.mean(np.asarray(drawn[:500]) >= counts[0])
+        rows = [row for _ in range(5) for row in next(plan)]
+        assert any(
+            len({src.shapes[i][0] == 1 for _, i in row}) == 2 for row in rows
+        )  # a row with an image and a clip
+    else:
+        it = iter(loader.train_dataset(src, src.shapes, rows=None, **kw))
+        frames = [next(it)["latents"].shape[1] for _ in range(500)]
+        share = np.mean(np.asarray(frames) == 1)  # image batches
+    assert abs(share - 0.3) <= 0.02, share
+    whole = iter(loader.train_dataset(src, src.shapes, rows=None, **kw))
+    for _ in range(3):
+        next(whole)
+    state = json.loads(json.dumps(whole.get_state()))
+    want = [next(whole) for _ in range(4)]
+    again = iter(loader.train_dataset(src, src.shapes, rows=np.array([2, 3]), **kw))
+    again.set_state(state)
+    for batch in want:
+        got = next(again)
+        key = "video" if packing_mode else "latents"
+        np.testing.assert_array_equal(got[key], batch[key][2:])
+    with pytest.raises(ValueError, match="must add up to 58"):
+        loader.train_dataset(src, src.shapes, rows=None, **(kw | {"mixture": [(28, 1.0)]}))
+
+
+@pytest.mark.parametrize("packing_mode", [True, False])
+def test_one_dataset_mixture_is_the_plain_stream(packing_mode):
+    src = mixed_source(per_shape=4)
+    kw = dict(batch_size=4, rows=None, seed=2, packing=packing_mode, video_budget=2304)
+    kw["max_clips"] = 5
+    plain = iter(loader.train_dataset(src, src.shapes, **kw))
+    mixed = iter(loader.train_dataset(src, src.shapes, mixture=[(len(src), 2.0)], **kw))
+    for _ in range(9):  # past an epoch
+        a, b = next(plain), next(mixed)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
