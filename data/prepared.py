@@ -7,7 +7,9 @@ array_record (no TensorFlow needed), plus a few files of our own:
     cogvideox_prepared-<split>.array_record-00000-of-00003, ...
                               records (ArrayRecord, one serialised example per record), named by
                               the TFDS template {DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}
-    meta.json                 settings and counts; written last, so its presence means complete
+    meta.json                 settings and counts (records per split; per modality, "image"
+                              and "video", in "modalities"); written last, so its presence
+                              means complete
     settings.json             the preparation settings, compared when a run resumes
     skipped.jsonl             entries left out: {"path", "reason"} a line
     <split>/shapes.npy        (N, 3) int64: the (F, H, W) or (T, h, w) shape of each record
@@ -24,7 +26,8 @@ A dataset prepared in slices (`--shard_index i --num_shards n`) is a folder of s
 `part-00000-of-00004/`, ... (each one a TFDS dataset); `open_prepared` reads all parts in order
 as one dataset.
 
-Records (the TFDS features; `open_prepared` gives numpy arrays and str):
+Records (the TFDS features; `open_prepared` gives numpy arrays and str; an image is a one-frame
+clip, F = 1, and its latent has T = 1):
     clips:    frames (F, H, W, 3) uint8, caption, path (Text)
     latents:  latent_mean, latent_logvar (T, h, w, C) float32 (unscaled: not multiplied by the
               VAE scaling factor), text (S, Dt) float32 T5 states, first_frame (H, W, 3) uint8
@@ -262,6 +265,13 @@ class Prepared:
         counts = {s: sum(m["splits"][s]["count"] for m in metas) for s in self.splits}
         skipped = sum(m["num_skipped"] for m in metas)
         self.meta: dict = {**first, "counts": counts, "num_skipped": skipped, "parts": len(parts)}
+        # Records per modality, summed over the parts; absent in datasets prepared before it.
+        if all("modalities" in m for m in metas):
+            self.meta["modalities"] = {
+                k: sum(m["modalities"].get(k, 0) for m in metas) for k in first["modalities"]
+            }
+        else:
+            self.meta.pop("modalities", None)
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:

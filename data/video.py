@@ -1,9 +1,13 @@
-"""Video files: H.264 mp4 writing and reading with PyAV (it bundles FFmpeg and libx264)."""
+"""Video files: H.264 mp4 writing and reading with PyAV (it bundles FFmpeg and libx264); and still
+images, read with Pillow as one-frame clips (`load_image`)."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -227,6 +231,85 @@ def _decode_frames(path, fps: float, count: int) -> tuple[np.ndarray, float]:
         raise BadClip(path, f"truncated: decoded {decoded} of the {declared} frames declared")
     n = len(kept)  # frames 0..n-1 of `wanted` exist: the indices increase
     return np.stack([kept[k] for k in range(n)]), source_fps
+
+
+class BadImage(BadClip):
+    """An image that cannot give a one-frame clip: unreadable, truncated, or too small. The
+    message names the file (or WebDataset sample) and the reason."""
+
+
+# Most an image is enlarged to reach its target size (--max_upscale): more and the blur shows.
+MAX_UPSCALE = 2.0
+
+
+def load_image(
+    source: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    size: tuple[int, int] | str | None = None,
+    buckets: Sequence[tuple[int, int, int]] | None = None,
+    max_upscale: float = MAX_UPSCALE,
+) -> np.ndarray:
+    """(1, H, W, 3) uint8: an image file (or its bytes, named `name` in errors) as a one-frame
+    clip.
+
+    The image is decoded whole by Pillow, turned upright by its EXIF orientation and converted
+    to RGB (palette and greyscale expanded, 16-bit greyscale scaled to 8 bits, transparent
+    pixels laid over white: their stored colour is arbitrary). (H, W) is `size`, or with
+    size="native" the image's own height and width each cropped down to a multiple of
+    NATIVE_MULTIPLE (`native_size`), or with `buckets` ((1, H, W) triples) the one whose aspect
+    ratio is nearest the image's (`choose_bucket`; the first listed among equals); then
+    `resize_crop`. Raises BadImage for data Pillow cannot decode, a truncated file (decoded with
+    ImageFile.LOAD_TRUNCATED_IMAGES off, so that missing data is an error, not grey), and an
+    image too small: one that would have to be enlarged more than `max_upscale` times in either
+    side to cover (H, W), or, native, one under NATIVE_MULTIPLE pixels in either side.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if (size is None) == (buckets is None):
+        raise ValueError("pass exactly one of size=(H, W) and buckets=[(1, H, W), ...]")
+    if buckets is not None and (not buckets or any(b[0] != 1 for b in buckets)):
+        raise ValueError(f"image buckets must be 1xHxW, got {list(buckets)}")
+    if name is None:
+        name = "<image bytes>" if isinstance(source, bytes) else str(source)
+    data = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with Image.open(data) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # 16-bit greyscale: Pillow's RGB conversion clips it
+                grey = np.asarray(img, np.float64) / 257.0
+                img = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8))
+            if img.has_transparency_data:
+                rgba = img.convert("RGBA")
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            frame = np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError as e:
+        raise BadImage(name, "unreadable (not an image format Pillow reads)") from e
+    except (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error) as e:
+        # Pillow's decoders report damaged data in all of these; missing data in OSErrors
+        # saying "image file is truncated" or "Truncated File Read".
+        cut = isinstance(e, OSError) and "truncated" in str(e).lower()
+        raise BadImage(
+            name, f"truncated ({e})" if cut else f"unreadable ({type(e).__name__}: {e})"
+        ) from e
+    except Image.DecompressionBombError as e:
+        raise BadImage(name, f"unreadable ({e})") from e
+    h, w = frame.shape[:2]
+    if size == NATIVE:
+        height, width = native_size(h, w)
+        if min(height, width) < NATIVE_MULTIPLE:
+            raise BadImage(name, f"too small: {h}x{w} pixels, need {NATIVE_MULTIPLE} a side")
+    else:
+        height, width = choose_bucket(1, h, w, buckets)[1:] if buckets is not None else size
+        scale = max(height / h, width / w)
+        if scale > max_upscale:
+            raise BadImage(
+                name,
+                f"too small: {h}x{w} pixels would be enlarged {scale:.2g}x to cover "
+                f"{height}x{width} (at most {max_upscale:g}x)",
+            )
+    return resize_crop(frame[None], height, width)
 
 
 def to_unit_range(frames: np.ndarray) -> np.ndarray:

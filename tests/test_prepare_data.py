@@ -1,9 +1,12 @@
-"""Dataset listings, clip decoding and `python -m tools.prepare_data`, on real mp4 files."""
+"""Dataset listings, clip and image decoding and `python -m tools.prepare_data`, on real mp4,
+JPEG, PNG and WebP files and WebDataset tar shards."""
 
+import io
 import json
 import pickle
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import av
@@ -443,3 +446,337 @@ def test_latents_equal_our_vae_and_t5(model, dataset, tmp_path):
         assert r["text"].shape == (12, 16) and r["text"].dtype == np.float32
         np.testing.assert_allclose(r["text"], text, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(r["first_frame"], clip[0])
+
+
+# Images: still pictures prepared as one-frame clips, from manifests mixing them with videos and
+# from WebDataset tar shards.
+
+
+def _encoded(array, fmt, **kwargs):
+    """The bytes of `array` (H, W, C) uint8 saved by Pillow in `fmt`."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _rgba(h, w):
+    """A colour ramp whose left half is transparent (stored as black)."""
+    rgba = np.concatenate([_frames(1, h, w, seed=5)[0], np.full((h, w, 1), 255, np.uint8)], -1)
+    rgba[:, : w // 2] = 0
+    return rgba
+
+
+IH, IW = 40, 56  # the test images: landscape, a little larger than the target H x W
+IMAGES = {  # name: (bytes, caption); the bad ones last
+    "photo.jpg": (lambda: _encoded(_frames(1, IH, IW, seed=3)[0], "JPEG", quality=95), "a photo"),
+    "grey.png": (lambda: _encoded(_frames(1, IH, IW, seed=4)[0, :, :, 0], "PNG"), "a grey ramp"),
+    "alpha.webp": (lambda: _encoded(_rgba(IH, IW), "WEBP", lossless=True), "half see-through"),
+    "corrupt.jpg": (lambda: np.random.default_rng(0).bytes(3000), "random bytes"),
+    "cut.jpg": (lambda: _half(IMAGES["photo.jpg"][0]()), "cut short"),
+    "tiny.png": (lambda: _encoded(_frames(1, 8, 8)[0], "PNG"), "eight pixels"),
+    "nocap.jpg": (lambda: IMAGES["photo.jpg"][0](), ""),
+}
+BAD_IMAGES = {
+    "corrupt.jpg": "unreadable (not an image format Pillow reads)",
+    "cut.jpg": "truncated (",
+    "tiny.png": "too small: 8x8 pixels would be enlarged 6x to cover 32x48 (at most 2x)",
+    "nocap.jpg": "missing caption",
+}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """The IMAGES and a 12-frame mp4, with a CSV manifest of them all (and a text file)."""
+    folder = tmp_path_factory.mktemp("media")
+    for name, (data, _) in IMAGES.items():
+        (folder / name).write_bytes(data())
+    video.write_mp4(folder / "clip.mp4", _frames(12, H, W, seed=6), fps=8)
+    (folder / "notes.txt").write_text("not a picture")
+    rows = [(n, c) for n, (_, c) in IMAGES.items()]
+    rows[1:1] = [("clip.mp4", "a clip"), ("notes.txt", "not media")]
+    (folder / "mixed.csv").write_text("path,caption\n" + "".join(f"{n},{c}\n" for n, c in rows))
+    return folder
+
+
+def _add_member(tar, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A folder of two WebDataset shards as img2dataset writes them: key.jpg/.png/.webp with a
+    key.txt or key.json caption; the second shard holds the bad samples."""
+    folder = tmp_path_factory.mktemp("wds") / "shards"
+    folder.mkdir()
+    data = {n: d() for n, (d, _) in IMAGES.items()}
+    samples = [
+        [
+            ("000000.jpg", data["photo.jpg"]),
+            ("000000.txt", b"a photo\n"),
+            ("000001.png", data["grey.png"]),
+            ("000001.json", json.dumps({"caption": "a grey ramp", "width": IW}).encode()),
+            ("000002.webp", data["alpha.webp"]),
+            ("000002.json", json.dumps({"text": "half see-through"}).encode()),
+            ("000003.jpg", data["corrupt.jpg"]),
+            ("000003.txt", b"random bytes"),
+        ],
+        [
+            ("000004.jpg", data["cut.jpg"]),
+            ("000004.txt", b"cut short"),
+            ("000005.png", data["tiny.png"]),
+            ("000005.txt", b"eight pixels"),
+            ("000006.jpg", data["nocap.jpg"]),
+            ("000006.json", json.dumps({"caption": " ", "status": "success"}).encode()),
+            ("000007.txt", b"a caption without its image"),
+        ],
+    ]
+    for i, members in enumerate(samples):
+        with tarfile.open(folder / f"{i:05d}.tar", "w") as tar:
+            for name, payload in members:
+                _add_member(tar, name, payload)
+    (folder / "00000_stats.json").write_text("{}")  # img2dataset's other files are not read
+    return folder
+
+
+IMAGE_ARGS = ("--fps", 8, "--frames", 9, "--size", f"{H}x{W}", "--shard_size", 2)
+
+
+def _skipped(out):
+    return {
+        s["path"]: s["reason"]
+        for s in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())
+    }
+
+
+def _check_good_images(records, names):
+    """The three good images in `records`, named `names`: one frame of H x W, their captions,
+    their pixels as `load_image` makes them from the files."""
+    assert [r["path"] for r in records] == names
+    assert [r["caption"] for r in records] == ["a photo", "a grey ramp", "half see-through"]
+    for r, file in zip(records, ["photo.jpg", "grey.png", "alpha.webp"], strict=True):
+        assert r["frames"].shape == (1, H, W, 3) and r["frames"].dtype == np.uint8
+        data = IMAGES[file][0]()
+        np.testing.assert_array_equal(r["frames"], video.load_image(data, size=(H, W)))
+    photo, grey, alpha = (r["frames"][0].astype(int) for r in records)
+    assert np.abs(photo - video.resize_crop(_frames(1, IH, IW, seed=3), H, W)[0]).mean() < 3
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert alpha[:, : W // 2 - 2].min() == 255 and alpha[:, W // 2 + 2 :].max() < 255
+
+
+def test_mixed_manifest_of_images_and_a_video(media, tmp_path):
+    entries, skipped = sources.list_dataset(media / "mixed.csv")
+    assert [(e.name, e.modality) for e in entries] == [
+        ("photo.jpg", "image"),
+        ("clip.mp4", "video"),
+        ("grey.png", "image"),
+        ("alpha.webp", "image"),
+        ("corrupt.jpg", "image"),
+        ("cut.jpg", "image"),
+        ("tiny.png", "image"),
+    ]
+    assert [s.path for s in skipped] == ["notes.txt", "nocap.jpg"]
+    assert skipped[0].reason.startswith("unknown file type .txt: images are .jpg, ")
+    out = tmp_path / "out"
+    # Interrupted after the first shard (photo, clip), then run again: it resumes.
+    proc = _cli(media / "mixed.csv", out, *IMAGE_ARGS, "--max_shards", 1, check=False)
+    assert proc.returncode == 3, proc.stderr
+    first = out / "train" / "shard-00000.json"
+    stamp = (first.stat().st_mtime_ns, first.stat().st_ino)
+    proc = _cli(media / "mixed.csv", out, *IMAGE_ARGS)
+    assert (first.stat().st_mtime_ns, first.stat().st_ino) == stamp  # not written again
+    assert "modalities {'image': 3, 'video': 1}, 5 skipped" in proc.stdout
+    ds = prepared.open_prepared(out)
+    assert ds.kind == "clips" and ds.meta["modalities"] == {"image": 3, "video": 1}
+    assert ds.meta["max_upscale"] == 2.0
+    np.testing.assert_array_equal(ds.shapes(), [[1, H, W], [9, H, W], [1, H, W], [1, H, W]])
+    records = _all(ds.source())
+    clip = records.pop(1)
+    assert clip["path"] == "clip.mp4" and clip["caption"] == "a clip"
+    np.testing.assert_array_equal(
+        clip["frames"], video.load_clip(media / "clip.mp4", fps=8, max_frames=9, size=(H, W))
+    )
+    _check_good_images(records, ["photo.jpg", "grey.png", "alpha.webp"])
+    skipped = _skipped(out)
+    assert list(skipped) == ["notes.txt", "nocap.jpg", "corrupt.jpg", "cut.jpg", "tiny.png"]
+    for name, reason in BAD_IMAGES.items():
+        assert skipped[name].startswith(reason), (name, skipped[name])
+        assert f"skipped {name}: {skipped[name]}" in proc.stdout
+    again = _cli(media / "mixed.csv", out, *IMAGE_ARGS)
+    assert "already complete" in again.stdout
+
+
+def test_webdataset_shards(shards, tmp_path):
+    entries, skipped = sources.list_dataset(shards)
+    assert [(e.name, e.member, e.caption) for e in entries] == [
+        ("00000.tar:000000", "000000.jpg", "a photo"),
+        ("00000.tar:000001", "000001.png", "a grey ramp"),
+        ("00000.tar:000002", "000002.webp", "half see-through"),
+        ("00000.tar:000003", "000003.jpg", "random bytes"),
+        ("00001.tar:000004", "000004.jpg", "cut short"),
+        ("00001.tar:000005", "000005.png", "eight pixels"),
+    ]
+    assert {e.modality for e in entries} == {"image"} and entries[0].path == shards / "00000.tar"
+    assert skipped == [
+        sources.Skipped("00001.tar:000006", "missing caption"),
+        sources.Skipped("00001.tar:000007", "no image member (.jpg, .jpeg, .png, .webp, .bmp)"),
+    ]
+    # One shard alone is a dataset too.
+    assert [e.name for e in sources.list_dataset(shards / "00001.tar")[0]] == [
+        "00001.tar:000004",
+        "00001.tar:000005",
+    ]
+    out = tmp_path / "out"
+    proc = _cli(shards, out, *IMAGE_ARGS)
+    ds = prepared.open_prepared(out)
+    assert ds.meta["modalities"] == {"image": 3, "video": 0}
+    assert "modalities {'image': 3, 'video': 0}, 5 skipped" in proc.stdout
+    names = ["00000.tar:000000", "00000.tar:000001", "00000.tar:000002"]
+    _check_good_images(_all(ds.source()), names)
+    np.testing.assert_array_equal(ds.shapes(), [[1, H, W]] * 3)
+    skipped = _skipped(out)
+    assert list(skipped) == [
+        "00001.tar:000006",
+        "00001.tar:000007",
+        "00000.tar:000003",
+        "00001.tar:000004",
+        "00001.tar:000005",
+    ]
+    for name, file in [
+        ("00000.tar:000003", "corrupt.jpg"),
+        ("00001.tar:000004", "cut.jpg"),
+        ("00001.tar:000005", "tiny.png"),
+    ]:
+        assert skipped[name].startswith(BAD_IMAGES[file]), (name, skipped[name])
+    assert "already complete" in _cli(shards, out, *IMAGE_ARGS).stdout
+    # In two slices: open_prepared sums the parts' modality counts.
+    for i in range(2):
+        _cli(shards, tmp_path / "sliced", *IMAGE_ARGS, "--num_shards", 2, "--shard_index", i)
+    parts = prepared.open_prepared(tmp_path / "sliced")
+    assert parts.meta["parts"] == 2 and parts.meta["modalities"] == {"image": 3, "video": 0}
+    assert sorted(r["path"] for r in _all(parts.source())) == names
+
+
+def test_an_unreadable_shard_is_skipped_whole(shards, tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "00000.tar").write_bytes((shards / "00000.tar").read_bytes())
+    (folder / "00001.tar").write_bytes(b"not a tar" * 100)
+    entries, skipped = sources.list_dataset(folder)
+    assert len(entries) == 4
+    assert [s.path for s in skipped] == ["00001.tar"]
+    assert skipped[0].reason.startswith("unreadable tar shard (ReadError")
+
+
+def test_image_folders_and_listing_errors(media, tmp_path):
+    for name in ("photo.jpg", "grey.png"):
+        (tmp_path / name).write_bytes((media / name).read_bytes())
+    (tmp_path / "images.txt").write_text("photo.jpg\ngrey.png\n")
+    (tmp_path / "prompts.txt").write_text("a photo\n")
+    entries, skipped = sources.list_dataset(tmp_path)
+    assert [(e.name, e.modality) for e in entries] == [("photo.jpg", "image")]
+    assert skipped == [sources.Skipped("grey.png", "missing caption")]
+    (tmp_path / "videos.txt").write_text("clip.mp4\n")
+    with pytest.raises(ValueError, match="both videos.txt and images.txt"):
+        sources.list_dataset(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no videos.txt or images.txt .* no .tar shards"):
+        sources.list_dataset(tmp_path / "empty")
+
+
+def test_load_image_sizes_buckets_and_conversions(media, tmp_path):
+    from PIL import Image
+
+    photo = media / "photo.jpg"
+    # native: 40x56 cropped down to multiples of 16; 8x8 has no 16-pixel side.
+    assert video.load_image(photo, size="native").shape == (1, 32, 48, 3)
+    with pytest.raises(video.BadImage, match="tiny.png: too small: 8x8 pixels, need 16"):
+        video.load_image(media / "tiny.png", size="native")
+    # Buckets: the nearest aspect ratio; a portrait image takes the portrait one.
+    buckets = [(1, 32, 48), (1, 48, 32)]
+    assert video.load_image(photo, buckets=buckets).shape == (1, 32, 48, 3)
+    Image.open(photo).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "tall.png")
+    assert video.load_image(tmp_path / "tall.png", buckets=buckets).shape == (1, 48, 32, 3)
+    with pytest.raises(ValueError, match="image buckets must be 1xHxW"):
+        video.load_image(photo, buckets=[(9, 32, 48)])
+    # Enlarging 40x56 to cover 64x96 is 1.7x: allowed by default, not with --max_upscale 1.5.
+    assert video.load_image(photo, size=(64, 96)).shape == (1, 64, 96, 3)
+    with pytest.raises(video.BadImage, match="enlarged 1.7x to cover 64x96 \\(at most 1.5x\\)"):
+        video.load_image(photo, size=(64, 96), max_upscale=1.5)
+    # A PNG cut short, bytes named in errors; 16-bit greyscale scaled, not clipped.
+    png = (media / "grey.png").read_bytes()
+    with pytest.raises(video.BadImage, match="x.png: truncated \\(image file is truncated"):
+        video.load_image(png[: len(png) // 2], name="x.png", size=(H, W))
+    Image.fromarray(np.full((IH, IW), 60000, np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    assert (video.load_image(tmp_path / "deep.png", size=(H, W)) == 233).all()
+
+
+def test_on_bad_error_stops_at_the_first_bad_image(media, tmp_path):
+    manifest = media / "bad_images.csv"
+    manifest.write_text("path,caption\nphoto.jpg,a\ncorrupt.jpg,b\ntiny.png,c\n")
+    try:
+        proc = _cli(manifest, tmp_path / "out", *IMAGE_ARGS, "--on_bad", "error", check=False)
+    finally:
+        manifest.unlink()
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: corrupt.jpg: unreadable (not an image format Pillow reads) (--on_bad error)"
+    ]
+
+
+def test_image_buckets_from_the_command_line(media, tmp_path):
+    args = ("--fps", 8, "--buckets", "9x32x48,1x48x32,1x32x48")
+    _cli(media / "mixed.csv", tmp_path / "out", *args)
+    ds = prepared.open_prepared(tmp_path / "out")
+    np.testing.assert_array_equal(ds.shapes(), [[1, 32, 48], [9, 32, 48], [1, 32, 48], [1, 32, 48]])
+    # Images but no one-frame bucket (or videos but only one-frame ones): refused before work.
+    proc = _cli(media / "mixed.csv", tmp_path / "x", "--buckets", "9x32x48", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+    assert (
+        "mixed.csv: 6 image entries, but --buckets has no one-frame bucket (1xHxW)" in proc.stderr
+    )
+    proc = _cli(media / "mixed.csv", tmp_path / "x", "--buckets", "1x32x48", check=False)
+    assert (
+        proc.returncode == 2
+        and "1 video entries, but --buckets has no video bucket (4k+1 frames)" in proc.stderr
+    )
+
+
+@pytest.mark.slow
+def test_image_latents_have_one_frame(model, media, tmp_path):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cogvideox_jax import components
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("photo.jpg", "grey.png", "alpha.webp"):
+        (folder / name).write_bytes((media / name).read_bytes())
+    (folder / "images.txt").write_text("photo.jpg\ngrey.png\nalpha.webp\n")
+    (folder / "prompts.txt").write_text("a photo\na grey ramp\nhalf see-through\n")
+    out = tmp_path / "out"
+    _cli(folder, out, "--model", model, "--size", f"{H}x{W}", "--batch", 2, devices=2)
+    ds = prepared.open_prepared(out)
+    assert ds.kind == "latents" and ds.meta["modalities"] == {"image": 3, "video": 0}
+    np.testing.assert_array_equal(ds.shapes(), [[1, 4, 6]] * 3)  # T = 1: one frame, one latent
+    vae_model = components.load_vae(model)
+    for r in _all(ds.source()):
+        image = video.load_image(folder / r["path"], size=(H, W))
+        mean, logvar = nnx.jit(lambda m, x: m.encode(x))(
+            vae_model, jnp.asarray(video.to_unit_range(image))[None]
+        )
+        assert r["latent_mean"].shape == (1, 4, 6, 16)
+        np.testing.assert_allclose(r["latent_mean"], mean[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["latent_logvar"], logvar[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(r["first_frame"], image[0])
+        assert r["text"].shape == (12, 16)

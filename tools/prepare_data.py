@@ -1,14 +1,23 @@
-r"""Prepare a video dataset for training: decoded clips, or VAE latents and T5 text states.
+r"""Prepare a video and image dataset for training: decoded clips, or VAE latents and T5 states.
 
   python -m tools.prepare_data SRC OUT [--fps 8] [--frames 49] [--size native|480x720]
   python -m tools.prepare_data SRC OUT --buckets 49x480x720,25x480x720,49x768x432
+  python -m tools.prepare_data SRC OUT --buckets 49x480x720,1x480x720,1x768x768   # + images
   python -m tools.prepare_data SRC OUT --model MODEL_DIR    # latents + text embeddings
 
-SRC is a folder with videos.txt and prompts.txt, or a .csv / .jsonl manifest (path, caption); see
+SRC is a folder with videos.txt (or images.txt) and prompts.txt, a .csv / .jsonl manifest (path,
+caption) whose rows may mix images and videos (told apart by extension), or WebDataset shards
+of captioned images (a .tar file or a folder of them, as img2dataset writes); see
 data/sources.py. OUT is a TFDS dataset (ArrayRecord shards and TFDS metadata, written with
 tensorflow-datasets, no TensorFlow), plus our meta.json, shapes and skipped list; read it with
 `data.prepared.open_prepared(OUT)` or `tfds.builder_from_directory(OUT)` (format in
 data/prepared.py).
+
+An image becomes a one-frame clip: a record like a video's with frames (1, H, W, 3), or with
+--model a latent with T = 1. Images take --size as videos do, or with --buckets the 1xHxW bucket
+nearest their aspect ratio (videos take the others); an image that would have to be enlarged
+more than --max_upscale times (2) to reach its size is skipped as too small. meta.json counts
+the records of each modality ("modalities": {"image": n, "video": m}).
 
 Without --model, records hold the clips as uint8 frames, by default at their own size (--size
 native: height and width cropped down to multiples of 16), so that the run's encoder (the demo's
@@ -33,6 +42,7 @@ import hashlib
 import io
 import json
 import sys
+import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,8 +50,8 @@ import numpy as np
 
 import tools
 from data import prepared
-from data.sources import Entry, Skipped, list_dataset
-from data.video import NATIVE, BadClip, load_clip
+from data.sources import IMAGE, VIDEO, Entry, ShardReader, Skipped, list_dataset
+from data.video import MAX_UPSCALE, NATIVE, BadClip, BadImage, load_clip, load_image
 
 if TYPE_CHECKING:
     from cogvideox_jax.encoders import Encoder
@@ -79,7 +89,9 @@ def parse_args(argv):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", help="dataset folder (videos.txt + prompts.txt) or .csv/.jsonl")
+    p.add_argument(
+        "src", help="dataset folder (videos.txt or images.txt + prompts.txt), .csv/.jsonl, .tar(s)"
+    )
     p.add_argument("out", help="output folder")
     p.add_argument("--model", default=None, help="model folder: write latents, not clips")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate clips are sampled at")
@@ -91,7 +103,15 @@ def parse_args(argv):
         default=None,
         help="HxW or native (default: 480x720 with --model, else native)",
     )
-    group.add_argument("--buckets", type=parse_buckets, default=None, help="FxHxW,...")
+    group.add_argument(
+        "--buckets", type=parse_buckets, default=None, help="FxHxW,... (1xHxW for images)"
+    )
+    p.add_argument(
+        "--max_upscale",
+        type=float,
+        default=MAX_UPSCALE,
+        help="skip images that need enlarging more than this to reach their size",
+    )
     p.add_argument("--frame_multiple", type=int, default=4, help="4: 4k+1 frames; 8 for 1.5")
     p.add_argument("--eval_examples", type=int, default=0, help="first N entries -> 'eval'")
     p.add_argument("--on_bad", choices=["skip", "error"], default="skip")
@@ -108,11 +128,32 @@ def parse_args(argv):
         p.error(f"--shard_index ({args.shard_index}) must be in [0, {args.num_shards})")
     if args.shard_size < 1 or args.batch < 1:
         p.error("--shard_size and --batch must be positive")
+    if args.max_upscale < 1:
+        p.error(f"--max_upscale must be at least 1, got {args.max_upscale}")
     m = args.frame_multiple
-    bad = [b for b in args.buckets or () if (b[0] - 1) % m or b[0] < m + 1]
+    bad = [b for b in args.buckets or () if b[0] != 1 and ((b[0] - 1) % m or b[0] < m + 1)]
     if bad or (args.buckets is None and args.frames < m + 1):
-        p.error(f"frame counts must be k * {m} + 1 with k >= 1 (--frame_multiple {m}): {bad}")
+        p.error(
+            f"frame counts must be k * {m} + 1 with k >= 1 (--frame_multiple {m}), "
+            f"or 1 for images: {bad}"
+        )
+    # Images go to the one-frame buckets, videos to the others.
+    args.image_buckets = [b for b in args.buckets if b[0] == 1] if args.buckets else None
+    args.video_buckets = [b for b in args.buckets if b[0] > 1] if args.buckets else None
     return args
+
+
+def check_buckets(src: str, entries: list[Entry], args) -> None:
+    """Refuse, before any work, --buckets with no bucket for a modality the dataset has."""
+    if not args.buckets:
+        return
+    for modality, buckets, kind in [
+        (IMAGE, args.image_buckets, "one-frame bucket (1xHxW)"),
+        (VIDEO, args.video_buckets, f"video bucket ({args.frame_multiple}k+1 frames)"),
+    ]:
+        n = sum(e.modality == modality for e in entries)
+        if n and not buckets:
+            raise ValueError(f"{src}: {n} {modality} entries, but --buckets has no {kind}")
 
 
 def listing_digest(entries: list[Entry], skipped: list[Skipped]) -> str:
@@ -120,14 +161,17 @@ def listing_digest(entries: list[Entry], skipped: list[Skipped]) -> str:
     h = hashlib.sha256()
     for e in entries:
         h.update(json.dumps([e.name, e.caption]).encode())
+        if e.member is not None:  # a WebDataset sample: which member is its image
+            h.update(json.dumps(e.member).encode())
     for s in skipped:
         h.update(json.dumps([s.path, s.reason]).encode())
     return h.hexdigest()
 
 
-def settings_of(args, digest: str, text_len: int | None) -> dict:
-    """What determines the output; a resumed run must match it exactly."""
-    return {
+def settings_of(args, digest: str, text_len: int | None, images: bool) -> dict:
+    """What determines the output; a resumed run must match it exactly. `max_upscale` is one of
+    them only for a dataset with images (video datasets keep the settings they had)."""
+    settings = {
         "src": str(Path(args.src).resolve()),
         "listing_sha256": digest,
         "kind": "latents" if args.model else "clips",
@@ -143,6 +187,9 @@ def settings_of(args, digest: str, text_len: int | None) -> dict:
         "shard_index": args.shard_index,
         "num_shards": args.num_shards,
     }
+    if images:
+        settings["max_upscale"] = args.max_upscale
+    return settings
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -170,21 +217,43 @@ def text_length(model: Path) -> int:
     return 226
 
 
-def prepare_shard(entries: list[Entry], args, encoder, writer: prepared.ShardWriter, bar):
-    """Write the records of one shard of entries. Clips are written as they are decoded; with
-    an encoder, clips of equal shape wait until a batch is full (or the shard ends), so latent
-    records come in the order their batches were encoded."""
+def load_entry(e: Entry, args, reader: ShardReader) -> np.ndarray:
+    """(F, H, W, 3) uint8: a video's clip, or an image as a one-frame clip. Raises BadClip (or
+    BadImage) naming the entry and the reason it cannot be used."""
+    if e.modality == VIDEO:
+        return load_clip(
+            e.path,
+            fps=args.fps,
+            max_frames=args.frames,
+            frame_multiple=args.frame_multiple,
+            size=args.size,
+            buckets=args.video_buckets,
+        )
+    source = e.path
+    if e.member is not None:  # a WebDataset sample: the image's bytes from its shard
+        try:
+            source = reader.read(e)
+        except (tarfile.TarError, OSError, KeyError) as err:
+            raise BadImage(e.name, f"unreadable ({type(err).__name__}: {err})") from err
+    return load_image(
+        source,
+        name=e.name,
+        size=args.size,
+        buckets=args.image_buckets,
+        max_upscale=args.max_upscale,
+    )
+
+
+def prepare_shard(
+    entries: list[Entry], args, encoder, writer: prepared.ShardWriter, bar, reader: ShardReader
+):
+    """Write the records of one shard of entries. Clips (and images, one-frame clips) are
+    written as they are decoded; with an encoder, clips of equal shape wait until a batch is
+    full (or the shard ends), so latent records come in the order their batches were encoded."""
     pending: dict[tuple, list] = {}
     for e in entries:
         try:
-            clip = load_clip(
-                e.path,
-                fps=args.fps,
-                max_frames=args.frames,
-                frame_multiple=args.frame_multiple,
-                size=args.size,
-                buckets=args.buckets,
-            )
+            clip = load_entry(e, args, reader)
         except BadClip as err:
             if args.on_bad == "error":
                 raise BadEntry(f"{e.name}: {err.reason}") from err
@@ -237,8 +306,10 @@ def num_shards(entries: list, shard_size: int) -> int:
 
 def finalize(out: Path, splits, args, settings, source_skipped, extra_meta, feats) -> dict:
     """From the shard sidecars: shapes.npy per split, skipped.jsonl, the TFDS metadata, and
-    meta.json last."""
+    meta.json last, with the records of each modality per split and in all (told by the
+    records' paths: a name is always the same modality)."""
     meta_splits, skipped, shard_counts = {}, [s.to_json() for s in source_skipped], {}
+    total = {IMAGE: 0, VIDEO: 0}
     for split, entries in splits.items():
         folder = out / split
         num = num_shards(entries, args.shard_size)
@@ -250,7 +321,16 @@ def finalize(out: Path, splits, args, settings, source_skipped, extra_meta, feat
         prepared.atomic_write(folder / "shapes.npy", buf.getvalue())
         skipped += [s for i in infos for s in i["skipped"]]
         counts = [len(i["shapes"]) for i in infos]
-        meta_splits[split] = {"count": int(sum(counts)), "shard_counts": counts}
+        modality = {e.name: e.modality for e in entries}
+        kinds = {IMAGE: 0, VIDEO: 0}
+        for path in (p for i in infos for p in i["paths"]):
+            kinds[modality[path]] += 1
+        total = {k: total[k] + kinds[k] for k in total}
+        meta_splits[split] = {
+            "count": int(sum(counts)),
+            "shard_counts": counts,
+            "modalities": kinds,
+        }
         shard_counts[split] = counts
     text = "".join(json.dumps(s) + "\n" for s in skipped)
     prepared.atomic_write(out / "skipped.jsonl", text)
@@ -260,6 +340,7 @@ def finalize(out: Path, splits, args, settings, source_skipped, extra_meta, feat
         **settings,
         **extra_meta,
         "splits": meta_splits,
+        "modalities": total,
         "num_skipped": len(skipped),
     }
     prepared.atomic_write(out / "meta.json", json.dumps(meta, indent=1))
@@ -273,11 +354,13 @@ def run(args) -> int:
     if args.num_shards > 1:
         out = out / prepared.part_name(args.shard_index, args.num_shards)
     entries, source_skipped = list_dataset(args.src)
+    check_buckets(args.src, entries, args)
     model = Path(args.model) if args.model else None
     if model is not None and not model.is_dir():
         raise FileNotFoundError(f"--model {model}: not a folder")
     text_len = text_length(model) if model else None
-    settings = settings_of(args, listing_digest(entries, source_skipped), text_len)
+    images = any(e.modality == IMAGE for e in entries)
+    settings = settings_of(args, listing_digest(entries, source_skipped), text_len, images)
     check_settings(out, settings)
     if prepared.read_meta(out) is not None:
         print(f"{out}: already complete")
@@ -296,7 +379,8 @@ def run(args) -> int:
     extra = encoder.meta() if encoder else {}
     feats = prepared.features(settings["kind"], {**settings, **extra})
     written = 0
-    with tqdm(total=sum(map(len, splits.values())), unit="clip", desc="preparing") as bar:
+    total = sum(map(len, splits.values()))
+    with tqdm(total=total, unit="entry", desc="preparing") as bar, ShardReader() as reader:
         for split, items in splits.items():
             num = num_shards(items, args.shard_size)
             for k in range(num):
@@ -308,14 +392,15 @@ def run(args) -> int:
                     print(f"stopped after {written} shards (--max_shards); run again to resume")
                     return 3
                 writer = prepared.ShardWriter(out, split, k, num, feats)
-                prepare_shard(shard, args, encoder, writer, bar)
+                prepare_shard(shard, args, encoder, writer, bar, reader)
                 writer.close()
                 written += 1
     report = finalize(out, splits, args, settings, source_skipped, extra, feats)
     for s in report["skipped"]:
         print(f"skipped {s['path']}: {s['reason']}")
     counts = {k: v["count"] for k, v in report["meta"]["splits"].items()}
-    print(f"wrote {out}: {counts}, {len(report['skipped'])} skipped")
+    kinds = report["meta"]["modalities"]
+    print(f"wrote {out}: {counts}, modalities {kinds}, {len(report['skipped'])} skipped")
     return 0
 
 
