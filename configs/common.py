@@ -108,6 +108,10 @@ def dit_config(
         # into rows of video_budget video tokens and up to max_clips clips (0: defaults, from
         # the config's clip size; data/packing.py).
         data_dir="",
+        # Several prepared datasets mixed in one stream instead of data_dir (e.g. images beside
+        # clips): ((DIR, WEIGHT), ...). Packing draws each clip from dataset d in the share
+        # WEIGHT_d / sum(WEIGHTS), bucketing each batch (data/loader.py, mixture).
+        sources=(),
         packing=False,
         video_budget=0,
         max_clips=0,

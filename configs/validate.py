@@ -196,6 +196,33 @@ def _check_paths(c) -> None:
             f"input.data_dir {c.input.data_dir!r} does not exist (write one with "
             "`python -m tools.prepare_data SRC OUT`)"
         )
+    for folder, _ in sources(c):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"input.sources: {folder!r} does not exist (write one with "
+                "`python -m tools.prepare_data SRC OUT`)"
+            )
+
+
+def sources(c) -> list[tuple[str, float]]:
+    """input.sources as [(prepared dataset folder, weight)], checked: pairs, positive weights,
+    not together with input.data_dir."""
+    out = []
+    for item in c.input.sources:
+        pair = tuple(item.values()) if hasattr(item, "values") else tuple(item)
+        if len(pair) != 2 or not isinstance(pair[0], str) or not _positive(pair[1]):
+            raise ValueError(
+                f"input.sources: {item!r} is not a (prepared dataset folder, weight > 0) pair; "
+                "e.g. --config.input.sources='((\"clips\", 0.8), (\"images\", 0.2))'"
+            )
+        out.append((pair[0], float(pair[1])))
+    if out and c.input.data_dir:
+        raise ValueError("set input.data_dir or input.sources, not both")
+    return out
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
 def _check_samples(c, shape) -> None:
@@ -236,7 +263,7 @@ def _check_samples(c, shape) -> None:
 def _check_input(c) -> None:
     if c.input.i2v and not c.vae.checkpoint and c.vae.variant != "tiny":
         raise ValueError("input.i2v needs vae.checkpoint: the frozen VAE encodes the first frame")
-    if c.input.packing and not c.input.data_dir:
+    if c.input.packing and not (c.input.data_dir or c.input.sources):
         raise ValueError("input.packing=True needs input.data_dir (a prepared dataset)")
     if c.input.packing and c.input.i2v:
         raise ValueError(

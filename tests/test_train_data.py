@@ -237,3 +237,61 @@ def test_a_latent_dataset_from_another_vae_is_refused(latents, tmp_path):
     )  # 2B's VAE scaling factor is 1.15258426
     with pytest.raises(ValueError, match="scaling_factor"):
         dit.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+# ---- Images beside clips (input.sources) ----
+
+
+@pytest.fixture(scope="module")
+def image_latents(model, tmp_path_factory):
+    """18 captioned PNG images in two sizes, prepared with the model folder's encoders (one
+    latent frame each) into 1x32x32 and 1x32x48 buckets, 6 held out."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rows = ["path,caption"]
+    for i in range(24):
+        w = (32, 48)[i % 2]
+        Image.fromarray(rng.integers(0, 256, (32, w, 3), np.uint8)).save(root / f"im{i}.png")
+        rows.append(f"im{i}.png,a picture number {i}")
+    (root / "images.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("prepared") / "images"
+    _prepare(root / "images.csv", out, "--buckets", "1x32x32,1x32x48", "--eval_examples", 6,
+             "--model", model)  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_images_and_clips_in_one_run(latents, image_latents, raw, model, tmp_path):
+    """A model config's runlocal run on prepared clips and prepared images mixed 0.7 / 0.3:
+    bucketed, it trains; packed (images and clips sharing rows), it trains, and a copy stopped
+    after step 2's checkpoint (what a SIGKILL then leaves) resumes to the same losses, held-out
+    loss and data position at step 4."""
+    assert prepared.open_prepared(image_latents).shapes("train")[:, 0].max() == 1  # images
+    sources = ((str(latents), 0.7), (str(image_latents), 0.3))
+    base = {"input.sources": sources, "evals.every_steps": 2, "ckpt.every_steps": 2}
+    cfg = _config("cogvideox_5b", "sft,runlocal", total_steps=2, **base)
+    assert np.isfinite(dit.train_and_evaluate(cfg, str(tmp_path / "bucketed"))["loss"])
+
+    packed = base | {"input.packing": True}
+    stay, moved = tmp_path / "stay", tmp_path / "moved"
+    dit.train_and_evaluate(_config("cogvideox_5b", "sft,runlocal", total_steps=4, **packed),
+                           str(stay))  # fmt: skip
+    shutil.copytree(stay, moved, ignore=shutil.ignore_patterns(".lock"))
+    shutil.rmtree(moved / "checkpoints" / "4")
+    dit.train_and_evaluate(_config("cogvideox_5b", "sft,runlocal", total_steps=4, **packed),
+                           str(moved))  # fmt: skip
+    a, b = _rows(stay), _rows(moved)
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and all("packing_efficiency" in r for r in a)
+    for key in ("loss", "grad_norm", "eval_loss"):
+        got = [r[key] for r in b[2:] if key in r]
+        assert got == [r[key] for r in a[2:] if key in r], key
+    positions = [(w / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text()
+                 for w in (stay, moved)]  # fmt: skip
+    assert positions[0] == positions[1]
+    # Mixed datasets must agree: clips prepared raw and images as latents are refused.
+    with pytest.raises(ValueError, match="mixed datasets must agree"):
+        bad = {"input.sources": ((str(image_latents), 1.0), (str(raw[0]), 1.0))}
+        bad["input.encoder_model"] = str(model)
+        dit.train_and_evaluate(_config("cogvideox_5b", "sft,runlocal", **bad), str(tmp_path / "x"))

@@ -9,6 +9,7 @@ from flax import nnx
 
 import cogvideox_jax as cj
 from cogvideox_jax import diffusion, transformer
+from data import packing
 from train import objective
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -53,6 +54,7 @@ def _pack(cfg, clips, texts, budget, max_clips):
     grids = np.zeros((1, max_clips, 3), np.int32)
     at = 0
     for i, (z, e) in enumerate(zip(clips, texts, strict=True)):
+        z = packing.pad_front_frames(z, pt)  # an image (T = 1) on 1.5: its frame twice
         tok = transformer.patchify(z, p, pt)
         grid = (z.shape[0] // pt, z.shape[1] // p, z.shape[2] // p)
         n = tok.shape[0]
@@ -77,14 +79,19 @@ def _pack(cfg, clips, texts, budget, max_clips):
 
 @pytest.mark.parametrize("variant", [pytest.param("5b", marks=pytest.mark.slow), "1.5-5b"])
 def test_packed_loss_is_the_mean_of_per_clip_losses(variant):
+    """A row of three clips and an image (one latent frame; on 1.5 front-padded to two, as the
+    bucketed objective pads it) against each one's unpacked loss."""
     cfg, model = _perturbed(variant)
     pt = cfg.patch_size_t or 1
     rng = np.random.default_rng(2)
-    shapes = [(2 * pt, 4, 6), (1 * pt, 6, 4), (2 * pt, 2, 2)]
+    shapes = [(2 * pt, 4, 6), (1 * pt, 6, 4), (2 * pt, 2, 2), (1, 4, 4)]
     clips = [rng.standard_normal((*sh, cfg.in_channels)).astype(np.float32) for sh in shapes]
     texts = [rng.standard_normal((6, cfg.text_embed_dim)).astype(np.float32) for _ in shapes]
     batch = _pack(cfg, clips, texts, budget=40, max_clips=4)
-    t = np.array([[50, 400, 930, 0]], np.int32)
+    t = np.array([[50, 400, 930, 700]], np.int32)
+    # The unpacked losses see what the bucketed objective sees: latents padded to pt frames.
+    clips = [packing.pad_front_frames(z, pt) for z in clips]
+    shapes = [z.shape[:3] for z in clips]
     ab = jnp.asarray(diffusion.alphas_cumprod(diffusion.ScheduleConfig()), jnp.float32)
     noise = rng.standard_normal(batch["video"].shape).astype(np.float32)
     inputs = dict(

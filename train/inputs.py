@@ -8,6 +8,9 @@
               bucketed into batches of one shape or, with input.packing, packed into rows of
               several clips (data/loader.py, data/packing.py). Held-out loss uses the dataset's
               "eval" split when it has one.
+  sources     several prepared datasets (input.sources: (folder, weight) pairs, e.g. images
+              beside clips) mixed by weight in one stream (data/loader.py, mixture); their
+              "eval" splits together make the held-out batches.
 
 Every dataset is a Grain dataset whose iterator is checkpointed with the train state, and each
 process loads only its rows of every global batch (data/pipeline.py).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from cogvideox_jax import vae as vae_lib
+from configs import validate
 from data import loader, packing, prepared, synthetic
 from train import objective
 
@@ -45,10 +49,37 @@ def datasets(run, rows, eval_rows, demo=None):
     return train, held_out
 
 
+def open_sources(c, demo: bool = False):
+    """(the run's prepared dataset, its mixture or None, where: a name for messages):
+    input.data_dir, or input.sources' datasets one after another as one dataset, each checked
+    against the config, with their train record counts and weights."""
+    if c.input.data_dir:
+        ds = prepared.open_prepared(c.input.data_dir)
+        check_prepared(ds, c, demo)
+        return ds, None, f"input.data_dir {c.input.data_dir}"
+    opened = []
+    for folder, weight in validate.sources(c):
+        ds = prepared.open_prepared(folder)
+        check_prepared(ds, c, demo, where=f"input.sources {folder}")
+        opened.append((folder, ds, weight))
+    first_dir, first, _ = opened[0]
+    for folder, ds, _ in opened[1:]:
+        if (ds.kind, set(ds.splits)) != (first.kind, set(first.splits)):
+            raise ValueError(
+                f"input.sources: {folder} holds {ds.kind} with splits {sorted(ds.splits)}, "
+                f"{first_dir} {first.kind} with {sorted(first.splits)}; mixed datasets must "
+                "agree (prepare them alike: both raw or both with --model, with or without "
+                "--eval_examples)"
+            )
+    parts = [p for _, ds, _ in opened for p in ds.parts]
+    metas = [m for _, ds, _ in opened for m in ds._metas]
+    mixture = [(len(ds.shapes("train")), w) for _, ds, w in opened]
+    return prepared.Prepared(parts, metas), mixture, "input.sources"
+
+
 def _prepared(run, rows, eval_rows, demo):
     c, tcfg = run.config, run.model
-    ds = prepared.open_prepared(c.input.data_dir)
-    check_prepared(ds, c, demo is not None)
+    ds, mixture, where = open_sources(c, demo is not None)
     encode = None
     if ds.kind == "clips":  # encoded as they are read
         encode = demo.encode if demo is not None else model_encoder(c)
@@ -76,10 +107,11 @@ def _prepared(run, rows, eval_rows, demo):
         batch_size=c.batch_size,
         rows=rows,
         seed=c.seed,
+        mixture=mixture,
         **kw,
     )
     if "eval" not in ds.splits:
-        print(f"{c.input.data_dir}: no 'eval' split, so no held-out loss", flush=True)
+        print(f"{where}: no 'eval' split, so no held-out loss", flush=True)
         return train, None
     # Held-out batches are bucketed even when training packs: every process then walks the
     # same plan of equal-shape batches (a multi-host eval ends on every process at once), and
@@ -100,7 +132,7 @@ def _prepared(run, rows, eval_rows, demo):
         shapes = np.asarray(ds.shapes("eval")).reshape(-1, 3)
         most = int(np.unique(shapes, axis=0, return_counts=True)[1].max())
         raise ValueError(
-            f"input.data_dir {c.input.data_dir}: the 'eval' split has no evals.batch_size="
+            f"{where}: the 'eval' split has no evals.batch_size="
             f"{c.evals.batch_size} clips of one shape (held-out batches are of one shape; at "
             f"most {most} of its clips share one): set evals.batch_size to at most {most}, "
             "or prepare more held-out clips of one size (--eval_examples, --buckets)"
@@ -128,9 +160,9 @@ def packing_budget(c, tcfg, ds, latent_shape) -> tuple[int, int]:
     return int(v), int(g)
 
 
-def check_prepared(ds, c, demo: bool) -> None:
+def check_prepared(ds, c, demo: bool, where: str = "") -> None:
     """The prepared dataset agrees with the config (channels, text shape, latent scale)."""
-    where = f"input.data_dir {c.input.data_dir}"
+    where = where or f"input.data_dir {c.input.data_dir}"
     meta = ds.meta
     if ds.kind == "latents":
         if meta.get("latent_channels") != c.input.latent_channels:

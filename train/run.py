@@ -5,7 +5,8 @@ kind of run it is:
   training   `Full` (every parameter trains) or `Lora` (adapters on a frozen base)
   objective  `objective.Bucketed` or, with input.packing, `objective.Packed`; held-out batches
              are always bucketed (`eval_objective`)
-  data       "synthetic", "demo" (the built-in demo's clips) or "prepared" (input.data_dir)
+  data       "synthetic", "demo" (the built-in demo's clips) or "prepared" (input.data_dir or
+             input.sources)
   demo       whether the built-in demo's stages run (its encoders, its eval-time samples)
   i2v        whether a frozen VAE encodes each clip's first frame as the condition
 and derives its constants: the transformer's and LoRA's configs, the mesh and sharding rules,
@@ -137,7 +138,7 @@ def resolve(config, devices=None) -> Run:
         training=training,
         objective=train_objective,
         eval_objective=eval_objective,
-        data="prepared" if c.input.data_dir else c.input.source,
+        data="prepared" if c.input.data_dir or c.input.sources else c.input.source,
         demo=c.input.source == "demo",
         i2v=bool(c.input.i2v),
         mesh=sharding.make_mesh(checked.mesh_shape, devices),
