@@ -284,6 +284,11 @@ def test_images_and_clips_in_one_run(latents, image_latents, raw, model, tmp_pat
                            str(moved))  # fmt: skip
     a, b = _rows(stay), _rows(moved)
     assert [r["step"] for r in b] == [1, 2, 3, 4] and all("packing_efficiency" in r for r in a)
+    # Each row reports the images' share of the step's clips and of its video tokens.
+    shares = np.array([(r["image_share"], r["image_token_share"]) for r in a])
+    assert ((0 <= shares) & (shares <= 1)).all() and 0 < shares[:, 0].mean() < 1, shares
+    bucketed = [r["image_share"] for r in _rows(tmp_path / "bucketed")]
+    assert set(bucketed) <= {0.0, 1.0}  # a bucketed batch is all images or all clips
     for key in ("loss", "grad_norm", "eval_loss"):
         got = [r[key] for r in b[2:] if key in r]
         assert got == [r[key] for r in a[2:] if key in r], key

@@ -21,6 +21,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from data import pipeline
 from train import (
@@ -210,6 +211,9 @@ def _evaluate(prog: Program, state, frozen, held_out, sampler, step: int) -> dic
     return row
 
 
+MODALITY = ("clips", "images", "tokens", "image_tokens")
+
+
 @dataclasses.dataclass
 class Meter:
     """What the steps since the last logged row did: how many, in how long, their tokens and
@@ -222,6 +226,7 @@ class Meter:
     flops: float = 0.0
     efficiency: float = 0.0
     skipped: int = 0
+    modality: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(MODALITY, 0.0))
     seconds: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(metrics.PARTS, 0.0))
 
     @contextlib.contextmanager
@@ -240,6 +245,14 @@ class Meter:
         self.tokens += tokens
         self.flops += flops
         self.efficiency += float(out.get("packing_efficiency", 0.0))
+        if "image_slots" in out:  # images among the step's clips, and their video tokens
+            images = np.asarray(out["image_slots"], bool)
+            sizes = np.asarray(out.get("clip_tokens", np.ones(images.shape)), np.float64)
+            used = sizes > 0
+            self.modality["clips"] += used.sum()
+            self.modality["images"] += (images & used).sum()
+            self.modality["tokens"] += sizes.sum()
+            self.modality["image_tokens"] += sizes[images].sum()
         if bool(out["finite"]):
             return None
         self.skipped += 1
@@ -262,6 +275,11 @@ class Meter:
         if peak:  # model FLOPs utilisation against the devices' bf16 peak (0: unknown, CPU)
             row["mfu"] = self.flops / dt / peak
         row["peak_host_gb"] = memory.peak_host_bytes() / memory.GB  # this process, so far
+        m = self.modality
+        if self.run.config.input.sources and m["clips"]:  # a mixture: how much was images
+            row["image_share"] = m["images"] / m["clips"]
+            if "clip_tokens" in out:  # packed: their share of the video tokens
+                row["image_token_share"] = m["image_tokens"] / max(m["tokens"], 1.0)
         if self.skipped:  # steps skipped since the last logged row
             row["skipped_nonfinite"] = self.skipped
         return row

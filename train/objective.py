@@ -165,7 +165,8 @@ class Bucketed:
         return dict(inputs, t=jnp.full(inputs["z0"].shape[:1], t, jnp.int32))  # (B,)
 
     def step_outputs(self, batch) -> dict:
-        return {}
+        """Whether the batch holds images (one latent frame; clips have two or more)."""
+        return {"image_slots": jnp.full(batch["latents"].shape[:1], batch["latents"].shape[1] == 1)}
 
     def counts(self, outputs) -> tuple[float, float]:
         return self.tokens_per_step, self.flops_per_step
@@ -230,8 +231,14 @@ class Packed:
         return dict(inputs, t=jnp.full(shape, t, jnp.int32))
 
     def step_outputs(self, batch) -> dict:
-        """What the host counts tokens and FLOPs from: the clips' token grids."""
-        return {"packing_efficiency": efficiency(batch), "clip_tokens": clip_tokens(batch)}
+        """What the host counts tokens and FLOPs from: the clips' token grids; and which clip
+        slots hold images (a token grid one frame long: clips have at least two latent frames,
+        and on 1.5 at least three, padded to four, as their 4k+1 and 8k+1 frame counts give)."""
+        return {
+            "packing_efficiency": efficiency(batch),
+            "clip_tokens": clip_tokens(batch),
+            "image_slots": (batch["grids"][..., 0] == 1) & (clip_tokens(batch) > 0),
+        }
 
     def counts(self, outputs) -> tuple[float, float]:
         """(tokens, model FLOPs) of a step's clips from their video token counts (B, G) (on the
