@@ -289,6 +289,10 @@ def test_images_and_clips_in_one_run(latents, image_latents, raw, model, tmp_pat
     assert ((0 <= shares) & (shares <= 1)).all() and 0 < shares[:, 0].mean() < 1, shares
     bucketed = [r["image_share"] for r in _rows(tmp_path / "bucketed")]
     assert set(bucketed) <= {0.0, 1.0}  # a bucketed batch is all images or all clips
+    # Held-out loss per dataset (named by its folder), and over all their batches.
+    for r in (r for r in a if "eval_loss" in r):
+        each = (r["eval_loss_latents"], r["eval_loss_images"])
+        assert min(each) <= r["eval_loss"] <= max(each), r
     for key in ("loss", "grad_norm", "eval_loss"):
         got = [r[key] for r in b[2:] if key in r]
         assert got == [r[key] for r in a[2:] if key in r], key

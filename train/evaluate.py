@@ -20,7 +20,8 @@ from train import checkpoint
 class HeldOut:
     """`held_out(state)`: {'eval_loss': mean over batches and timesteps, 'eval_loss_t{t}': per
     timestep} of a train state on the held-out set ({} without one), by the program's jitted
-    eval step (train/program.py) on the run's mesh."""
+    eval step (train/program.py) on the run's mesh. A dict of named held-out sets (a mixture's
+    datasets) adds 'eval_loss_{name}' per set; 'eval_loss' is then over all their batches."""
 
     def __init__(self, prog, dataset, frozen):
         self.prog, self.dataset, self.frozen = prog, dataset, frozen
@@ -29,26 +30,33 @@ class HeldOut:
     def __call__(self, state) -> dict[str, float]:
         if self.dataset is None:
             return {}
-        run = self.prog.run
-        fixed = run.training.fixed(state, self.frozen)
-        timesteps = tuple(run.config.evals.timesteps)
-        total, count = np.zeros(len(timesteps)), 0
-        for index, local in enumerate(self.dataset):  # read outside the mesh, as in training
-            with run.on_mesh():
-                batch = pipeline.global_batch(
-                    local, run.batch_sharding, run.config.evals.batch_size
-                )
-                losses = self.step(state["params"], fixed, batch, index, self.frozen)
-            total += np.asarray(jax.device_get(losses))
-            count += 1
+        sets = self.dataset if isinstance(self.dataset, dict) else {"": self.dataset}
+        timesteps = tuple(self.prog.run.config.evals.timesteps)
+        total, count, out, index = np.zeros(len(timesteps)), 0, {}, 0
+        for name, dataset in sets.items():
+            own, n = np.zeros(len(timesteps)), 0
+            for local in dataset:  # read outside the mesh, as in training
+                own += self._losses(state, local, index)
+                index, n = index + 1, n + 1
+            if name and n:
+                out[f"eval_loss_{name}"] = float(own.mean() / n)
+            total, count = total + own, count + n
         if not count:
             raise ValueError(
                 "the eval set is empty: input.eval_examples must be >= evals.batch_size"
             )
         per_t = total / count
-        out = {"eval_loss": float(per_t.mean())}
+        out = {"eval_loss": float(per_t.mean())} | out
         out.update({f"eval_loss_t{t}": float(v) for t, v in zip(timesteps, per_t, strict=True)})
         return out
+
+    def _losses(self, state, local, index) -> np.ndarray:
+        run = self.prog.run
+        with run.on_mesh():
+            batch = pipeline.global_batch(local, run.batch_sharding, run.config.evals.batch_size)
+            fixed = run.training.fixed(state, self.frozen)
+            losses = self.step(state["params"], fixed, batch, index, self.frozen)
+        return np.asarray(jax.device_get(losses))
 
 
 def evaluate_checkpoint(

@@ -18,6 +18,9 @@ process loads only its rows of every global batch (data/pipeline.py).
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 
 from cogvideox_jax import vae as vae_lib
@@ -56,7 +59,7 @@ def open_sources(c, demo: bool = False):
     if c.input.data_dir:
         ds = prepared.open_prepared(c.input.data_dir)
         check_prepared(ds, c, demo)
-        return ds, None, f"input.data_dir {c.input.data_dir}"
+        return ds, None, f"input.data_dir {c.input.data_dir}", {}
     opened = []
     for folder, weight in validate.sources(c):
         ds = prepared.open_prepared(folder)
@@ -74,12 +77,23 @@ def open_sources(c, demo: bool = False):
     parts = [p for _, ds, _ in opened for p in ds.parts]
     metas = [m for _, ds, _ in opened for m in ds._metas]
     mixture = [(len(ds.shapes("train")), w) for _, ds, w in opened]
-    return prepared.Prepared(parts, metas), mixture, "input.sources"
+    names = source_names([folder for folder, _, _ in opened])
+    each = dict(zip(names, (ds for _, ds, _ in opened), strict=True))
+    return prepared.Prepared(parts, metas), mixture, "input.sources", each
+
+
+def source_names(folders) -> list[str]:
+    """A short name per input.sources folder for its metrics (eval_loss_NAME): the folder's
+    name, or its path when two share a name; characters other than letters, digits, - and _
+    become _."""
+    base = [os.path.basename(os.path.normpath(f)) for f in folders]
+    names = base if len(set(base)) == len(base) else [os.path.normpath(f) for f in folders]
+    return [re.sub(r"[^A-Za-z0-9_-]", "_", n).strip("_") or "source" for n in names]
 
 
 def _prepared(run, rows, eval_rows, demo):
     c, tcfg = run.config, run.model
-    ds, mixture, where = open_sources(c, demo is not None)
+    ds, mixture, where, each = open_sources(c, demo is not None)
     encode = None
     if ds.kind == "clips":  # encoded as they are read
         encode = demo.encode if demo is not None else model_encoder(c)
@@ -117,8 +131,15 @@ def _prepared(run, rows, eval_rows, demo):
     # same plan of equal-shape batches (a multi-host eval ends on every process at once), and
     # the per-clip loss is the same either way.
     kw.update(packing=False, video_budget=None, max_clips=None)
+    if not each:
+        return train, _held_out(ds, c, eval_rows, kw, where)
+    # A mixture: each dataset's eval split on its own, for its own held-out loss.
+    return train, {n: _held_out(d, c, eval_rows, kw, f"input.sources {n}") for n, d in each.items()}
+
+
+def _held_out(ds, c, eval_rows, kw, where):
     try:
-        held_out = loader.train_dataset(
+        return loader.train_dataset(
             ds.source("eval"),
             ds.shapes("eval"),
             batch_size=c.evals.batch_size,
@@ -137,7 +158,6 @@ def _prepared(run, rows, eval_rows, demo):
             f"most {most} of its clips share one): set evals.batch_size to at most {most}, "
             "or prepare more held-out clips of one size (--eval_examples, --buckets)"
         ) from None
-    return train, held_out
 
 
 def packing_budget(c, tcfg, ds, latent_shape) -> tuple[int, int]:
