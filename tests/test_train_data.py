@@ -289,6 +289,11 @@ def test_images_and_clips_in_one_run(latents, image_latents, raw, model, tmp_pat
     assert ((0 <= shares) & (shares <= 1)).all() and 0 < shares[:, 0].mean() < 1, shares
     bucketed = [r["image_share"] for r in _rows(tmp_path / "bucketed")]
     assert set(bucketed) <= {0.0, 1.0}  # a bucketed batch is all images or all clips
+    # The loss on images and on clips: a packed step's loss is their clip-weighted mean (one
+    # step per logged row here), so it lies between them.
+    for r in a:
+        each = [r[k] for k in ("loss_images", "loss_clips") if k in r]
+        assert each and min(each) - 1e-6 <= r["loss"] <= max(each) + 1e-6, r
     # Held-out loss per dataset (named by its folder), and over all their batches.
     for r in (r for r in a if "eval_loss" in r):
         each = (r["eval_loss_latents"], r["eval_loss_images"])

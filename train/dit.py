@@ -212,6 +212,7 @@ def _evaluate(prog: Program, state, frozen, held_out, sampler, step: int) -> dic
 
 
 MODALITY = ("clips", "images", "tokens", "image_tokens")
+MODALITY += ("image_loss_sum", "image_count", "clip_loss_sum", "clip_count")
 
 
 @dataclasses.dataclass
@@ -253,6 +254,8 @@ class Meter:
             self.modality["images"] += (images & used).sum()
             self.modality["tokens"] += sizes.sum()
             self.modality["image_tokens"] += sizes[images].sum()
+        for key in ("image_loss_sum", "image_count", "clip_loss_sum", "clip_count"):
+            self.modality[key] += float(out.get(key, 0.0))
         if bool(out["finite"]):
             return None
         self.skipped += 1
@@ -280,6 +283,9 @@ class Meter:
             row["image_share"] = m["images"] / m["clips"]
             if "clip_tokens" in out:  # packed: their share of the video tokens
                 row["image_token_share"] = m["image_tokens"] / max(m["tokens"], 1.0)
+            for kind in ("image", "clip"):  # the loss on each, over the logged steps
+                if m[f"{kind}_count"]:
+                    row[f"loss_{kind}s"] = m[f"{kind}_loss_sum"] / m[f"{kind}_count"]
         if self.skipped:  # steps skipped since the last logged row
             row["skipped_nonfinite"] = self.skipped
         return row

@@ -146,11 +146,16 @@ class Bucketed:
             text = jnp.where(keep[:, None, None], text, 0.0)  # dropped prompts: zero embeddings
             out["t"] = eus_timesteps(k_t, b, r.eus_groups, r.num_timesteps)
         out.update(z0=z0, text=text, noise=jax.random.normal(k_noise, z0.shape, z0.dtype))
+        out["is_image"] = jnp.full((b,), t_frames == 1)  # one latent frame: an image
         return out
 
     def loss(self, model, inputs: dict, ab) -> jax.Array:
+        return self.loss_parts(model, inputs, ab)[0]
+
+    def loss_parts(self, model, inputs: dict, ab) -> tuple[jax.Array, dict]:
+        """(the loss, its sums and counts over images and over clips: `modality_parts`)."""
         i = inputs
-        return diffusion_loss(
+        loss = diffusion_loss(
             model,
             i["z0"],
             i["text"],
@@ -160,6 +165,8 @@ class Bucketed:
             i.get("image_latents"),
             self.recipe.ofs,
         )
+        images = i["is_image"].astype(jnp.float32)  # the batch is all images or all clips
+        return loss, modality_parts(jnp.broadcast_to(loss, images.shape), images, 1.0)
 
     def with_timestep(self, inputs: dict, t: int) -> dict:
         return dict(inputs, t=jnp.full(inputs["z0"].shape[:1], t, jnp.int32))  # (B,)
@@ -211,6 +218,11 @@ class Packed:
     def loss(self, model, inputs: dict, ab) -> jax.Array:
         """Mean over the batch's clips of each clip's mean((v_pred - v)^2) over its tokens and
         features, equal to the bucketed loss of the same clips (`diffusion_loss`)."""
+        return self.loss_parts(model, inputs, ab)[0]
+
+    def loss_parts(self, model, inputs: dict, ab) -> tuple[jax.Array, dict]:
+        """(`loss`, its sums and counts over the images and over the clips of the rows: clip
+        slots whose token grid is one frame long are images, as in `step_outputs`)."""
         z0, noise, t, segments = inputs["z0"], inputs["noise"], inputs["t"], inputs["segments"]
         seg = segments["video_segment_ids"]  # (B, V)
         t_tok = _per_token(t, seg)  # (B, V): each token's clip's timestep
@@ -224,7 +236,9 @@ class Packed:
         counts = onehot.sum(1)  # (B, G) video tokens per clip
         used = counts > 0
         per_clip = jnp.where(used, sums / jnp.maximum(counts, 1.0), 0.0)
-        return per_clip.sum() / jnp.maximum(used.sum(), 1)
+        images = (segments["grids"][..., 0] == 1).astype(jnp.float32)
+        loss = per_clip.sum() / jnp.maximum(used.sum(), 1)
+        return loss, modality_parts(per_clip, images, used.astype(jnp.float32))
 
     def with_timestep(self, inputs: dict, t: int) -> dict:
         shape = inputs["segments"]["grids"].shape[:2]  # (B, G): one per clip slot
@@ -249,6 +263,20 @@ class Packed:
         tokens = lengths.sum() + lengths.size * self.text_len
         work = flops.train_flops(self.model, self.text_len, lengths, self.lora).sum()
         return float(tokens), float(work)
+
+
+def modality_parts(per_sample, images, used) -> dict:
+    """Sums of per-sample losses and sample counts over images and over clips (0/1 masks
+    `images` and `used`, broadcastable to per_sample): what the host turns into `loss_images`
+    and `loss_clips` (train/dit.py) whatever the micro-batching."""
+    clips = used * (1.0 - images)
+    images = used * images
+    return {
+        "image_loss_sum": (per_sample * images).sum(),
+        "image_count": images.sum() + jnp.zeros(()),
+        "clip_loss_sum": (per_sample * clips).sum(),
+        "clip_count": clips.sum() + jnp.zeros(()),
+    }
 
 
 def _per_token(x: jax.Array, segment_ids: jax.Array) -> jax.Array:

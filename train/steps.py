@@ -59,9 +59,10 @@ class Update:
     skip_nonfinite: bool  # a non-finite loss or gradient keeps the old weights
 
 
-def loss_fn(params, fixed, inputs, *, model: Model, objective, ab) -> jax.Array:
-    """The objective's loss of prepared `inputs` for the transformer of (params, fixed)."""
-    return objective.loss(model.merge(params, fixed), inputs, ab)
+def loss_fn(params, fixed, inputs, *, model: Model, objective, ab) -> tuple[jax.Array, dict]:
+    """The objective's loss of prepared `inputs` for the transformer of (params, fixed), and its
+    sums over images and clips (objective.modality_parts)."""
+    return objective.loss_parts(model.merge(params, fixed), inputs, ab)
 
 
 def train_step(state, batch, frozen: Frozen, *, model, training, objective, update, ab):
@@ -71,9 +72,9 @@ def train_step(state, batch, frozen: Frozen, *, model, training, objective, upda
     vae = None if frozen.vae is None else nnx.merge(*frozen.vae)
     inputs = objective.prepare(batch, key, vae, train=True)
     grad_fn = jax.value_and_grad(
-        functools.partial(loss_fn, model=model, objective=objective, ab=ab)
+        functools.partial(loss_fn, model=model, objective=objective, ab=ab), has_aux=True
     )
-    loss, grads = _gradients(
+    loss, parts, grads = _gradients(
         grad_fn, state["params"], training.fixed(state, frozen), inputs, update
     )
     updates, opt_state = update.tx.update(grads, state["opt_state"], state["params"])
@@ -87,24 +88,27 @@ def train_step(state, batch, frozen: Frozen, *, model, training, objective, upda
         kept = {k: new[k] for k in ("params", "opt_state", "ema")}
         old = {k: state[k] for k in kept}
         new.update(jax.tree.map(lambda n, o: jnp.where(finite, n, o), kept, old))
-    out = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    out = {"loss": loss, "grad_norm": grad_norm, "finite": finite} | parts
     return new, out | objective.step_outputs(batch)
 
 
 def _gradients(grad_fn, params, fixed, inputs, update: Update):
-    """(loss, gradients) of the whole batch, in `update.grad_accum_steps` micro-batches."""
+    """(loss, its modality sums, gradients) of the whole batch, in `update.grad_accum_steps`
+    micro-batches: the loss and gradients averaged over them, the sums added up."""
     a = update.grad_accum_steps
     if a == 1:
-        return grad_fn(params, fixed, inputs)
+        (loss, parts), grads = grad_fn(params, fixed, inputs)
+        return loss, parts, grads
 
     def micro(acc, mb):
-        loss, grads = grad_fn(params, fixed, mb)
-        return jax.tree.map(jnp.add, acc, (loss, grads)), None
+        (loss, parts), grads = grad_fn(params, fixed, mb)
+        return jax.tree.map(jnp.add, acc, (loss, parts, grads)), None
 
     split = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), inputs)
-    zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(micro, zero, split)
-    return jax.tree.map(lambda x: x / a, (loss, grads))
+    zero = jax.eval_shape(lambda: grad_fn(params, fixed, jax.tree.map(lambda x: x[0], split)))
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (zero[0][0], zero[0][1], params))
+    (loss, parts, grads), _ = jax.lax.scan(micro, zero, split)
+    return loss / a, parts, jax.tree.map(lambda x: x / a, grads)
 
 
 def eval_step(
@@ -123,7 +127,7 @@ def eval_step(
             model=model,
             objective=objective,
             ab=ab,
-        )
+        )[0]
         for t in timesteps
     ]
     return jnp.stack(losses)
