@@ -110,7 +110,10 @@ def dit_config(
         data_dir="",
         # Several prepared datasets mixed in one stream instead of data_dir (e.g. images beside
         # clips): ((DIR, WEIGHT), ...). Packing draws each clip from dataset d in the share
-        # WEIGHT_d / sum(WEIGHTS), bucketing each batch (data/loader.py, mixture).
+        # WEIGHT_d / sum(WEIGHTS), bucketing each batch (data/loader.py, mixture). Pretraining
+        # with images is CogVideoX's recipe (about 2B images beside 35M clips, as one-frame
+        # videos), but the paper states no mixing ratio, so no mode sets a default one: give
+        # the weights, e.g. (("clips", 0.8), ("images", 0.2)).
         sources=(),
         packing=False,
         video_budget=0,
