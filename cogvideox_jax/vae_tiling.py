@@ -38,14 +38,15 @@ def encode_tiled(
     H, W = video.shape[2:4]
     if H <= tile_h and W <= tile_w:
         return vae.encode(video, frame_batching=frame_batching)
-    step_h, step_w = int(tile_h * (1 - overlap_height)), int(tile_w * (1 - overlap_width))
-    tiles = _in_order(
-        lambda x: vae.encode_moments(x, frame_batching=frame_batching),
+    tiles = [
         [
-            [video[:, :, i : i + tile_h, j : j + tile_w] for j in range(0, W, step_w)]
-            for i in range(0, H, step_h)
-        ],
-    )
+            vae.encode_moments(
+                video[:, :, i : i + tile_h, j : j + tile_w], frame_batching=frame_batching
+            )
+            for j in range(0, W, int(tile_w * (1 - overlap_width)))
+        ]
+        for i in range(0, H, int(tile_h * (1 - overlap_height)))
+    ]
     blend = (int(latent_h * overlap_height), int(latent_w * overlap_width))
     # The logvar clamp comes after blending, as in diffusers.
     return diagonal_gaussian(_stitch(tiles, blend, (latent_h - blend[0], latent_w - blend[1])))
@@ -66,33 +67,15 @@ def decode_tiled(
     h, w = z.shape[2:4]
     if h <= latent_h and w <= latent_w:
         return vae.decode(z, frame_batching=frame_batching)
-    step_h, step_w = int(latent_h * (1 - overlap_height)), int(latent_w * (1 - overlap_width))
-    tiles = _in_order(
-        lambda x: vae.decode(x, frame_batching=frame_batching),
+    tiles = [
         [
-            [z[:, :, i : i + latent_h, j : j + latent_w] for j in range(0, w, step_w)]
-            for i in range(0, h, step_h)
-        ],
-    )
+            vae.decode(z[:, :, i : i + latent_h, j : j + latent_w], frame_batching=frame_batching)
+            for j in range(0, w, int(latent_w * (1 - overlap_width)))
+        ]
+        for i in range(0, h, int(latent_h * (1 - overlap_height)))
+    ]
     blend = (int(tile_h * overlap_height), int(tile_w * overlap_width))
     return _stitch(tiles, blend, (tile_h - blend[0], tile_w - blend[1]))
-
-
-def _in_order(f, grid):
-    """[[f(x) for x in row] for row in grid], one tile after the other in raster order, as
-    diffusers' loops run them: each tile's input waits (an optimization barrier) for the last
-    tile's output, so that XLA cannot schedule the tiles side by side and hold every tile's
-    activations at once (tools.aot --sample at 161x768x1360 planned more memory for the
-    unordered tiled decode than for the untiled one)."""
-    out, done = [], None
-    for row in grid:
-        out.append([])
-        for x in row:
-            if done is not None:
-                x, _ = jax.lax.optimization_barrier((x, done))
-            done = f(x)
-            out[-1].append(done)
-    return out
 
 
 def _tile_sizes(vae, tile_height, tile_width):
