@@ -95,9 +95,9 @@ def test_bad_config_fails_before_compiling():
 
 @pytest.mark.slow
 def test_sampling_plan_for_a_slice():
-    """--sample compiles the pipeline's programs (T5, the whole denoising loop, a VAE decode:
-    here the context-parallel one) for the slice, on the config's mesh with the sampling
-    rules, and reports each one's memory per chip."""
+    """--sample compiles the pipeline's programs (T5 and the whole denoising loop; the VAE
+    decodes too unless --sample_decode leaves them out, as here) for the slice, on the
+    config's mesh with the sampling rules, and reports each one's memory per chip."""
     p = _run(
         "--config=configs/cogvideox_5b.py:sft,runlocal",
         "--topology=v5e-8",
@@ -107,13 +107,13 @@ def test_sampling_plan_for_a_slice():
         "--config.evals.batch_size=4",
         "--sample",
         "--sample_steps=3",
-        "--sample_decode=context_parallel",  # each VAE decode takes ~40 s to compile here
+        "--sample_decode=",  # the VAE decodes take 30 to 40 s each to compile here
     )
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["mesh"] == {"data": 1, "fsdp": 4, "context": 2, "tensor": 1}
     assert r["clip"] == [9, 32, 32] and r["steps"] == 3
-    names = ("text_encoder", "denoise", "vae_decode_context_parallel")
+    names = ("text_encoder", "denoise")
     assert tuple(r["programs"]) == names
     for name in names:
         prog = r["programs"][name]

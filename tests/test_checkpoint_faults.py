@@ -21,7 +21,7 @@ import grain
 import jax.numpy as jnp
 import pytest
 from conftest import compile_env
-from test_train import MACHINE_KEYS, _config, _rows
+from test_train import MACHINE_KEYS, NO_SAMPLES, _config, _rows
 
 from train import checkpoint, dit, workdir_lock
 
@@ -198,6 +198,7 @@ def test_pinned_step_resumes_exactly_there_or_refuses_with_the_reason(pristine, 
     # of the workdir it ran in until it ends).
     workdir, folder = _copy(workdir, tmp_path / "cli"), tmp_path / "cli" / "run" / "checkpoints"
     cmd = [sys.executable, "-m", "train", "--config=configs/cogvideox_2b.py:sft,runlocal"]
+    cmd += [NO_SAMPLES]
     cmd += ["--workdir", str(workdir), "--config.ckpt.step=4", "--config.total_steps=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=compile_env(), capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
@@ -229,7 +230,7 @@ def test_retention_keeps_intact_steps_when_the_newest_is_damaged(pristine, tmp_p
 def _start(workdir: Path, *overrides) -> subprocess.Popen:
     """`python -m train` on the 2B runlocal config, its stdout and stderr into a log file."""
     cmd = [sys.executable, "-m", "train", "--config", "configs/cogvideox_2b.py:sft,runlocal"]
-    cmd += ["--workdir", str(workdir), "--config.log.progress=False", *overrides]
+    cmd += ["--workdir", str(workdir), "--config.log.progress=False", NO_SAMPLES, *overrides]
     env = compile_env() | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     logs = sorted(workdir.parent.glob(f"{workdir.name}.*.log"))
     log = workdir.parent / f"{workdir.name}.{len(logs)}.log"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compile_env
-from test_train import MACHINE_KEYS, STOPPED, _wait_for_rows
+from test_train import MACHINE_KEYS, NO_SAMPLES, STOPPED, _wait_for_rows
 
 from train import distributed
 
@@ -27,6 +27,7 @@ ARGS = [
     "--config.ckpt.every_steps=1000",  # the only checkpoint: the one of the stop
     "--config.evals.every_steps=10",
     "--config.log.progress=False",
+    NO_SAMPLES,
 ]
 
 
