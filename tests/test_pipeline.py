@@ -468,7 +468,7 @@ def test_sampling_on_a_mesh_equals_one_device(one_device, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["data2_context2_tensor2", "fsdp2_context4_ulysses"])
+@pytest.mark.parametrize("layout", ["data2_context2_tensor2"])
 def test_inversion_on_a_mesh_equals_one_device(one_device, inverted, layout):
     """DDIM inversion and the reference-attention reconstruction (sampled and reference rows'
     keys joined across the context shards, with the padding context parallelism adds) on 8
