@@ -749,34 +749,3 @@ def test_image_buckets_from_the_command_line(media, tmp_path):
         proc.returncode == 2
         and "1 video entries, but --buckets has no video bucket (4k+1 frames)" in proc.stderr
     )
-
-
-@pytest.mark.slow
-def test_image_latents_have_one_frame(model, media, tmp_path):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from cogvideox_jax import components
-
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("photo.jpg", "grey.png", "alpha.webp"):
-        (folder / name).write_bytes((media / name).read_bytes())
-    (folder / "images.txt").write_text("photo.jpg\ngrey.png\nalpha.webp\n")
-    (folder / "prompts.txt").write_text("a photo\na grey ramp\nhalf see-through\n")
-    out = tmp_path / "out"
-    _cli(folder, out, "--model", model, "--size", f"{H}x{W}", "--batch", 2, devices=2)
-    ds = prepared.open_prepared(out)
-    assert ds.kind == "latents" and ds.meta["modalities"] == {"image": 3, "video": 0}
-    np.testing.assert_array_equal(ds.shapes(), [[1, 4, 6]] * 3)  # T = 1: one frame, one latent
-    vae_model = components.load_vae(model)
-    for r in _all(ds.source()):
-        image = video.load_image(folder / r["path"], size=(H, W))
-        mean, logvar = nnx.jit(lambda m, x: m.encode(x))(
-            vae_model, jnp.asarray(video.to_unit_range(image))[None]
-        )
-        assert r["latent_mean"].shape == (1, 4, 6, 16)
-        np.testing.assert_allclose(r["latent_mean"], mean[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(r["latent_logvar"], logvar[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(r["first_frame"], image[0])
-        assert r["text"].shape == (12, 16)

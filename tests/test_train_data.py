@@ -245,7 +245,7 @@ def test_a_latent_dataset_from_another_vae_is_refused(latents, tmp_path):
 @pytest.fixture(scope="module")
 def image_latents(model, tmp_path_factory):
     """18 captioned PNG images in two sizes, prepared with the model folder's encoders (one
-    latent frame each) into 1x32x32 and 1x32x48 buckets, 6 held out."""
+    latent frame each) into 1x32x32 and 1x32x48 buckets, 6 held out: (prepared, images)."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("images")
@@ -259,7 +259,7 @@ def image_latents(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "images"
     _prepare(root / "images.csv", out, "--buckets", "1x32x32,1x32x48", "--eval_examples", 6,
              "--model", model)  # fmt: skip
-    return out
+    return out, root
 
 
 @pytest.mark.slow
@@ -268,7 +268,25 @@ def test_images_and_clips_in_one_run(latents, image_latents, raw, model, tmp_pat
     bucketed, it trains; packed (images and clips sharing rows), it trains, and a copy stopped
     after step 2's checkpoint (what a SIGKILL then leaves) resumes to the same losses, held-out
     loss and data position at step 4."""
-    assert prepared.open_prepared(image_latents).shapes("train")[:, 0].max() == 1  # images
+    # The prepared images: one latent frame each, our VAE's posterior of the resized image.
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cogvideox_jax import components
+
+    image_latents, image_folder = image_latents
+    images = prepared.open_prepared(image_latents)
+    assert images.kind == "latents" and images.meta["modalities"]["image"] == 24
+    assert images.shapes("train")[:, 0].max() == 1
+    rec = images.source("train")[0]
+    pixels = video.load_image(image_folder / rec["path"], buckets=[(1, 32, 32), (1, 32, 48)])
+    vae = components.load_vae(model)
+    mean, logvar = nnx.jit(lambda m, x: m.encode(x))(
+        vae, jnp.asarray(video.to_unit_range(pixels))[None]
+    )
+    np.testing.assert_allclose(rec["latent_mean"], mean[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rec["latent_logvar"], logvar[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rec["first_frame"], pixels[0])
     sources = ((str(latents), 0.7), (str(image_latents), 0.3))
     base = {"input.sources": sources, "evals.every_steps": 2, "ckpt.every_steps": 2}
     cfg = _config("cogvideox_5b", "sft,runlocal", total_steps=2, **base)
