@@ -206,6 +206,13 @@ class Pipeline:
             )
         return jnp.concatenate([negative_prompt_embeds, prompt_embeds]), batch  # (2B, S, D)
 
+    def _video_latents(self, pixels, batch: int, key) -> jax.Array:
+        """Scaled posterior samples (B, T, h, w, C) of one video, or of one per row."""
+        if len(pixels) not in (1, batch):
+            raise ValueError(f"{len(pixels)} videos for a batch of {batch}")
+        mean, logvar = _encode_pixels(self.vae, jnp.repeat(pixels, batch // len(pixels), 0))
+        return sample_latents(key, mean, logvar) * self.vae.cfg.scaling_factor
+
     def invert(
         self,
         video=None,
@@ -260,11 +267,8 @@ class Pipeline:
                 prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg
             )
             if pixels is not None:
-                if len(pixels) not in (1, batch):
-                    raise ValueError(f"{len(pixels)} videos for a batch of {batch}")
-                mean, logvar = _encode_pixels(self.vae, jnp.repeat(pixels, batch // len(pixels), 0))
                 key = jax.random.split(jax.random.key(seed), 3)[1]  # the image key of `_sample`
-                latents = sample_latents(key, mean, logvar) * vae_cfg.scaling_factor
+                latents = self._video_latents(pixels, batch, key)
             latents = jnp.asarray(latents, self.transformer.dtype)
             h, w = height // vae_cfg.spatial_compression, width // vae_cfg.spatial_compression
             if latents.shape[0] != batch or latents.shape[2:] != (h, w, vae_cfg.latent_channels):
@@ -405,10 +409,7 @@ class Pipeline:
                     f"strength={strength} with num_inference_steps leaves no step to run"
                 )
         if latents is None and pixels is not None:
-            if len(pixels) not in (1, batch):
-                raise ValueError(f"{len(pixels)} videos for a batch of {batch}")
-            mean, logvar = _encode_pixels(self.vae, jnp.repeat(pixels, batch // len(pixels), 0))
-            z0 = sample_latents(k_image, mean, logvar) * vae_cfg.scaling_factor
+            z0 = self._video_latents(pixels, batch, k_image)
             noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
             t0 = jnp.full((batch,), int(table["t"][0]))
             latents = diffusion.add_noise(z0, noise, t0, jnp.asarray(ab))
@@ -476,9 +477,14 @@ class Pipeline:
         return np.asarray(jnp.clip(video / 2 + 0.5, 0.0, 1.0))
 
 
-# Sampling on a mesh: as training's rules, but the batch (2B rows with guidance) over `data`
-# only, so that `fsdp` and `context` keep every row's tokens together for context parallelism.
-SAMPLING_RULES = sharding.rules_with((("batch", "data"),))
+def sampling_rules(rules: sharding.Rules) -> sharding.Rules:
+    """Sharding rules for sampling: `rules` with the batch (2B rows with guidance) over `data`
+    only, so that `fsdp` and `context` keep every row's tokens together for context
+    parallelism."""
+    return tuple((k, "data") if k == "batch" else (k, v) for k, v in rules)
+
+
+SAMPLING_RULES = sampling_rules(sharding.rules_with(()))
 
 
 def _place(module, mesh, rules) -> None:

@@ -299,6 +299,12 @@ class Prepared:
         return out
 
 
+def concatenate(datasets: list[Prepared]) -> Prepared:
+    """Prepared datasets of one kind and splits as one, records one dataset after another (a
+    mixture's datasets, train/inputs.py)."""
+    return Prepared([p for d in datasets for p in d.parts], [m for d in datasets for m in d._metas])
+
+
 def read_meta(folder: Path) -> dict | None:
     """meta.json of a complete prepared folder, or None if it has none."""
     path = Path(folder) / "meta.json"

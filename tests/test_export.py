@@ -187,20 +187,10 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         ),
         (
             sample.main,
-            [
-                "--model",
-                str(tmp_path),
-                "--prompt",
-                "a",
-                "--out",
-                "v.mp4",
-                "--invert",
-                "i.mp4",
-                "--scheduler",
-                "dpm",
-            ],
+            ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--invert", "i.mp4"]
+            + ["--scheduler", "dpm"],
             "--invert samples with --scheduler ddim",
-        ),  # fmt: skip
+        ),
         (
             sample.main,
             ["--model", str(tmp_path), "--prompt", "a", "--out", "v.mp4", "--mesh", "data=3"],

@@ -189,7 +189,7 @@ def analyse_sampling(
     devices = topologies.get_topology_desc(f"{gen}:{shape}", "tpu").devices
     run = resolve(c, devices)
     mesh, cfg = run.mesh, run.model
-    rules = tuple((k, "data") if k == "batch" else (k, v) for k, v in run.rules)
+    rules = pipeline.sampling_rules(run.rules)
     dtype = jnp.dtype(c.model.dtype)
     print(
         f"{topology} ({gen}:{shape}, {chips} chips); sampling mesh {dict(mesh.shape)}; "

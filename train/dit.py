@@ -211,8 +211,9 @@ def _evaluate(prog: Program, state, frozen, held_out, sampler, step: int) -> dic
     return row
 
 
-MODALITY = ("clips", "images", "tokens", "image_tokens")
-MODALITY += ("image_loss_sum", "image_count", "clip_loss_sum", "clip_count")
+# A mixture's per-interval sums: clips, images and their video tokens, and objective.modality_parts.
+LOSS_PARTS = ("image_loss_sum", "image_count", "clip_loss_sum", "clip_count")
+MODALITY = ("clips", "images", "tokens", "image_tokens", *LOSS_PARTS)
 
 
 @dataclasses.dataclass
@@ -246,7 +247,7 @@ class Meter:
         self.tokens += tokens
         self.flops += flops
         self.efficiency += float(out.get("packing_efficiency", 0.0))
-        if "image_slots" in out:  # images among the step's clips, and their video tokens
+        if self.run.config.input.sources:  # a mixture: images among the clips, their tokens
             images = np.asarray(out["image_slots"], bool)
             sizes = np.asarray(out.get("clip_tokens", np.ones(images.shape)), np.float64)
             used = sizes > 0
@@ -254,8 +255,8 @@ class Meter:
             self.modality["images"] += (images & used).sum()
             self.modality["tokens"] += sizes.sum()
             self.modality["image_tokens"] += sizes[images].sum()
-        for key in ("image_loss_sum", "image_count", "clip_loss_sum", "clip_count"):
-            self.modality[key] += float(out.get(key, 0.0))
+            for key in LOSS_PARTS:
+                self.modality[key] += float(out[key])
         if bool(out["finite"]):
             return None
         self.skipped += 1

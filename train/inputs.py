@@ -74,12 +74,11 @@ def open_sources(c, demo: bool = False):
                 "agree (prepare them alike: both raw or both with --model, with or without "
                 "--eval_examples)"
             )
-    parts = [p for _, ds, _ in opened for p in ds.parts]
-    metas = [m for _, ds, _ in opened for m in ds._metas]
     mixture = [(len(ds.shapes("train")), w) for _, ds, w in opened]
     names = source_names([folder for folder, _, _ in opened])
     each = dict(zip(names, (ds for _, ds, _ in opened), strict=True))
-    return prepared.Prepared(parts, metas), mixture, "input.sources", each
+    combined = prepared.concatenate([ds for _, ds, _ in opened])
+    return combined, mixture, "input.sources", each
 
 
 def source_names(folders) -> list[str]:

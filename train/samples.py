@@ -49,7 +49,7 @@ class EvalSampler:
             schedule = diffusion.ScheduleConfig(snr_shift_scale=c.diffusion.snr_shift_scale)
             pipe = _StandInText(transformer, nnx.merge(gd, st), schedule)
             pipe.text_shape = (c.input.text_len, c.input.text_dim)
-        rules = tuple((k, "data") if k == "batch" else (k, v) for k, v in run.rules)
+        rules = pipeline.sampling_rules(run.rules)
         pipe.place(run.mesh, rules)
         return pipe
 
@@ -117,8 +117,6 @@ def write(workdir: str, step: int, frames, prompts, fps: int, extra=None) -> Non
     with open(path + ".tmp", "w") as fh:
         json.dump(listing, fh, indent=1)
     os.replace(path + ".tmp", path)
-    labels = [
-        f"{p} ({x['prompt_adherence']:.2f})" if extra else p
-        for p, x in zip(prompts, extra or [None] * len(prompts), strict=True)
-    ]
+    score = lambda x: f" ({x['prompt_adherence']:.2f})" if "prompt_adherence" in x else ""  # noqa: E731
+    labels = [x["caption"] + score(x) for x in listing]
     video.write_contact_sheet(os.path.join(out, f"step_{step}.png"), frames, labels)
