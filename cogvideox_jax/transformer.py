@@ -494,7 +494,15 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, patches, text):
         """patches (B, L, patch_features), text (B, S, text_embed_dim) -> (B, S + L, D)."""
-        return join(self.text_proj(text), self.proj(patches))
+        # Each row's tokens whole on its batch shard before the text and video are joined: the
+        # projections' outputs would otherwise follow their kernels' sharding (the width over
+        # fsdp and context), and joining them along a context-sharded token axis made XLA gather
+        # every row of the batch onto every chip (8 GB per micro-batch for 1.5-5B at 161 frames
+        # on v5p-64; BENCHMARKS.md, "Where a step's time goes"). The blocks' constraint then
+        # splits the tokens over `context`, a local slice.
+        whole = ("batch", None, "act_embed")
+        text = sharding.constrain(self.text_proj(text), whole)
+        return join(text, sharding.constrain(self.proj(patches), whole))
 
 
 def _sample_grid(cfg: TransformerConfig) -> tuple[int, int, int]:

@@ -28,6 +28,14 @@ if __name__ == "__main__" and any(a in ("-h", "--help", "--helpfull") for a in s
     print("--sample              plan sampling (T5, the denoising loop, the VAE decode) instead")
     print("--sample_steps N      denoising steps of the sampling plan (default 50)")
     print("--sample_decode LIST  VAE decodes to plan: frame_batched,tiled,context_parallel")
+    print("--collectives         print the step's collectives by the source line that caused them")
+    print("--search              compile the layouts the config allows (mesh, remat, accumulation,")
+    print("                      context-parallel mode) and rank them by estimated step time")
+    print("--search_space SPEC   e.g. 'context=1,2;tensor=1,2;data=1;remat=full,save_attention;")
+    print("                      accum=1,2;cp=allgather,ulysses' (accum: samples per data shard")
+    print("                      per micro-batch)")
+    print("--search_budget N     at most N compiles; --jobs N compiles at once")
+    print("--cache_dir DIR       compiled plans are cached (default ~/.cache/cogvideox_jax/plans)")
     sys.exit(0)
 
 # Compile for TPU from a CPU process: the CPU backend stays the default (jax must not try to run
@@ -51,6 +59,7 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs import validate  # noqa: E402
+from tools import hlo_cost, plan_cache, plan_search, step_time  # noqa: E402
 from train.program import make_program  # noqa: E402
 from train.run import resolve  # noqa: E402
 
@@ -99,7 +108,10 @@ def count_collectives(hlo: str) -> dict[str, int]:
     return out
 
 
-def analyse(config, topology: str) -> dict:
+def analyse(config, topology: str, cache_dir: str | None = None, keep_hlo: bool = False) -> dict:
+    """Compile `config`'s train step for `topology` (or take it from `cache_dir`) and report its
+    memory, loop-aware FLOPs and bytes, collectives and estimated step time. `keep_hlo`: the
+    compiled HLO text is returned under "hlo" (not printed in the JSON)."""
     c = config
     gen, shape, chips = parse_topology(topology)
     validate.validate(c, num_devices=chips)  # config errors before libtpu is even loaded
@@ -116,7 +128,42 @@ def analyse(config, topology: str) -> dict:
         f"{dict(mesh.shape)} over {used} chips",
         flush=True,
     )
+    r = dict(
+        config=None,
+        topology=topology,
+        chips=chips,
+        mesh_chips=used,
+        device_kind=devices[0].device_kind,
+        mesh={k: int(v) for k, v in mesh.shape.items()},
+        remat=c.model.remat,
+        attention_impl=c.model.attention_impl,
+        context_parallel=c.model.context_parallel,
+        batch_size=c.batch_size,
+        grad_accum_steps=run.grad_accum_steps,
+        tokens_per_sample=run.tokens_per_example,
+        hbm_bytes_per_chip=HBM_BYTES[gen],
+        model_flops_per_step=run.flops_per_step,
+    )
+    key = plan_cache.key(c, topology) if cache_dir else None
+    hit = plan_cache.load(cache_dir, key) if key else None
+    if hit is not None:
+        figures, hlo = hit
+        figures = figures | dict(cached=True)
+    else:
+        figures, hlo = _compile_step(run, gen)
+        if key:
+            plan_cache.store(cache_dir, key, figures, hlo)
+    r = r | figures
+    if hlo is not None:
+        r = r | _loop_aware(hlo, gen, mesh, run.flops_per_step,
+                            c.batch_size * run.tokens_per_example, c.batch_size)  # fmt: skip
+        if keep_hlo:
+            r["hlo"] = hlo
+    return r
 
+
+def _compile_step(run, gen: str) -> tuple[dict, str | None]:
+    """The train step compiled: its memory figures (or XLA's refusal) and its HLO text."""
     prog = make_program(run)
     args = prog.abstract_train_args()
     step = prog.jit_train_step()
@@ -133,36 +180,44 @@ def analyse(config, topology: str) -> dict:
             if "RESOURCE_EXHAUSTED" not in str(e) or not m:
                 raise
             compiled, refused_bytes = None, int(float(m.group(1)) * GIB)
-    compile_s = time.perf_counter() - t0
-
-    r = dict(
-        config=None,
-        topology=topology,
-        chips=chips,
-        mesh_chips=used,
-        device_kind=devices[0].device_kind,
-        mesh={k: int(v) for k, v in mesh.shape.items()},
-        remat=c.model.remat,
-        attention_impl=c.model.attention_impl,
-        batch_size=c.batch_size,
-        grad_accum_steps=run.grad_accum_steps,
-        tokens_per_sample=run.tokens_per_example,
-        hbm_bytes_per_chip=HBM_BYTES[gen],
-        model_flops_per_step=run.flops_per_step,
-        compile_s=round(compile_s, 1),
-    )
+    compile_s = round(time.perf_counter() - t0, 1)
     if compiled is None:  # out of memory: only XLA's temporaries figure is known
         arg_bytes = argument_bytes_per_chip(args)
-        oom = dict(
+        return dict(
+            compile_s=compile_s,
             refused=True,
             xla_refused_bytes_per_chip=refused_bytes,
             argument_bytes_per_chip=arg_bytes,
             temp_bytes_per_chip=refused_bytes - arg_bytes,
             peak_bytes_per_chip=refused_bytes,
             flops_per_step=None,
-        )
-        return r | oom | dict(fits=False)
-    return r | _compiled_figures(compiled, used, HBM_BYTES[gen])
+            fits=False,
+        ), None
+    figures = _compiled_figures(compiled, run.mesh.devices.size, HBM_BYTES[gen])
+    return figures | dict(compile_s=compile_s), compiled.as_text()
+
+
+def _loop_aware(hlo: str, gen: str, mesh, model_flops: float, tokens: float, samples: int):
+    """tools.hlo_cost's loop-aware figures and tools.step_time's estimate for one program."""
+    cost = hlo_cost.analyse_hlo(hlo)
+    chips = int(mesh.devices.size)
+    est = step_time.estimate(cost, step_time.CHIPS[gen], mesh, model_flops, tokens, samples)
+    comm = {
+        k: dict(count=v["count"], gb_per_chip=v["moved_bytes"] / 1e9, groups=v["groups"])
+        for k, v in cost.collective_totals().items()
+    }
+    return dict(
+        matmul_flops_per_step=cost.matmul_flops * chips,
+        kernel_flops_per_step=cost.kernel_flops * chips,
+        compiled_over_model=cost.matmul_flops * chips / model_flops if model_flops else None,
+        hbm_gb_per_chip=cost.hbm_bytes / 1e9,
+        comm=comm,
+        comm_gb_per_chip=sum(v["gb_per_chip"] for v in comm.values()),
+        loops=cost.loops,
+        unknown_trip_counts=cost.unknown_trip_counts,
+        collectives_by_source=cost.by_source(),
+        estimate=est,
+    )
 
 
 def analyse_sampling(
@@ -365,18 +420,47 @@ def report(r: dict) -> None:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     print(f"peak {g(r['peak_bytes_per_chip'])} of {hbm} HBM: {verdict}")
     print(
-        f"FLOPs per step: XLA {r['flops_per_step']:.3e} ({r['xla_flops_per_chip']:.3e} per "
-        f"chip x {r['mesh_chips']}), model {r['model_flops_per_step']:.3e} (cogvideox_jax.flops: "
-        "3 x forward, frozen LoRA bases 2 x, no remat). XLA counts a loop body once (the layer "
-        "scan, gradient accumulation) and no "
-        "FLOPs inside Pallas kernels (splash), so it is far below the model figure for full "
-        "models"
+        f"FLOPs per step, loop-aware (every loop body times its trip count, splash kernels from "
+        f"their shapes): {r['matmul_flops_per_step']:.3e} matmul FLOPs, "
+        f"{r['compiled_over_model']:.3f} x the model's {r['model_flops_per_step']:.3e} "
+        "(cogvideox_jax.flops: 3 x forward, no "
+        "recompute; the excess is remat recompute and flash attention's backward recompute). "
+        f"XLA's cost_analysis, which sees each loop body once: {r['flops_per_step']:.3e}"
     )
     print(
-        "collectives (static HLO counts): "
-        + ", ".join(f"{k} {v}" for k, v in r["collectives"].items())
+        f"HBM traffic {r['hbm_gb_per_chip']:.1f} GB per chip per step; collectives per chip per "
+        "step: "
+        + "; ".join(
+            f"{k} {v['count']} x, {v['gb_per_chip']:.2f} GB (groups "
+            f"{','.join(map(str, v['groups']))})"
+            for k, v in r["comm"].items()
+        )
     )
-    print(f"compile {r['compile_s']} s")
+    e = r["estimate"]
+    print(
+        f"ESTIMATE (roofline, not a measurement; tools/step_time.py): step {e['step_s']:.3f} s = "
+        f"compute {e['compute_s']:.3f} s (MXU {e['mxu_s']:.3f}, HBM {e['hbm_s']:.3f}) + exposed "
+        f"communication {e['exposed_comm_s']:.3f} s of {e['comm_s']:.3f} s; "
+        f"{e['tokens_per_s']:.4g} tokens/s, {e['samples_per_s']:.4g} samples/s, MFU "
+        f"{100 * e['mfu']:.1f}%"
+    )
+    if r.get("unknown_trip_counts"):
+        print(f"loops counted once (trip count unknown): {r['unknown_trip_counts']}")
+    cached = " (from the plan cache)" if r.get("cached") else ""
+    print(f"compile {r['compile_s']} s{cached}")
+
+
+def print_collectives(r: dict, top: int = 40) -> None:
+    """The plan's collectives by the source line that caused them (--collectives)."""
+    rows = r.get("collectives_by_source") or []
+    print(f"collectives by source ({len(rows)} sources; per chip per step, largest first):")
+    print(f"{'kind':<19} {'per step':>9} {'static':>6} {'GB':>8} {'group':>6}  source  (op)")
+    for row in rows[:top]:
+        groups = ",".join(map(str, row["groups"]))
+        print(
+            f"{row['kind']:<19} {row['count']:>9} {row['static']:>6} "
+            f"{row['moved_bytes'] / 1e9:>8.3f} {groups:>6}  {row['source']}  ({row['op']})"
+        )
 
 
 def main(argv):
@@ -390,10 +474,25 @@ def main(argv):
         r = analyse_sampling(config, topology, flags.FLAGS.sample_steps, decodes=decodes)
         r["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
         report_sampling(r)
+    elif flags.FLAGS.search:
+        r = plan_search.search(
+            config,
+            topology,
+            config_file=config_flags.get_config_filename(flags.FLAGS["config"]),
+            cache_dir=flags.FLAGS.cache_dir or None,
+            jobs=flags.FLAGS.jobs,
+            space=flags.FLAGS.search_space,
+            budget=flags.FLAGS.search_budget,
+        )
+        plan_search.report(r)
     else:
-        r = analyse(config, topology)
+        r = analyse(config, topology, cache_dir=flags.FLAGS.cache_dir or None)
         r["config"] = config_flags.get_config_filename(flags.FLAGS["config"])
         report(r)
+        if flags.FLAGS.collectives:
+            print_collectives(r)
+    if not flags.FLAGS.collectives:
+        r.pop("collectives_by_source", None)
     print(json.dumps(r), flush=True)
 
 
@@ -407,4 +506,12 @@ if __name__ == "__main__":  # flags defined here only: the module stays importab
         "frame_batched,tiled,context_parallel",
         "VAE decodes the sampling plan compiles (context_parallel: where mesh.context > 1).",
     )
+    flags.DEFINE_bool("collectives", False, "Print the collectives by the source that caused them.")
+    flags.DEFINE_string(
+        "cache_dir", plan_cache.DEFAULT_DIR, "Compiled plans are cached here ('' for none)."
+    )
+    flags.DEFINE_bool("search", False, "Search the layouts the config allows; rank them.")
+    flags.DEFINE_integer("jobs", 0, "Search: compiles at once (0: as memory and cores allow).")
+    flags.DEFINE_string("search_space", "", "Search: e.g. context=1,2;tensor=1;remat=full")
+    flags.DEFINE_integer("search_budget", 0, "Search: at most this many compiles (0: all).")
     app.run(main)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cogvideox_jax import sharding
 from train import optim
 
 
@@ -104,7 +105,16 @@ def _gradients(grad_fn, params, fixed, inputs, update: Update):
         (loss, parts), grads = grad_fn(params, fixed, mb)
         return jax.tree.map(jnp.add, acc, (loss, parts, grads)), None
 
-    split = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), inputs)
+    # Micro-batch i takes rows i, i + a, i + 2a, ...: each data shard's block of rows holds its
+    # share of every micro-batch, so slicing one out is local (contiguous micro-batches made XLA
+    # move the whole batch between shards with an all-to-all before the loop).
+    split = jax.tree.map(
+        lambda x: sharding.constrain(
+            jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1),
+            (None, "batch") + (None,) * (x.ndim - 1),
+        ),
+        inputs,
+    )
     zero = jax.eval_shape(lambda: grad_fn(params, fixed, jax.tree.map(lambda x: x[0], split)))
     zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (zero[0][0], zero[0][1], params))
     (loss, parts, grads), _ = jax.lax.scan(micro, zero, split)
