@@ -120,4 +120,10 @@ def test_sampling_plan_for_a_slice():
         assert prog["fits"] is True and 0 < prog["peak_bytes_per_chip"] < 16 * 2**30, name
     assert r["programs"]["denoise"]["collectives"]["all-gather"] > 0  # FSDP and context
     assert r["programs"]["denoise"]["pallas_kernels"] > 0  # splash inside the loop
+    # The loop-aware report of the denoising loop: its 3 steps counted, an estimate per run.
+    denoise = r["programs"]["denoise"]
+    assert 3 in denoise["loops"].values() and not denoise["unknown_trip_counts"]
+    assert denoise["matmul_flops_per_step"] > 3 * denoise["xla_flops_per_chip"]
+    assert denoise["estimate"]["step_s"] > 0 and 0 < denoise["estimate"]["mfu"] < 1
+    assert "ESTIMATE (roofline, not a measurement)" in p.stdout
     assert "denoise: peak" in p.stdout and "(fits)" in p.stdout

@@ -234,7 +234,7 @@ def analyse_sampling(
     from flax import nnx
 
     import cogvideox_jax as cj
-    from cogvideox_jax import diffusion, pipeline, sharding, t5
+    from cogvideox_jax import diffusion, flops, pipeline, sharding, t5
     from cogvideox_jax import vae as vae_lib
 
     c = config
@@ -281,7 +281,7 @@ def analyse_sampling(
     latents = jax.ShapeDtypeStruct((batch, frames + extra, h, w, c_lat), dtype, sharding=rep)
     out = {}
 
-    def compile_(name, lower):
+    def compile_(name, lower, model_flops=0.0):
         t0 = time.perf_counter()
         with jax.set_mesh(mesh), sharding.use_rules(rules):
             try:
@@ -294,6 +294,8 @@ def analyse_sampling(
                                  fits=False)  # fmt: skip
                 return
         figures = _compiled_figures(compiled, mesh.devices.size, HBM_BYTES[gen])
+        figures |= _loop_aware(compiled.as_text(), gen, mesh, model_flops, 0, batch)
+        figures.pop("collectives_by_source")
         out[name] = figures | dict(compile_s=round(time.perf_counter() - t0, 1))
 
     # 1. The prompts (and negative prompts): T5-XXL over 226 tokens (a one-layer T5 of the
@@ -322,10 +324,14 @@ def analyse_sampling(
     scales = jax.ShapeDtypeStruct((steps,), jnp.float32, sharding=rep)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
     ofs = 2.0 if cfg.ofs_embed_dim else None
+    video = (
+        (frames + extra) // (cfg.patch_size_t or 1) * (h // cfg.patch_size) * (w // cfg.patch_size)
+    )
+    loop_flops = steps * rows * flops.transformer_flops(cfg, cfg.max_text_len, video)
     compile_("denoise", lambda: pipeline._denoise.lower_split(
         gd, st, latents, embeds, cond, table, scales, key,
         ofs=ofs, sampler="ddim", do_cfg=True, progress=False,
-    ))  # fmt: skip
+    ), model_flops=loop_flops)  # fmt: skip
 
     # 3. The decode, float32: frame-batched and replicated (Pipeline), and context-parallel.
     gd, st = split(lambda: cj.AutoencoderKL(vae_cfg, rngs=nnx.Rngs(0)), None)
@@ -362,6 +368,14 @@ def report_sampling(r: dict) -> None:
             f"{name}: peak {g(p['peak_bytes_per_chip'])} per chip of {g(r['hbm_bytes_per_chip'])} "
             f"({verdict}): arguments {g(p['argument_bytes_per_chip'])}, temporaries "
             f"{g(p['temp_bytes_per_chip'])}; compile {p['compile_s']} s"
+        )
+        e = p["estimate"]
+        mfu = f", MFU {100 * e['mfu']:.1f}%" if e["mfu"] is not None else ""
+        print(
+            f"  ESTIMATE (roofline, not a measurement): {e['step_s']:.3f} s per run of the "
+            f"program (compute {e['compute_s']:.3f} s, exposed communication "
+            f"{e['exposed_comm_s']:.3f} s){mfu}; HBM {p['hbm_gb_per_chip']:.1f} GB, "
+            f"collectives {p['comm_gb_per_chip']:.2f} GB per chip"
         )
 
 

@@ -142,6 +142,21 @@ def _jobs(jobs: int) -> int:
     return max(1, min(os.cpu_count() or 1, int(avail // 10)))  # ~10 GB per full-size compile
 
 
+def _cached(config, topology: str, overrides: dict, cache_dir) -> dict | None:
+    """The plan from the cache, analysed in this process (no compile, no new process), or None."""
+    from tools import aot, plan_cache
+
+    if not cache_dir:
+        return None
+    c = _apply(config, overrides)
+    if c.model.attention_impl == "auto":  # as tools.aot.analyse keys it
+        with c.unlocked():
+            c.model.attention_impl = "splash"
+    if plan_cache.load(cache_dir, plan_cache.key(c, topology)) is None:
+        return None
+    return aot.analyse(c, topology, cache_dir=cache_dir)
+
+
 def _compile(args: list[str], topology: str, overrides: dict, cache_dir) -> dict:
     cmd = [sys.executable, "-m", "tools.aot", *args, f"--topology={topology}"]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -180,6 +195,12 @@ def search(config, topology: str, *, config_file=None, cache_dir=None, jobs=0, s
             elif budget and spent[0] >= budget:
                 refused.append(dict(candidate=cand, rule="over --search_budget"))
             else:
+                hit = _cached(config, topology, o, cache_dir)
+                if hit is not None:
+                    row = dict(candidate=cand, overrides=o, result=_slim(hit))
+                    rows.append(row)
+                    print("  " + _line(row) + " (cached)", flush=True)
+                    continue
                 spent[0] += 1
                 todo.append((cand, o))
         print(f"compiling {len(todo)} plans, {n_jobs} at a time", flush=True)

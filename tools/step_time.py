@@ -90,7 +90,8 @@ def collective_seconds(c, chip: Chip, mesh) -> float:
 
 
 def estimate(cost, chip: Chip, mesh, model_flops: float, tokens: float, samples: int) -> dict:
-    """Step time, tokens/s and MFU of a step with `cost` (per chip) on `mesh`'s chips."""
+    """Step time, tokens/s and MFU of a step with `cost` (per chip) on `mesh`'s chips (MFU None
+    where `model_flops` is not known, e.g. a VAE decode)."""
     chips = int(mesh.devices.size)
     compute, comm = defaultdict(float), defaultdict(float)
     mxu = hbm = 0.0
@@ -122,8 +123,8 @@ def estimate(cost, chip: Chip, mesh, model_flops: float, tokens: float, samples:
         comm_s=sum(comm.values()),
         exposed_comm_s=exposed,
         comm_s_by_kind=dict(by_kind),
-        tokens_per_s=tokens / step,
+        tokens_per_s=tokens / step if tokens else None,
         samples_per_s=samples / step,
-        mfu=model_flops / (chips * chip.peak_flops * step),
+        mfu=model_flops / (chips * chip.peak_flops * step) if model_flops else None,
         chip=dataclasses.asdict(chip),
     )
