@@ -10,9 +10,11 @@ Rows:
   does not spread over 32 to 256 chips;
 - 1.5-5B pretraining at 161x768x1360 (`pretrain,frames=161,res=768x1360`, batch 1024, one
   sample per data shard per micro-batch).
-Search space per row (each compile takes minutes on a small CPU machine): FSDP over the chips
-with context 1 or 2 (and 4 for pretraining on v6e, whose 32 GiB needs it), allgather context
-parallelism, full remat, one sample per data shard per micro-batch. Every figure is a compiled
+Search space per row (each compile takes minutes on a small CPU machine): SFT: FSDP over every
+chip; pretraining: FSDP with context 1 or 2 (2 or 4 on v6e, whose 32 GiB does not hold a
+43k-token shard per chip of activations), allgather context parallelism; full remat, one sample
+per data shard per micro-batch. The wide search (tensor, Ulysses, remat, accumulation) is
+BENCHMARKS.md's v5p-128 ranking. Every figure is a compiled
 plan and an estimate; nothing ran on a TPU.
 """
 
@@ -39,7 +41,10 @@ SLICES = ("v5p-64", "v5p-128", "v5p-256", "v6e-64", "v6e-256")
 
 
 def space(kind: str, slice_: str) -> str:
-    contexts = "1,2,4" if kind == "pretrain" and slice_.startswith("v6e") else "1,2"
+    if kind == "sft":
+        contexts = "1"
+    else:
+        contexts = "2,4" if slice_.startswith("v6e") else "1,2"
     return f"context={contexts};tensor=1;cp=allgather;remat=full;accum=1"
 
 

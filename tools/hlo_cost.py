@@ -450,11 +450,10 @@ class _Walker:
         op = ins.opcode
         if op == "fusion":
             inner = self.m.computations.get(ins.attr("calls") or "")
-            return (
-                0.0
-                if inner is None
-                else sum(self.flops(i, inner, times, loop) for i in inner.instrs)
-            )
+            if inner is None:
+                return 0.0
+            self.caller[inner.name] = (ins, comp)  # metadata for collectives that carry none
+            return sum(self.flops(i, inner, times, loop) for i in inner.instrs)
         if op in ("dot", "convolution"):
             return _matmul_flops(ins, comp)
         if op == "custom-call":
@@ -495,7 +494,7 @@ class _Walker:
             self.channels.add(channel.group(1))
         if kind == "all-reduce" and comp.name.startswith("all-reduce-scatter"):
             kind = "reduce-scatter"  # XLA:TPU's reduce-scatter: an all-reduce fused with its slice
-        meta = ins if ins.frame or ins.op_name else self.caller.get(comp.name, ins)
+        meta, via = self.metadata(ins, comp)
         buffer = sum(a.bytes for o in ins.operands for a in _arrays(comp, o))
         if kind == "collective-permute":
             pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", ins.attrs)
@@ -511,8 +510,26 @@ class _Walker:
                 "all-to-all": buffer * frac,
             }[kind]
         self.cost.collectives.append(Collective(
-            kind, group, buffer, moved, times, loop, self.source(meta), _op_tail(meta.op_name)
+            kind, group, buffer, moved, times, loop, self.source(meta) + via, _op_tail(meta.op_name)
         ))  # fmt: skip
+
+    def metadata(self, ins: Instr, comp: Computation) -> tuple[Instr, str]:
+        """The instruction whose op metadata names a collective's cause: its own; else the
+        fusion that wraps it; else (a reduce-scatter XLA builds for a gradient carries none)
+        the instruction that produced its operand, marked as such."""
+        if ins.frame or ins.op_name:
+            return ins, ""
+        outer, where = self.caller.get(comp.name, (None, None))
+        if outer is not None and (outer.frame or outer.op_name):
+            return outer, ""
+        for inner, scope in ((ins, comp), (outer, where)):
+            for name in inner.operands if inner is not None else ():
+                prod = scope.by_name.get(name)
+                if prod is not None and prod.opcode == "parameter" and scope is comp:
+                    continue
+                if prod is not None and (prod.frame or prod.op_name):
+                    return prod, " [its operand's source]"
+        return ins, ""
 
     def source(self, ins: Instr) -> str:
         """The innermost frame of this repository's code in the op's stack, else the innermost

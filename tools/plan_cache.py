@@ -1,10 +1,11 @@
 """A cache of compiled plans (tools.aot): the memory figures and the optimised HLO text of a
 config's train step for a topology, so that a repeated plan or mesh search costs no compile.
 
-Keyed by the config (its JSON), the topology, the jax and libtpu versions and the source of
-this repository's model and trainer packages (cogvideox_jax/, train/, configs/): a change to any
-of them is a new key. Entries are written atomically (a temporary folder renamed into place),
-so an interrupted search leaves no half entry.
+Keyed by the config (its JSON), the topology, the jax and libtpu versions, the compiler flags
+(`LIBTPU_INIT_ARGS`) and the source of this repository's model and trainer packages
+(cogvideox_jax/, train/, configs/): a change to any of them is a new key. Entries are written
+atomically (a temporary folder renamed into place), so an interrupted search leaves no half
+entry.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def _source_digest() -> str:
 
 def key(config, topology: str) -> str:
     h = hashlib.sha256()
-    for part in (config.to_json(sort_keys=True), topology, _versions(), _source_digest()):
+    flags = os.environ.get("LIBTPU_INIT_ARGS", "")  # compiler flags change the plan
+    parts = (config.to_json(sort_keys=True), topology, _versions(), _source_digest())
+    for part in parts + ((flags,) if flags else ()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:24]
