@@ -209,6 +209,7 @@ def _loop_aware(hlo: str, gen: str, mesh, model_flops: float, tokens: float, sam
     return dict(
         matmul_flops_per_step=cost.matmul_flops * chips,
         kernel_flops_per_step=cost.kernel_flops * chips,
+        other_flops_per_step=cost.other_flops * chips,  # elementwise and reductions (VPU)
         compiled_over_model=cost.matmul_flops * chips / model_flops if model_flops else None,
         hbm_gb_per_chip=cost.hbm_bytes / 1e9,
         comm=comm,

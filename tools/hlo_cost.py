@@ -32,7 +32,6 @@ once and is named in `unknown_trip_counts`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections import defaultdict
@@ -375,18 +374,6 @@ class Cost:
         out = [r | dict(groups=sorted(r["groups"])) for r in rows.values()]
         return sorted(out, key=lambda r: (-r["moved_bytes"], r["kind"], r["source"]))
 
-    def summary(self) -> dict:
-        return dict(
-            matmul_flops_per_chip=self.matmul_flops,
-            kernel_flops_per_chip=self.kernel_flops,
-            other_flops_per_chip=self.other_flops,
-            hbm_bytes_per_chip=self.hbm_bytes,
-            pallas_kernel_calls=self.kernels,
-            loops=self.loops,
-            unknown_trip_counts=self.unknown_trip_counts,
-            collectives=self.collective_totals(),
-        )
-
 
 def analyse_hlo(text: str, root: str | None = None) -> Cost:
     """The loop-aware cost of one compiled program's HLO text (per chip, per execution)."""
@@ -698,20 +685,3 @@ def _repo_root() -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[1])
-
-
-def format_collectives(cost: Cost, top: int | None = None) -> str:
-    """The by-source table of collectives, one line each."""
-    rows = cost.by_source()[:top] if top else cost.by_source()
-    lines = [f"{'kind':<19} {'per step':>9} {'GB/step':>9} {'group':>7}  source  (op)"]
-    for r in rows:
-        groups = ",".join(map(str, r["groups"]))
-        lines.append(
-            f"{r['kind']:<19} {r['count']:>9} {r['moved_bytes'] / 1e9:>9.3f} {groups:>7}  "
-            f"{r['source']}  ({r['op']})"
-        )
-    return "\n".join(lines)
-
-
-def dumps(cost: Cost) -> str:
-    return json.dumps(cost.summary())
