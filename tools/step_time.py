@@ -49,37 +49,40 @@ CHIPS = {
 }
 
 
-def axis_dims(mesh) -> dict[str, int]:
-    """For each mesh axis, how many physical torus dimensions its devices run along (from the
-    devices' coordinates; 1 where devices have none, e.g. CPU)."""
+def axis_dims(mesh) -> dict[str, frozenset[int]]:
+    """For each mesh axis, the physical torus dimensions its devices run along (from the
+    devices' coordinates; one dimension where devices have none, e.g. CPU)."""
     devs = mesh.devices
     out = {}
     for a, name in enumerate(mesh.axis_names):
         if devs.shape[a] == 1:
-            out[name] = 0
+            out[name] = frozenset()
             continue
         index = [0] * devs.ndim
         index[a] = slice(None)
-        line = devs[tuple(index)]
-        coords = [getattr(d, "coords", None) for d in line]
+        coords = [getattr(d, "coords", None) for d in devs[tuple(index)]]
         if any(c is None for c in coords):
-            out[name] = 1
+            out[name] = frozenset({0})
             continue
         c = np.array(coords)
-        out[name] = int(sum(len(set(c[:, k])) > 1 for k in range(c.shape[1])))
+        out[name] = frozenset(k for k in range(c.shape[1]) if len(set(c[:, k])) > 1)
     return out
 
 
 def group_dims(mesh, group: int) -> int:
     """Physical dimensions spanned by a replica group of `group` chips: those of the mesh axes
-    whose sizes multiply to it (single axes first); all the slice's otherwise."""
+    whose sizes multiply to it (fewest axes first), else of the smallest set of axes whose size
+    it divides; all the slice's dimensions if none."""
     dims = axis_dims(mesh)
     axes = [a for a in mesh.axis_names if mesh.shape[a] > 1]
-    for n in range(1, len(axes) + 1):
-        for combo in itertools.combinations(axes, n):
-            if int(np.prod([mesh.shape[a] for a in combo])) == group:
-                return max(1, sum(dims[a] for a in combo))
-    return max(1, sum(dims.values()))
+    combos = [c for n in range(1, len(axes) + 1) for c in itertools.combinations(axes, n)]
+    size = {c: int(np.prod([mesh.shape[a] for a in c])) for c in combos}
+    for test in (lambda n: n == group, lambda n: n % group == 0):
+        match = [c for c in combos if test(size[c])]
+        if match:
+            best = min(match, key=lambda c: (size[c], len(c)))
+            return max(1, len(frozenset().union(*(dims[a] for a in best))))
+    return max(1, len(frozenset().union(*dims.values())))
 
 
 def collective_seconds(c, chip: Chip, mesh) -> float:
