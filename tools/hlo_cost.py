@@ -273,11 +273,32 @@ def trip_count(module: Module, comp: Computation, w: Instr) -> int | None:
     if index is not None and init is not None and init.opcode == "tuple":
         v = comp.by_name.get(init.operands[index])
         start = (_constant(v) if v is not None else None) or 0
+    step = _counter_step(module.computations.get(w.attr("body") or ""), index)
     if direction == "LT":
-        return max(limit - start, 0)
+        return max(-(-(limit - start) // step), 0)
     if direction == "LE":
-        return max(limit - start + 1, 0)
+        return max(-(-(limit - start + 1) // step), 0)
     return None
+
+
+def _counter_step(body: Computation | None, index: int | None) -> int:
+    """What the loop body adds to its counter (element `index` of the loop state) each time: 1
+    for a scan; XLA's bidirectional collective-matmul loops count by 2."""
+    if body is None or index is None or body.root.opcode != "tuple":
+        return 1
+    if index >= len(body.root.operands):
+        return 1
+    x = body.by_name.get(body.root.operands[index])
+    while x is not None and x.opcode in ("copy", "bitcast", "convert") and x.operands:
+        x = body.by_name.get(x.operands[0])
+    if x is None or x.opcode != "add" or len(x.operands) != 2:
+        return 1
+    for o in x.operands:
+        v = body.by_name.get(o)
+        c = _constant(v) if v is not None else None
+        if c is not None and c > 0:
+            return c
+    return 1
 
 
 def _constant(instr: Instr, cond=None, fusion=None) -> int | None:
