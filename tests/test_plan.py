@@ -179,6 +179,11 @@ def test_loop_body_counted_its_trip_count():
     cost = hlo_cost.analyse_hlo(LOOP)
     assert cost.loops == {"body": 5}  # i = 2, 3, 4, 5, 6
     assert cost.matmul_flops == 5 * 2 * 8 * 16 * 16
+    # A counter that steps by 2, as XLA's bidirectional collective-matmul loops count.
+    by_two = LOOP.replace("%one = s32[] constant(1)", "%one = s32[] constant(2)")
+    cost = hlo_cost.analyse_hlo(by_two)
+    assert cost.loops == {"body": 3}  # i = 2, 4, 6
+    assert cost.matmul_flops == 3 * 2 * 8 * 16 * 16
 
 
 HEADS_AS_CONV = """HloModule m
