@@ -405,9 +405,10 @@ class _Walker:
     def __init__(self, module: Module, root: str | None):
         self.m, self.cost = module, Cost()
         self.caller = {}  # fused computation -> the fusion instruction that calls it
-        # Channel ids of the collectives met in the computation being walked: XLA:TPU splits an
-        # asynchronous collective into start, in-flight and done fusions that each carry a copy
-        # of it, with one channel id: one collective.
+        # Channel ids of the fused collectives met in the computation being walked: XLA:TPU
+        # splits an asynchronous collective into start, in-flight and done fusions that each
+        # carry a copy of it, with one channel id: one collective. (Unfused collectives count
+        # each: those of a shard_map may all carry channel id 1.)
         self.channels = set()
         self.root = root or _repo_root()
 
@@ -496,7 +497,7 @@ class _Walker:
 
     def collective(self, kind: str, ins: Instr, comp: Computation, times: int, loop):
         channel = re.search(r"channel_id=(\d+)", ins.attrs)
-        if channel:
+        if channel and comp.name in self.caller:  # inside a fusion: maybe a split copy
             if channel.group(1) in self.channels:
                 return
             self.channels.add(channel.group(1))
