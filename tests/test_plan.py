@@ -282,3 +282,24 @@ def test_estimate_roofline_by_hand():
     assert e["step_s"] == pytest.approx(6.0)
     assert e["exposed_comm_s"] == pytest.approx(2.0 + 1.0)
     assert e["mfu"] == pytest.approx(4 / (4 * 6.0))
+
+
+def test_search_layouts_keep_the_weights_sharded():
+    """2B's width (1920) does not divide over 256 chips: the search's automatic data axis takes
+    the fewest replicas that make fsdp x context divide it, and a candidate that would
+    replicate every weight is refused with the rule."""
+    from configs import cogvideox_2b
+    from tools import plan_search
+
+    c = cogvideox_2b.get_config("sft")
+    space = plan_search.parse_space("context=1,2;tensor=1;cp=allgather")
+    got = {(x["data"], x["fsdp"], x["context"]) for x in plan_search.layouts(c, 256, space)}
+    assert got == {(2, 128, 1), (2, 64, 2)}
+    with c.unlocked():
+        c.batch_size = c.evals.batch_size = 256
+    o = plan_search._overrides(dict(data=1, fsdp=256, context=1, tensor=1, cp="allgather",
+                                    remat="full", accum=1), 256)  # fmt: skip
+    assert "width 1920 does not divide over fsdp x context = 256" in plan_search._check(c, 256, o)
+    o = plan_search._overrides(dict(data=2, fsdp=128, context=1, tensor=1, cp="allgather",
+                                    remat="full", accum=1), 256)  # fmt: skip
+    assert plan_search._check(c, 256, o) is None

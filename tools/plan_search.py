@@ -27,7 +27,7 @@ import time
 from configs import validate
 
 DEFAULT_SPACE = dict(
-    data=[1],
+    data=["auto"],  # 1, or the fewest data replicas whose fsdp x context divides the width
     context=[1, 2, 4],
     tensor=[1, 2],
     cp=["allgather", "ulysses"],
@@ -47,7 +47,8 @@ def parse_space(spec: str) -> dict:
                 f"--search_space {part!r}: expected KEY=V1,V2 with KEY one of {sorted(space)}"
             )
         vals = [v.strip() for v in values.split(",") if v.strip()]
-        space[key] = vals if key in ("cp", "remat") else [int(v) for v in vals]
+        text = key in ("cp", "remat") or (key == "data" and vals == ["auto"])
+        space[key] = vals if text else [int(v) for v in vals]
     return space
 
 
@@ -89,18 +90,32 @@ def _check(config, chips: int, overrides: dict) -> str | None:
     if overrides["grad_accum_steps"] < 0:
         return "the batch does not divide into micro-batches of this many samples per data shard"
     try:
-        validate.validate(_apply(config, overrides), num_devices=chips)
+        checked = validate.validate(_apply(config, overrides), num_devices=chips)
     except ValueError as e:
         return str(e).splitlines()[0]
+    shards = overrides["mesh.fsdp"] * overrides["mesh.context"]
+    if checked.model.width % shards:
+        return (f"the model width {checked.model.width} does not divide over fsdp x context = "
+                f"{shards}: every chip would hold every weight")  # fmt: skip
     return None
 
 
 def layouts(config, chips: int, space: dict) -> list[dict]:
-    """Stage 1's candidates: every mesh product and context-parallel mode in the space."""
+    """Stage 1's candidates: every mesh product and context-parallel mode in the space. With
+    data "auto": no data replicas, unless the weights' width (sharded over fsdp x context) would
+    not divide, when the fewest replicas that make it divide (the sharding rules replicate an
+    axis that does not divide: every chip would hold every weight)."""
+    width = validate._model(config).width
     out = []
-    for data in space["data"]:
-        for context in space["context"]:
-            for tensor in space["tensor"]:
+    for context in space["context"]:
+        for tensor in space["tensor"]:
+            datas = space["data"]
+            if datas == ["auto"]:
+                fits = [d for d in _divisors(chips // (context * tensor) or 1)
+                        if chips % (d * context * tensor) == 0
+                        and width % (chips // (d * tensor)) == 0]  # fmt: skip
+                datas = fits[:1] or [1]
+            for data in datas:
                 rest, rem = divmod(chips, data * context * tensor)
                 if rem or rest < 1:
                     continue
