@@ -303,3 +303,22 @@ def test_search_layouts_keep_the_weights_sharded():
     o = plan_search._overrides(dict(data=2, fsdp=128, context=1, tensor=1, cp="allgather",
                                     remat="full", accum=1), 256)  # fmt: skip
     assert plan_search._check(c, 256, o) is None
+
+
+KERNEL = """HloModule m
+
+ENTRY %main (q: bf16[2,4,256,64], k: bf16[2,4,512,64], v: bf16[2,4,512,64]) -> bf16[2,4,256,64] {
+  %q = bf16[2,4,256,64]{3,2,1,0} parameter(0)
+  %k = bf16[2,4,512,64]{3,2,1,0} parameter(1)
+  %v = bf16[2,4,512,64]{3,2,1,0} parameter(2)
+  ROOT %o = bf16[2,4,256,64]{3,2,1,0} custom-call(%q, %k, %v), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/splash_mha_fwd_segmented/pallas_call"}
+}
+"""  # noqa: E501
+
+
+def test_splash_kernel_counted_from_its_shapes():
+    # Two rows (the kernel vmapped), 4 heads, 256 queries over 512 keys, head_dim 64: Q K^T and
+    # P V, 2 x 2 x 256 x 512 x 64 FLOPs per head and row.
+    cost = hlo_cost.analyse_hlo(KERNEL)
+    assert cost.kernels == 1
+    assert cost.matmul_flops == cost.kernel_flops == 2 * 4 * 4 * 256 * 512 * 64

@@ -486,12 +486,14 @@ class _Walker:
         kind = next((k for k in _SPLASH if k in name), None)
         if kind is None:
             return 0.0
+        # q and k: the first two float operands of rank 3 (heads, length, head_dim), or more
+        # with leading batch dimensions (the kernel vmapped over rows).
         qkv = [a for o in ins.operands for a in _arrays(comp, o)
-               if a.dtype in ("bf16", "f32", "f16") and len(a.dims) == 3]  # fmt: skip
+               if a.dtype in ("bf16", "f32", "f16") and len(a.dims) >= 3]  # fmt: skip
         if len(qkv) < 2:
             return 0.0
-        (hq, sq, d), (_, sk, _) = qkv[0].dims, qkv[1].dims
-        f = _SPLASH[kind] * hq * sq * sk * d
+        q, k = qkv[0].dims, qkv[1].dims
+        f = _SPLASH[kind] * math.prod(q[:-2]) * q[-2] * k[-2] * q[-1]
         self.cost.kernel_flops += f * times
         return f
 
