@@ -25,8 +25,9 @@ What is counted, per instruction and times its loop multiplier:
   in x (g-1)/g, collective-permute its buffer.
 
 Trip counts: XLA's `known_trip_count` where the backend writes it, else the loop condition's
-`counter < N` against the counter's initial constant. A loop whose count cannot be read counts
-once and is named in `unknown_trip_counts`.
+`counter < N` against the counter's initial constant and the step its body adds. A loop whose
+count cannot be read counts once and is named in `unknown_trip_counts`. Every branch of a
+`conditional` is counted (an upper bound; the train steps compiled here have none).
 """
 
 from __future__ import annotations
