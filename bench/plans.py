@@ -11,10 +11,10 @@ Rows:
 - 1.5-5B pretraining at 161x768x1360 (`pretrain,frames=161,res=768x1360`, batch 1024, one
   sample per data shard per micro-batch).
 Search space per row (each compile takes minutes on a small CPU machine): SFT: FSDP over every
-chip; pretraining: FSDP with context 1 or 2 (2 or 4 on v6e, whose 32 GiB does not hold a
-43k-token shard per chip of activations), allgather context parallelism; full remat, one sample
-per data shard per micro-batch. The wide search (tensor, Ulysses, remat, accumulation) is
-BENCHMARKS.md's v5p-128 ranking. Every figure is a compiled
+chip (1.5-5B on v6e also with context 2); pretraining: FSDP with context 1 or 2 (2 or 4 on
+v6e, whose 32 GiB does not hold a 43k-token shard per chip of activations); allgather context
+parallelism, full remat, one sample per data shard per micro-batch. The wide search (tensor,
+Ulysses, remat, accumulation) is BENCHMARKS.md's v5p-128 ranking. Every figure is a compiled
 plan and an estimate; nothing ran on a TPU.
 """
 
@@ -40,19 +40,19 @@ MODELS = {
 SLICES = ("v5p-64", "v5p-128", "v5p-256", "v6e-64", "v6e-256")
 
 
-def space(kind: str, slice_: str) -> str:
-    if kind == "sft":
-        contexts = "1"
+def space(name: str, kind: str, slice_: str) -> str:
+    if kind == "sft":  # 1.5-5B's 45k tokens per chip do not fit v6e's 32 GiB without context
+        contexts = "1,2" if name.startswith("1.5") and slice_.startswith("v6e") else "1"
     else:
         contexts = "2,4" if slice_.startswith("v6e") else "1,2"
     return f"context={contexts};tensor=1;cp=allgather;remat=full;accum=1"
 
 
-def run_cell(name, slice_, jobs, cache_dir) -> dict:
+def run_cell(name: str, slice_: str, jobs: int, cache_dir: str) -> dict:
     config, kind = MODELS[name]
     _, _, chips = aot.parse_topology(slice_)
     cmd = [sys.executable, "-m", "tools.aot", f"--config={config}", f"--topology={slice_}",
-           "--search", f"--search_space={space(kind, slice_)}", f"--jobs={jobs}"]  # fmt: skip
+           "--search", f"--search_space={space(name, kind, slice_)}", f"--jobs={jobs}"]  # fmt: skip
     if cache_dir:
         cmd.append(f"--cache_dir={cache_dir}")
     if kind == "sft":
