@@ -322,3 +322,15 @@ def test_splash_kernel_counted_from_its_shapes():
     cost = hlo_cost.analyse_hlo(KERNEL)
     assert cost.kernels == 1
     assert cost.matmul_flops == cost.kernel_flops == 2 * 4 * 4 * 256 * 512 * 64
+
+
+def test_replica_group_sizes_in_each_format():
+    size = hlo_cost._group_size
+    assert size("replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add") == 4
+    assert size("replica_groups=[2,4]<=[8], dimensions={0}") == 4
+    assert size("replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}") == 2
+    assert size("replica_groups=mesh['axis_0'=8,'axis_1'=2] {'axis_0'}, dimensions={0}") == 8
+    both = "replica_groups=mesh['axis_0'=8,'axis_1'=2] {'axis_0','axis_1'}, dimensions={0}"
+    assert size(both) == 16
+    ids = "replica_groups=mesh['axis_0'=128,'axis_3'=2], device_ids=([2,128]T(1,0)) {'axis_0'}, x"
+    assert size(ids) == 128

@@ -676,7 +676,8 @@ def _taps(*, size_in, size_out, size_k, stride, pad_lo, lhs_dilate, rhs_dilate) 
 
 
 def _group_size(attrs: str) -> int:
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    # mesh['a'=8,'b'=2] {'a'}, maybe with device_ids=(...) between the mesh and its axes
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attrs)
     if m:
         sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
         return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
