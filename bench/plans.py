@@ -87,7 +87,8 @@ def row(cell: dict) -> str:
         for k, v in sorted(comm.items(), key=lambda kv: -kv[1]["gb_per_chip"])
         if v["gb_per_chip"] >= 0.5
     )
-    mesh = f"fsdp {c['fsdp']}" + (f" x context {c['context']}" if c["context"] > 1 else "")
+    mesh = (f"data {c['data']} x " if c["data"] > 1 else "") + f"fsdp {c['fsdp']}"
+    mesh += f" x context {c['context']}" if c["context"] > 1 else ""
     return (
         f"| {name} | {slice_} | {mesh} | {r['grad_accum_steps']} | "
         f"{r['peak_bytes_per_chip'] / 2**30:.1f} | {r['compiled_over_model']:.2f} | "
