@@ -63,6 +63,7 @@ FILE_SECONDS = {
     "test_checkpoint_faults.py": 81,
     "test_vae.py": 80,
     "test_transformer.py": 71,
+    "test_plan.py": 75,
     "test_bench.py": 63,
     "test_multihost.py": 54,
     "test_prepare_data.py": 46,
