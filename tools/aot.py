@@ -1,17 +1,22 @@
-r"""Compile a config's train step for a TPU topology on this (CPU) machine; print memory and FLOPs.
+r"""Compile a config's train step for a TPU slice on this (CPU) machine; print its memory, its
+loop-aware work and communication, and an estimated step time; or search the layouts.
 
 python -m tools.aot --config configs/cogvideox_5b.py:sft --topology v5p-8
-python -m tools.aot --config configs/cogvideox1_5_5b.py:sft --topology v5p-64 \
-    --config.model.remat=full --config.mesh.fsdp=-1
+python -m tools.aot --config configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360 \
+    --topology v5p-64 --collectives
+python -m tools.aot --config configs/cogvideox1_5_5b.py:pretrain,frames=161,res=768x1360 \
+    --topology v5p-128 --search
 
 The step is the trainer's own (train/program.py: `jit_train_step`, same function, shardings and
 donation), lowered with its `abstract_train_args` (ShapeDtypeStructs) for the abstract devices of
 `jax.experimental.topologies.get_topology_desc` (libtpu compiles; nothing is allocated).
-Printed: per-chip memory from `compiled.memory_analysis()` against the chip's HBM, XLA's FLOPs
-(`cost_analysis()` of the SPMD-partitioned program: per chip; times the chips for the step)
-against the analytic model FLOPs (cogvideox_jax.flops: 3 x forward, no remat), and the
-collectives in the compiled HLO (static counts: a scanned layer's body appears once). The last
-line is one JSON object.
+Printed: per-chip memory from `compiled.memory_analysis()` against the chip's HBM; from the
+compiled HLO (tools/hlo_cost.py), matmul FLOPs with every loop body counted its trip count and
+the splash kernels from their shapes, against the analytic model FLOPs (cogvideox_jax.flops),
+HBM bytes, and each collective kind's count, bytes and group sizes (`--collectives`: by the
+source line that caused them); an estimated step time, tokens/s and MFU (tools/step_time.py).
+`--search` ranks the layouts the config allows (tools/plan_search.py); compiled plans are
+cached (tools/plan_cache.py). The last line is one JSON object.
 """
 
 from __future__ import annotations
