@@ -334,3 +334,12 @@ def test_replica_group_sizes_in_each_format():
     assert size(both) == 16
     ids = "replica_groups=mesh['axis_0'=128,'axis_3'=2], device_ids=([2,128]T(1,0)) {'axis_0'}, x"
     assert size(ids) == 128
+
+
+def test_an_unreadable_program_keeps_the_plan():
+    """tools.aot reports a plan's memory even if the walk cannot read its HLO (a libtpu that
+    prints a new syntax): one line instead of a traceback after a long compile."""
+    from tools import aot
+
+    r = aot._loop_aware("HloModule m\n(not an HLO program)\n", "v5p", None, 1.0, 1, 1)
+    assert r["estimate"] is None and r["loop_aware_error"].startswith("KeyError")

@@ -203,7 +203,16 @@ def _compile_step(run, gen: str) -> tuple[dict, str | None]:
 
 
 def _loop_aware(hlo: str, gen: str, mesh, model_flops: float, tokens: float, samples: int):
-    """tools.hlo_cost's loop-aware figures and tools.step_time's estimate for one program."""
+    """tools.hlo_cost's loop-aware figures and tools.step_time's estimate for one program. An
+    HLO the walk cannot read leaves the memory figures standing: the error is reported under
+    "loop_aware_error" instead of ending a plan that took minutes to compile."""
+    try:
+        return _loop_aware_figures(hlo, gen, mesh, model_flops, tokens, samples)
+    except Exception as e:  # noqa: BLE001 (any parse failure: report it, keep the plan)
+        return dict(loop_aware_error=f"{type(e).__name__}: {e}", estimate=None)
+
+
+def _loop_aware_figures(hlo: str, gen: str, mesh, model_flops, tokens, samples) -> dict:
     cost = hlo_cost.analyse_hlo(hlo)
     chips = int(mesh.devices.size)
     est = step_time.estimate(cost, step_time.CHIPS[gen], mesh, model_flops, tokens, samples)
@@ -301,7 +310,7 @@ def analyse_sampling(
                 return
         figures = _compiled_figures(compiled, mesh.devices.size, HBM_BYTES[gen])
         figures |= _loop_aware(compiled.as_text(), gen, mesh, model_flops, 0, batch)
-        figures.pop("collectives_by_source")
+        figures.pop("collectives_by_source", None)
         out[name] = figures | dict(compile_s=round(time.perf_counter() - t0, 1))
 
     # 1. The prompts (and negative prompts): T5-XXL over 226 tokens (a one-layer T5 of the
@@ -376,6 +385,9 @@ def report_sampling(r: dict) -> None:
             f"{g(p['temp_bytes_per_chip'])}; compile {p['compile_s']} s"
         )
         e = p["estimate"]
+        if e is None:
+            print(f"  loop-aware figures unavailable: {p['loop_aware_error']}")
+            continue
         mfu = f", MFU {100 * e['mfu']:.1f}%" if e["mfu"] is not None else ""
         print(
             f"  ESTIMATE (roofline, not a measurement): {e['step_s']:.3f} s per run of the "
@@ -439,6 +451,10 @@ def report(r: dict) -> None:
     )
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
     print(f"peak {g(r['peak_bytes_per_chip'])} of {hbm} HBM: {verdict}")
+    if r.get("loop_aware_error"):
+        print(f"loop-aware figures and estimate unavailable: {r['loop_aware_error']}")
+        print(f"compile {r['compile_s']} s")
+        return
     print(
         f"FLOPs per step, loop-aware (every loop body times its trip count, splash kernels from "
         f"their shapes): {r['matmul_flops_per_step']:.3e} matmul FLOPs, "

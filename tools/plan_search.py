@@ -248,6 +248,7 @@ def search(config, topology: str, *, config_file=None, cache_dir=None, jobs=0, s
 
 def _slim(r: dict) -> dict:
     keep = ("fits", "refused", "peak_bytes_per_chip", "compile_s", "cached", "error",
+            "loop_aware_error",
             "compiled_over_model", "comm_gb_per_chip", "comm", "grad_accum_steps",
             "mesh")  # fmt: skip
     out = {k: r[k] for k in keep if k in r}
@@ -260,7 +261,7 @@ def _slim(r: dict) -> dict:
 
 def _rank(row):
     r = row["result"]
-    step = r.get("estimate", {}).get("step_s", float("inf"))
+    step = (r.get("estimate") or {}).get("step_s", float("inf"))
     return (not r.get("fits", False), step, r.get("peak_bytes_per_chip", float("inf")))
 
 
@@ -281,7 +282,9 @@ def _line(row) -> str:
     peak = r.get("peak_bytes_per_chip", 0) / 2**30
     if not r.get("fits"):
         return f"{_layout(c)}: does not fit ({peak:.1f} GiB per chip)"
-    e = r["estimate"]
+    e = r.get("estimate")
+    if not e:
+        return f"{_layout(c)}: {peak:.1f} GiB, no estimate ({r.get('loop_aware_error')})"
     return (f"{_layout(c)}: {peak:.1f} GiB, est. step {e['step_s']:.3f} s, MFU "
             f"{100 * e['mfu']:.1f}%, comm {r['comm_gb_per_chip']:.1f} GB/chip")  # fmt: skip
 
@@ -292,7 +295,7 @@ def report(s: dict) -> None:
     print(f"{'#':>3} {'fits':<4} {'peak GiB':>8} {'step s':>8} {'MFU %':>6} {'comm GB':>8}  layout")
     for i, row in enumerate(s["ranked"], 1):
         r = row["result"]
-        e = r.get("estimate", {})
+        e = r.get("estimate") or {}
         peak = r.get("peak_bytes_per_chip")
         print(
             f"{i:>3} {'yes' if r.get('fits') else 'no':<4} "
