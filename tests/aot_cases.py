@@ -52,12 +52,7 @@ def config(case):
     topology, o = CASES[case]
     c = cogvideox_2b.get_config("sft,runlocal")
     with c.unlocked():
-        for k, v in SMALL.items():
-            node = c
-            *path, last = k.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = v
+        c.update_from_flattened_dict(SMALL)
         c.batch_size = c.evals.batch_size = o["batch_size"]
         c.grad_accum_steps = o.get("accum", 1)
         c.model.attention_impl = o["attention_impl"]

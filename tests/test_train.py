@@ -50,12 +50,7 @@ def _config(name, arg="sft,runlocal", samples=False, **overrides):
     cfg = importlib.import_module(f"configs.{name}").get_config(arg)
     if not samples:
         cfg.evals.sample_prompts = ()
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(overrides)
     cfg.lock()
     return cfg
 

@@ -79,7 +79,6 @@ CORES_PER_CHIP = {"v5p": 2, "v5e": 1, "v6e": 1}
 # Slice shapes (cloud.google.com/tpu/docs/v5p, /v5e, /v6e "configurations" tables).
 SLICES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16"}
 SLICES_2D[256] = "16x16"
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
 def parse_topology(name: str) -> tuple[str, str, int]:
@@ -103,14 +102,6 @@ def parse_topology(name: str) -> tuple[str, str, int]:
     if chips not in SLICES_2D:
         raise ValueError(f"--topology {name}: {gen} slices have {sorted(SLICES_2D)} chips")
     return gen, SLICES_2D[chips], chips
-
-
-def count_collectives(hlo: str) -> dict[str, int]:
-    """Static counts of each collective in HLO text (async pairs counted once, at -start)."""
-    out = {}
-    for op in COLLECTIVES:
-        out[op] = len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
-    return out
 
 
 def analyse(config, topology: str, cache_dir: str | None = None, keep_hlo: bool = False) -> dict:
@@ -167,6 +158,17 @@ def analyse(config, topology: str, cache_dir: str | None = None, keep_hlo: bool 
     return r
 
 
+def _refused_bytes(e: Exception) -> int:
+    """The per-chip bytes of XLA:TPU's refusal to compile what cannot fit (any other error is
+    raised again). Its message calls the figure "HLO temporaries", but the figure includes the
+    arguments: the same step with and without EMA weights differs by exactly their size
+    (BENCHMARKS.md)."""
+    m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+        raise e
+    return int(float(m.group(1)) * GIB)
+
+
 def _compile_step(run, gen: str) -> tuple[dict, str | None]:
     """The train step compiled: its memory figures (or XLA's refusal) and its HLO text."""
     prog = make_program(run)
@@ -178,13 +180,7 @@ def _compile_step(run, gen: str) -> tuple[dict, str | None]:
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
-            # XLA:TPU refuses to compile what cannot fit. Its message calls the figure "HLO
-            # temporaries", but the figure includes the arguments: the same step with and
-            # without EMA weights differs by exactly their size (BENCHMARKS.md).
-            m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
-            if "RESOURCE_EXHAUSTED" not in str(e) or not m:
-                raise
-            compiled, refused_bytes = None, int(float(m.group(1)) * GIB)
+            compiled, refused_bytes = None, _refused_bytes(e)
     compile_s = round(time.perf_counter() - t0, 1)
     if compiled is None:  # out of memory: only XLA's temporaries figure is known
         arg_bytes = argument_bytes_per_chip(args)
@@ -226,6 +222,7 @@ def _loop_aware_figures(hlo: str, gen: str, mesh, model_flops, tokens, samples) 
         other_flops_per_step=cost.other_flops * chips,  # elementwise and reductions (VPU)
         compiled_over_model=cost.matmul_flops * chips / model_flops if model_flops else None,
         hbm_gb_per_chip=cost.hbm_bytes / 1e9,
+        pallas_kernel_calls=cost.kernels,  # splash kernels run per step
         comm=comm,
         comm_gb_per_chip=sum(v["gb_per_chip"] for v in comm.values()),
         loops=cost.loops,
@@ -302,11 +299,7 @@ def analyse_sampling(
             try:
                 compiled = lower().compile()
             except jax.errors.JaxRuntimeError as e:
-                m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
-                if "RESOURCE_EXHAUSTED" not in str(e) or not m:
-                    raise
-                out[name] = dict(refused=True, peak_bytes_per_chip=int(float(m.group(1)) * GIB),
-                                 fits=False)  # fmt: skip
+                out[name] = dict(refused=True, peak_bytes_per_chip=_refused_bytes(e), fits=False)
                 return
         figures = _compiled_figures(compiled, mesh.devices.size, HBM_BYTES[gen])
         figures |= _loop_aware(compiled.as_text(), gen, mesh, model_flops, 0, batch)
@@ -417,7 +410,6 @@ def _compiled_figures(compiled, chips: int, hbm: int) -> dict:
         + mem.temp_size_in_bytes
     )
     xla_flops = float(compiled.cost_analysis()["flops"])  # of the partitioned program: per chip
-    hlo = compiled.as_text()
     return dict(
         argument_bytes_per_chip=int(mem.argument_size_in_bytes),
         output_bytes_per_chip=int(mem.output_size_in_bytes),
@@ -429,8 +421,6 @@ def _compiled_figures(compiled, chips: int, hbm: int) -> dict:
         fits=peak <= hbm,
         xla_flops_per_chip=xla_flops,
         flops_per_step=xla_flops * chips,
-        collectives=count_collectives(hlo),
-        pallas_kernels=len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)),  # splash
     )
 
 

@@ -100,7 +100,6 @@ class Instr:
     arrays: list[Array]  # the result, a tuple flattened
     operands: list[str]
     attrs: str  # everything after the operand list
-    type_text: str
     inner: str = ""  # the operand list's text (a constant's value, a parameter's number)
 
     def attr(self, key: str) -> str | None:
@@ -122,7 +121,6 @@ class Instr:
 class Computation:
     name: str
     instrs: list[Instr]
-    params: list[Array]
 
     def __post_init__(self):
         self.by_name = {i.name: i for i in self.instrs}
@@ -163,9 +161,7 @@ def _parse_instr(line: str) -> Instr | None:
         return None
     inner, j = _split_operands(rest, op.end() - 1)
     operands = re.findall(r"%([\w.\-]+)", inner)
-    return Instr(
-        m.group(1), op.group(1), parse_type(type_text), operands, rest[j:], type_text, inner
-    )
+    return Instr(m.group(1), op.group(1), parse_type(type_text), operands, rest[j:], inner)
 
 
 @dataclasses.dataclass
@@ -185,7 +181,6 @@ def parse_module(text: str) -> Module:
             m = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->\s*(.*)\{\s*$", line)
             if m and not line.startswith(" "):
                 cur, body = m.group(2), []
-                params = parse_type(m.group(3) or "")
                 if m.group(1):
                     entry = cur
             continue
@@ -193,7 +188,7 @@ def parse_module(text: str) -> Module:
             if pending:
                 body.append(pending)
             instrs = [i for i in map(_parse_instr, body) if i is not None]
-            comps[cur] = Computation(cur, instrs, params)
+            comps[cur] = Computation(cur, instrs)
             cur, pending = None, None
             continue
         if re.match(r"\s+(ROOT\s+)?%", line):

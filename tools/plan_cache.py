@@ -10,6 +10,7 @@ entry.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -24,6 +25,7 @@ DEFAULT_DIR = os.path.join(
 )
 
 
+@functools.cache
 def _versions() -> str:
     out = []
     for dist in ("jax", "jaxlib", "libtpu"):
@@ -34,7 +36,8 @@ def _versions() -> str:
     return ",".join(out)
 
 
-def _source_digest() -> str:
+@functools.cache
+def _source_digest() -> str:  # once per process: a search keys many candidates
     h = hashlib.sha256()
     for pkg in ("cogvideox_jax", "train", "configs"):
         for f in sorted((ROOT / pkg).rglob("*.py")):
@@ -51,6 +54,10 @@ def key(config, topology: str) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:24]
+
+
+def has(cache_dir: str, k: str) -> bool:
+    return (Path(cache_dir) / k / "figures.json").is_file()
 
 
 def load(cache_dir: str, k: str) -> tuple[dict, str | None] | None:

@@ -76,12 +76,7 @@ def _overrides(cand: dict, batch: int) -> dict:
 def _apply(config, overrides: dict):
     c = copy.deepcopy(config)
     with c.unlocked():
-        for k, v in overrides.items():
-            node = c
-            *path, last = k.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = v
+        c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -167,7 +162,7 @@ def _cached(config, topology: str, overrides: dict, cache_dir) -> dict | None:
     if c.model.attention_impl == "auto":  # as tools.aot.analyse keys it
         with c.unlocked():
             c.model.attention_impl = "splash"
-    if plan_cache.load(cache_dir, plan_cache.key(c, topology)) is None:
+    if not plan_cache.has(cache_dir, plan_cache.key(c, topology)):
         return None
     return aot.analyse(c, topology, cache_dir=cache_dir)
 

@@ -85,11 +85,11 @@ def group_dims(mesh, group: int) -> int:
     return max(1, len(frozenset().union(*dims.values())))
 
 
-def collective_seconds(c, chip: Chip, mesh) -> float:
-    """One execution of a tools.hlo_cost.Collective."""
+def collective_seconds(c, chip: Chip, dims: int) -> float:
+    """One execution of a tools.hlo_cost.Collective whose group spans `dims` torus dimensions."""
     if c.kind == "collective-permute":
         return c.moved_bytes / (chip.ici_link_bandwidth / 2)
-    return c.moved_bytes / (chip.ici_link_bandwidth * group_dims(mesh, c.group))
+    return c.moved_bytes / (chip.ici_link_bandwidth * dims)
 
 
 def estimate(cost, chip: Chip, mesh, model_flops: float, tokens: float, samples: int) -> dict:
@@ -104,8 +104,9 @@ def estimate(cost, chip: Chip, mesh, model_flops: float, tokens: float, samples:
         mxu += t_flops * op.times
         hbm += t_bytes * op.times
     by_kind = defaultdict(float)
+    dims = {g: group_dims(mesh, g) for g in {c.group for c in cost.collectives}}
     for c in cost.collectives:
-        t = collective_seconds(c, chip, mesh) * c.times
+        t = collective_seconds(c, chip, dims[c.group]) * c.times
         comm[c.loop] += t
         by_kind[c.kind] += t
     step = exposed = 0.0
