@@ -29,7 +29,7 @@ def get_config(arg=None):
     )
     text_dim, latent_channels = 32, 16
     h, w = common.parse_res(arg.res)
-    c.total_steps = 2000
+    c.total_steps = 6000
     c.batch_size = 16
     c.model.update(dtype="float32", remat="none")
     c.model.overrides = dict(
@@ -61,9 +61,9 @@ def get_config(arg=None):
         lr=1e-3, schedule="cosine", warmup_steps=20, grad_clip=1.0, ema_decay=0.0, end_lr_factor=0.1
     )
     c.mesh.num_devices = 1
-    c.ckpt.update(every_steps=500, keep=2)
+    c.ckpt.update(every_steps=1500, keep=2)
     c.log.every_steps = 10
-    c.evals.update(every_steps=500, batch_size=16, timesteps=(100, 500, 900))
+    c.evals.update(every_steps=1500, batch_size=16, timesteps=(100, 500, 900))
     c.demo = dict(
         text_dim=text_dim,
         text_heads=4,
@@ -71,17 +71,22 @@ def get_config(arg=None):
         latent_channels=latent_channels,
         vae_widths=(8, 16, 16, 16),
         vae_groups=2,
-        # 600, not 300: with 300 steps the latents of some seeds lost hue and position, and
-        # adherence at step 2000 was 0.75 / 0.0 / 0.375 for seeds 0-2 (README).
-        vae_steps=600,
+        # The VAE learns the shapes' outlines from single frames (the causal VAE codes a first
+        # frame alone), which cost a ninth of a clip: vae_image_steps on frames alone, then
+        # vae_steps on clips, each step with vae_joint_images frames besides (README).
+        vae_image_steps=1500,
+        vae_image_batch=16,
+        vae_steps=300,
         vae_batch=8,
+        vae_joint_images=8,
         vae_lr=3e-3,
+        vae_video_lr=1e-3,
         kl_weight=1e-4,
         vae_init_logvar=-8.0,
-        foreground_weight=9.0,
-        samples=8,
+        foreground_weight=2.0,
+        samples=16,
         sample_steps=20,
-        guidance_scale=4.0,
+        guidance_scale=2.0,
     )
     if runlocal:
         c.total_steps = 6
@@ -92,6 +97,6 @@ def get_config(arg=None):
         c.ckpt.every_steps = 3
         c.log.every_steps = 1
         c.evals.update(every_steps=3, batch_size=4, timesteps=(100, 900))
-        c.demo.update(vae_steps=3, samples=2)
+        c.demo.update(vae_image_steps=3, vae_steps=3, samples=2)
         c.demo.sample_steps = 3
     return c

@@ -19,8 +19,9 @@ COLOURS = {
 SHAPES = ("square", "circle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy)
 BACKGROUND = (0.05, 0.05, 0.08)  # in [0, 1]
-RADIUS = 0.16  # a shape's radius (a square's half side is 0.9 of it), as a fraction of the frame
-TRAVEL = 0.5  # how far a shape moves over a clip, as a fraction of the frame
+RADIUS = 0.28  # a shape's radius (a square's half side is 0.9 of it), as a fraction of the frame
+TRAVEL = 0.25  # how far a shape moves over a clip, as a fraction of the frame
+JITTER = 0.05  # how far a shape's mid-clip centre strays from the frame's centre (fraction)
 
 VOCAB = ("<pad>", "<unk>", "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
 TEXT_LEN = 8  # tokens per caption, padded
@@ -55,7 +56,7 @@ def render(
     radius = size * RADIUS + rng.uniform(-0.5, 0.5)
     travel = size * TRAVEL
     dx, dy = DIRECTIONS[direction]
-    centre = size / 2 + rng.uniform(-size * 0.08, size * 0.08, 2)  # (x, y) at mid-clip
+    centre = size / 2 + rng.uniform(-size * JITTER, size * JITTER, 2)  # (x, y) at mid-clip
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     rgb = np.asarray(COLOURS[colour], np.float32)
     frames = np.empty((num_frames, size, size, 3), np.float32)
@@ -114,11 +115,13 @@ def read_clip(
     unclear.
 
     The foreground is the bright, saturated pixels. The colour is the palette entry nearest
-    their mean over all frames. The shape is read from how much of its bounding box the
-    foreground fills, in the frames where it is whole (not touching the border): a disc fills
-    pi/4 of its box, a square all of it; the median over those frames is taken against
-    SQUARE_FILL. The direction is the larger axis of the foreground centroid's displacement from
-    the first frame to the last (at least 2 pixels)."""
+    their mean over all frames. The shape is read from how much of the corners of its bounding
+    box (outside the ellipse inscribed in it) the foreground fills, in the frames where it is
+    whole (not touching the border): a square fills them, a disc leaves them empty; the median
+    over those frames is taken against SQUARE_CORNERS. Unlike the share of the whole box, this
+    does not mistake a square with bowed edges for a disc. The direction is the larger axis of
+    the foreground centroid's displacement from the first frame to the last (at least 2
+    pixels)."""
     lo, hi = value_range
     x = (np.asarray(frames, np.float32) - lo) / (hi - lo)  # [0, 1]
     strength = x.max(-1) - x.min(-1) * 0.5  # bright and saturated pixels stand out
@@ -132,21 +135,26 @@ def read_clip(
     return colour, _shape(mask), _direction(mask)
 
 
-# A disc fills pi/4 (0.785) of its bounding box, a square 1.0: the shape is a square above this.
-SQUARE_FILL = 0.89
+# The corners of a shape's bounding box (outside the ellipse inscribed in it) are all filled by a
+# square and nearly empty for a disc: the shape is a square when more than this share is filled.
+SQUARE_CORNERS = 0.5
 
 
 def _shape(mask: np.ndarray) -> str | None:
-    fills = []
+    corners = []
     for m in mask:
         if m.sum() < 9 or m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any():
             continue  # too small to tell, or cut by the frame's border
         yy, xx = np.nonzero(m)
-        box = (yy.max() - yy.min() + 1) * (xx.max() - xx.min() + 1)
-        fills.append(m.sum() / box)
-    if not fills:
+        y0, y1, x0, x1 = yy.min(), yy.max() + 1, xx.min(), xx.max() + 1
+        gy, gx = np.mgrid[y0:y1, x0:x1] + 0.5
+        ry, rx = (y1 - y0) / 2, (x1 - x0) / 2
+        outside = ((gy - y0 - ry) / ry) ** 2 + ((gx - x0 - rx) / rx) ** 2 > 1.0
+        if outside.any():
+            corners.append((m[y0:y1, x0:x1] & outside).sum() / outside.sum())
+    if not corners:
         return None
-    return "square" if np.median(fills) > SQUARE_FILL else "circle"
+    return "square" if np.median(corners) > SQUARE_CORNERS else "circle"
 
 
 def _direction(mask: np.ndarray) -> str | None:

@@ -586,6 +586,31 @@ def test_demo_prompt_adherence_scorer(tmp_path):
         video.write_mp4(tmp_path / "clip.mp4", frames / 2 + 0.5, 8)
         decoded, _ = video.read_mp4(tmp_path / "clip.mp4")
         assert demo.read_clip(decoded, value_range=(0, 255)) == demo.caption_parts(i), caption
+    # The shape is read from the corners of its bounding box, so a square drawn soft (blurred)
+    # or with bowed edges, as a sampled square often is, still reads as a square, and a disc
+    # drawn soft as a disc.
+    yy, xx = np.mgrid[0:32, 0:32] + 0.5
+
+    def bow(t):  # each edge bowed in by 1 px at its middle (the square fills 0.84 of its box)
+        return np.cos(np.clip(np.abs(t - 16), 0, 8) / 8 * np.pi / 2)
+
+    shapes = {
+        "square": (np.abs(xx - 16) <= 8 - bow(yy)) & (np.abs(yy - 16) <= 8 - bow(xx)),
+        "circle": (xx - 16) ** 2 + (yy - 16) ** 2 <= 81,
+    }
+    for shape, inside in shapes.items():
+        for blur in (0, 1):
+            alpha = inside.astype(np.float32)
+            for _ in range(blur):  # a 3x3 box blur
+                alpha = (
+                    sum(np.roll(alpha, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+                    / 9
+                )
+            frame = alpha[..., None] * np.asarray(demo.COLOURS["blue"]) * 2 - 1
+            assert demo.read_clip(np.repeat(frame[None], 3, 0))[:2] == ("blue", shape), (
+                shape,
+                blur,
+            )
     ids = demo.tokenize(["a red circle moving left", ""])
     assert ids.shape == (2, demo.TEXT_LEN) and ids[0, 4] > 1 and not ids[1].any()
 
@@ -627,8 +652,11 @@ def test_end_of_run_summary(tmp_path):
     assert f"  checkpoints: {tmp_path / 'checkpoints'} (steps [2, 4])" in lines
     assert f"python -m tools.sample --model {tmp_path} --base MODEL" in text
     assert f"python -m tools.convert run-to-diffusers {tmp_path} OUT" in text
-    demo = metrics.summary(str(tmp_path), checkpoints=[4], demo=True, model="")
-    assert f'tools.sample --model {tmp_path} --prompt "a red circle moving left"' in demo
+    demo = metrics.summary(str(tmp_path), checkpoints=[4], demo=True, model="", guidance=2.0)
+    want = (
+        f'tools.sample --model {tmp_path} --prompt "a red circle moving left" --guidance-scale 2 '
+    )
+    assert want in demo  # the scale the demo samples with, not the tool's default
     assert f"run-to-diffusers {tmp_path} OUT [--ema]" in demo  # its own VAE and text encoder
     assert "--base" not in demo and "prompt_adherence" not in demo
 

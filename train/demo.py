@@ -2,8 +2,10 @@
 
 1. A frozen text encoder: a tiny T5 encoder with fixed, seeded random weights over the demo's
    word ids.
-2. The demo VAE: the tiny causal VAE trained briefly on the demo clips (foreground-weighted L1 + L2
-   reconstruction plus a small KL term), cached in WORKDIR/demo_vae and reused on resume.
+2. The demo VAE: the tiny causal VAE trained briefly, first on single frames of the demo clips
+   (coded alone, as the causal VAE codes a clip's first frame), then on whole clips with frames
+   beside them (foreground-weighted L1 + L2 reconstruction plus a small KL term); cached in
+   WORKDIR/demo_vae and reused on resume.
 3. Latents (posterior means times a measured scaling factor) and text embeddings of every clip,
    computed once and served as a Grain MapDataset with data/synthetic.py's record structure.
 4. Samples at eval steps through cogvideox_jax.pipeline.Pipeline, written as mp4s and scored
@@ -141,7 +143,8 @@ def train_vae(c, workdir: str, *, restore_only: bool = False) -> tuple[cj.Autoen
 def _vae_settings(c) -> dict:
     """Everything the trained demo VAE depends on (a cached one is reused only if equal)."""
     keys = ("vae_widths", "vae_groups", "latent_channels", "vae_steps", "vae_batch", "vae_lr")
-    keys += ("kl_weight", "foreground_weight", "vae_init_logvar")
+    keys += ("kl_weight", "foreground_weight", "vae_init_logvar", "vae_image_steps")
+    keys += ("vae_image_batch", "vae_joint_images", "vae_video_lr")
     out = {k: c.demo[k] for k in keys}
     out.update(seed=c.seed, frames=c.input.num_frames, size=c.input.height)
     out.update(num_examples=c.input.num_examples)
@@ -150,19 +153,32 @@ def _vae_settings(c) -> dict:
 
 def _fit_vae(c, graphdef, params):
     d, inp = c.demo, c.input
-    lr = optax.cosine_decay_schedule(d.vae_lr, d.vae_steps, alpha=0.05)
+    image_steps = d.vae_image_steps
+    total = image_steps + d.vae_steps
+    lr = optax.join_schedules(
+        [
+            optax.cosine_decay_schedule(d.vae_lr, max(image_steps, 1), alpha=0.05),
+            optax.cosine_decay_schedule(d.vae_video_lr, d.vae_steps, alpha=0.05),
+        ],
+        [image_steps],
+    )
     tx = optax.adam(lr)
     opt_state = tx.init(params)
 
-    def loss_fn(p, x, key):
+    def loss_fn(p, xs, key):  # xs: clips and/or single frames (F = 1), each (B, F, H, W, 3)
+        out = [one_loss(p, x, jax.random.fold_in(key, i)) for i, x in enumerate(xs)]
+        return sum(o[0] for o in out), out[0][1]  # the L1 shown: the clips' (or the frames')
+
+    def one_loss(p, x, key):
         vae = nnx.merge(graphdef, p)
         # Up to 9 frames (3 latents) are one frame-batching chunk, so the whole-clip path gives
         # the same numbers as the default frame-batched one without its scan's overhead.
         mean, logvar = vae.encode(x, frame_batching=False)
         z = vae_lib.sample_latents(key, mean, logvar)
         rec = vae.decode(z, frame_batching=False)
-        # The shapes cover a tenth of the frame: weight their pixels up so that the VAE does not
-        # settle on reconstructing the background alone.
+        # The shapes cover a quarter of the frame: their pixels weigh a little more, so that the
+        # VAE does not settle on the background. A heavy weight makes it paint past the outline,
+        # which rounds squares off (README).
         weight = 1.0 + d.foreground_weight * (jnp.max(x, axis=-1, keepdims=True) > -0.5)
         err = rec - x
         l1 = jnp.mean(weight * jnp.abs(err)) / jnp.mean(weight)
@@ -179,12 +195,20 @@ def _fit_vae(c, graphdef, params):
     rng = np.random.default_rng(c.seed + 7)
     key = jax.random.PRNGKey(c.seed + 7)
     t0 = time.perf_counter()
-    for i in range(d.vae_steps):
-        idx = rng.integers(0, inp.num_examples, d.vae_batch)
-        x, _ = _clips(idx, c.seed, inp.num_frames, inp.height)
-        params, opt_state, l1 = step(params, opt_state, jnp.asarray(x), jax.random.fold_in(key, i))
-        if i % 50 == 0 or i == d.vae_steps - 1:
-            _note(f"demo VAE step {i + 1}/{d.vae_steps}: L1 {float(l1):.4f}")
+    for i in range(total):
+        xs = []
+        if i >= image_steps:
+            idx = rng.integers(0, inp.num_examples, d.vae_batch)
+            xs.append(jnp.asarray(_clips(idx, c.seed, inp.num_frames, inp.height)[0]))
+        if i < image_steps or d.vae_joint_images:
+            n = d.vae_image_batch if i < image_steps else d.vae_joint_images
+            idx = rng.integers(0, inp.num_examples, n)
+            x, _ = _clips(idx, c.seed, inp.num_frames, inp.height)
+            # one frame of each clip, coded alone as the causal VAE codes a first frame
+            xs.append(jnp.asarray(x[np.arange(n), rng.integers(0, inp.num_frames, n)][:, None]))
+        params, opt_state, l1 = step(params, opt_state, xs, jax.random.fold_in(key, i))
+        if i % 50 == 0 or i == total - 1:
+            _note(f"demo VAE step {i + 1}/{total}: L1 {float(l1):.4f}")
     _note(f"demo VAE trained in {time.perf_counter() - t0:.0f}s")
     vae = nnx.merge(graphdef, params)
     means = _encode_means(vae, c, range(min(inp.num_examples, 64)))

@@ -108,7 +108,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         steps = sorted(mngr.all_steps())
         model = model_folder(config)
-        print(metrics.summary(workdir, checkpoints=steps, demo=run.demo, model=model), flush=True)
+        guidance = config.demo.guidance_scale if run.demo else None
+        text = metrics.summary(
+            workdir, checkpoints=steps, demo=run.demo, model=model, guidance=guidance
+        )
+        print(text, flush=True)
     return last
 
 

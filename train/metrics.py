@@ -146,10 +146,13 @@ def _plain(v):
     return float(v) if v.dtype.kind == "f" else int(v) if v.dtype.kind in "iu" else v.tolist()
 
 
-def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> str:
+def summary(
+    workdir: str, *, checkpoints: list[int], demo: bool, model: str, guidance: float | None = None
+) -> str:
     """The end-of-run report from WORKDIR/metrics.jsonl: final and best held-out loss, the demo's
-        prompt adherence, throughput, where the outputs are and the commands that use them (`model`:
-    the model folder the run recorded, "" if none)."""
+    prompt adherence, throughput, where the outputs are and the commands that use them (`model`:
+    the model folder the run recorded, "" if none; `guidance`: the scale the run sampled with,
+    passed on in the sample command)."""
     path = os.path.join(workdir, "metrics.jsonl")
     rows = [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
     if not rows:
@@ -185,9 +188,10 @@ def summary(workdir: str, *, checkpoints: list[int], demo: bool, model: str) -> 
     lines.append(f"  TensorBoard: pip install tensorboard; tensorboard --logdir {workdir}/tb")
     base = "" if model or demo else " --base MODEL"
     prompt = "a red circle moving left" if demo else "..."
+    scale = "" if guidance is None else f" --guidance-scale {guidance:g}"
     lines.append(
-        f'  sample from it: python -m tools.sample --model {workdir}{base} --prompt "{prompt}" '
-        "--out video.mp4"
+        f'  sample from it: python -m tools.sample --model {workdir}{base} --prompt "{prompt}"'
+        f"{scale} --out video.mp4"
     )
     lines.append(
         f"  export it: python -m tools.convert run-to-diffusers {workdir} OUT [--ema]{base}"
