@@ -97,6 +97,8 @@ def get_config(arg=None):
         c.ckpt.every_steps = 3
         c.log.every_steps = 1
         c.evals.update(every_steps=3, batch_size=4, timesteps=(100, 900))
-        c.demo.update(vae_image_steps=3, vae_steps=3, samples=2)
+        # One VAE program to compile: clips with frames beside them (the frames-only phase is the
+        # same loss on the frames alone).
+        c.demo.update(vae_image_steps=0, vae_steps=3, vae_joint_images=2, samples=2)
         c.demo.sample_steps = 3
     return c
